@@ -1,0 +1,219 @@
+"""models.toml: what is served, pinned. Parsed once into pydantic models; unknown keys are errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sync.errors import ConfigError
+from sync.paths import REPO_ID_RE, is_pickle
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/%-]{0,254}$")
+TASKS = (
+    "text-generation", "feature-extraction", "sentence-similarity", "text-classification",
+    "token-classification", "fill-mask", "zero-shot-classification", "summarization", "translation",
+    "question-answering", "image-classification",
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StoreConfig(_Strict):
+    path: str = Field("store", description="Store directory, relative to the config file.")
+
+
+class UpstreamConfig(_Strict):
+    endpoint: str | None = Field(None, description="Hub endpoint; else $HF_ENDPOINT, else the public Hub.")
+    token_env: str = Field("HF_TOKEN", description="Name of the environment variable holding the token.")
+    max_workers: int = Field(8, ge=1, le=64, description="Concurrent file downloads.")
+    retries: int = Field(6, ge=0, le=50, description="Attempts per request beyond the first.")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v.rstrip("/") if v else v
+
+
+class ModelSpec(_Strict):
+    name: str = Field(description="Served name: the OpenAI `model`, an alias on Hub routes.")
+    repo: str = Field(description="Hub repo id, org/name.")
+    revision: str = Field("main", description="40-hex commit, or a branch/tag resolved once into models.lock.")
+    task: str = Field("text-generation", description="Hub pipeline tag served for this model.")
+    include: list[str] | None = Field(None, description="Glob patterns of files to fetch (default: all).")
+    exclude: list[str] = Field(default_factory=list, description="Glob patterns of files to skip.")
+    allow_pickle: bool = Field(False, description="Allow pickle weights (.bin .pt .pth .ckpt .pkl).")
+    trust_remote_code: bool = Field(False, description="Let the engine run code shipped in the repo.")
+    default: bool = Field(False, description="Serve this model on routes that name no model (TGI, /).")
+    engine: dict[str, Any] = Field(default_factory=dict, description="Engine arguments (vLLM), passed through.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid served name (letters, digits, '._:/-', max 128)")
+        return v
+
+    @field_validator("repo")
+    @classmethod
+    def _repo(cls, v: str) -> str:
+        if not REPO_ID_RE.match(v) or ".." in v or "--" in v:
+            raise ValueError(f"{v!r} is not a repo id of the form 'org/name'")
+        return v
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, v: str) -> str:
+        if not REVISION_RE.match(v) or ".." in v:
+            raise ValueError(f"{v!r} is not a 40-hex commit, branch or tag")
+        return v
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        if v not in TASKS:
+            raise ValueError(f"{v!r} is not a supported task; accepted: {', '.join(TASKS)}")
+        return v
+
+    def wants(self, path: str) -> bool:
+        """Whether include/exclude select ``path`` (pickle refusal is checked separately)."""
+        if self.include is not None and not any(_match(path, p) for p in self.include):
+            return False
+        return not any(_match(path, p) for p in self.exclude)
+
+    def refuses_pickle(self, path: str) -> bool:
+        return is_pickle(path) and not self.allow_pickle
+
+
+def _match(path: str, pattern: str) -> bool:
+    # A pattern without '/' matches the file name at any depth as well as the whole path.
+    return fnmatch(path, pattern) or ("/" not in pattern and fnmatch(path.rsplit("/", 1)[-1], pattern))
+
+
+class Manifest(_Strict):
+    store: StoreConfig = Field(default_factory=StoreConfig)  # type: ignore[arg-type]
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)  # type: ignore[arg-type]
+    models: list[ModelSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Manifest:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate model names: {', '.join(dupes)}")
+        defaults = [m.name for m in self.models if m.default]
+        if len(defaults) > 1:
+            raise ValueError(f"more than one model has default = true: {', '.join(defaults)}")
+        return self
+
+    def model(self, name: str) -> ModelSpec:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise ConfigError(f"no model named {name!r} in the manifest; known: {', '.join(self.names()) or 'none'}")
+
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def default_model(self) -> ModelSpec | None:
+        for m in self.models:
+            if m.default:
+                return m
+        return self.models[0] if len(self.models) == 1 else None
+
+
+@dataclass(frozen=True)
+class Config:
+    """A parsed manifest plus where it came from and what the environment overrides."""
+
+    path: Path
+    manifest: Manifest
+    store_path: Path
+    endpoint: str
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_suffix(".lock")
+
+    @property
+    def token(self) -> str | None:
+        return os.environ.get(self.manifest.upstream.token_env) or None
+
+
+def _loc(manifest_data: dict[str, Any], loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for i, key in enumerate(loc):
+        if isinstance(key, int):
+            label = f"[{key}]"
+            if loc[:i] == ("models",):
+                try:
+                    label += f" ({manifest_data['models'][key]['name']})"
+                except (KeyError, IndexError, TypeError):
+                    pass
+            parts.append(label)
+        else:
+            parts.append(("." if parts else "") + str(key))
+    return "".join(parts)
+
+
+def parse_manifest(text: str, source: str = "models.toml") -> Manifest:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from e
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            where = _loc(data, tuple(err["loc"]))
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown key {err['loc'][-1]!r}"
+            bad = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err.get('input')!r})"
+            lines.append(f"{source}: {where or 'top level'}: {msg}{bad}")
+        raise ConfigError("; ".join(lines)) from e
+
+
+def find_config(config: Path | None) -> Path:
+    """--config, else $HUBSERVE_CONFIG, else ./models.toml."""
+    path = config or (Path(os.environ["HUBSERVE_CONFIG"]) if os.environ.get("HUBSERVE_CONFIG") else None)
+    path = path or Path("models.toml")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass --config PATH or set HUBSERVE_CONFIG")
+    return path.absolute()
+
+
+def load_config(config: Path | None = None, store: Path | None = None) -> Config:
+    """Read the manifest and apply the precedence rules for the store and the upstream."""
+    path = find_config(config)
+    manifest = parse_manifest(path.read_text(encoding="utf-8"), str(path))
+    return Config(
+        path=path,
+        manifest=manifest,
+        store_path=resolve_store_path(store, manifest, path),
+        endpoint=(manifest.upstream.endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/"),
+    )
+
+
+def resolve_store_path(store: Path | None, manifest: Manifest | None, config_path: Path | None) -> Path:
+    """--store, else $HUBSERVE_STORE, else ``[store] path`` relative to the config file."""
+    if store is not None:
+        return store.absolute()
+    if os.environ.get("HUBSERVE_STORE"):
+        return Path(os.environ["HUBSERVE_STORE"]).absolute()
+    if manifest is not None and config_path is not None:
+        return (config_path.parent / manifest.store.path).absolute()
+    return Path("store").absolute()
