@@ -1,0 +1,1 @@
+"""hubserve server: the inference gateway in front of per-model vLLM engines."""
