@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tomllib
@@ -158,10 +159,8 @@ def _loc(manifest_data: dict[str, Any], loc: tuple[Any, ...]) -> str:
         if isinstance(key, int):
             label = f"[{key}]"
             if loc[:i] == ("models",):
-                try:
+                with contextlib.suppress(KeyError, IndexError, TypeError):
                     label += f" ({manifest_data['models'][key]['name']})"
-                except (KeyError, IndexError, TypeError):
-                    pass
             parts.append(label)
         else:
             parts.append(("." if parts else "") + str(key))

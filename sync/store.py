@@ -380,7 +380,9 @@ class Store:
             doomed += [s for s in sorted((repo_dir / "snapshots").glob("*")) if s.name not in kept_commits]
             doomed += [b for b in sorted((repo_dir / "blobs").glob("*")) if b.name not in blobs_keep]
             refs_dir = repo_dir / "refs"
-            doomed += [r for r in sorted(refs_dir.rglob("*")) if r.is_file() and r.read_text().strip() not in kept_commits]
+            doomed += [
+                r for r in sorted(refs_dir.rglob("*")) if r.is_file() and r.read_text().strip() not in kept_commits
+            ]
             rec_dir = self.root / ".hubserve" / "revisions" / repo_dir.name
             doomed += [r for r in sorted(rec_dir.glob("*.json")) if r.stem not in kept_commits]
         doomed += sorted(self.tmp_dir.glob("*")) if self.tmp_dir.is_dir() else []

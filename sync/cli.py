@@ -1,0 +1,252 @@
+"""The sync commands of the ``hubserve`` CLI: sync, import, mirror, status, verify, gc.
+
+Every command turns a HubserveError into one line on stderr and its exit code (1 failure, 2 bad
+config or usage); ``--verbose`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sync.errors import ConfigError, HubserveError
+
+F = TypeVar("F", bound=Callable[..., Any])
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="models.toml (default: $HUBSERVE_CONFIG, else ./models.toml).")
+]
+StoreOpt = Annotated[
+    Path | None, typer.Option("--store", help="Store directory (default: $HUBSERVE_STORE, else \\[store] path).")
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging and full tracebacks.")]
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not verbose:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def cli_errors(fn: F) -> F:
+    """Map HubserveError to a one-line message and exit code; tracebacks only with --verbose."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        verbose = bool(kwargs.get("verbose"))
+        setup_logging(verbose)
+        try:
+            return fn(*args, **kwargs)
+        except HubserveError as e:
+            if verbose:
+                err.print_exception()
+            err.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def register_sync_commands(app: typer.Typer) -> None:
+    app.command("sync")(sync_cmd)
+    app.command("import")(import_cmd)
+    app.command("mirror")(mirror_cmd)
+    app.command("status")(status_cmd)
+    app.command("verify")(verify_cmd)
+    app.command("gc")(gc_cmd)
+
+
+@cli_errors
+def sync_cmd(
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+    update: Annotated[
+        str | None,
+        typer.Option(
+            "--update",
+            help="Re-resolve branch/tag pins (all models, or the one named) and print old -> new commits.",
+            flag_value="*",
+            show_default=False,
+        ),
+    ] = None,
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Only sync these models.")] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Download and verify every pinned revision of models.toml into the store; write models.lock.
+
+    Example: hubserve sync --config models.toml --update smollm2
+    """
+    from sync.manifest import load_config
+    from sync.syncer import Syncer, describe
+
+    cfg = load_config(config, store)
+    if update not in (None, "*"):
+        cfg.manifest.model(update)  # unknown name -> ConfigError
+    syncer = Syncer(cfg, err)
+    report = syncer.run(
+        update={update} if update not in (None, "*") else None,
+        update_all=update == "*",
+        only=set(model) if model else None,
+    )
+    for result in report.models:
+        line = describe(result)
+        (out.print(line) if result.error is None else err.print(f"[red]error:[/red] {line}"))
+    if not report.models:
+        err.print("no models in the manifest")
+    if not report.ok:
+        raise typer.Exit(max(r.error.exit_code for r in report.models if r.error))
+
+
+@cli_errors
+def import_cmd(
+    folder: Annotated[Path, typer.Argument(help="A folder in Hub repo layout (config.json, *.safetensors, ...).")],
+    repo: Annotated[str, typer.Option("--repo", help="Repo id to store it under, org/name.")],
+    store: StoreOpt = None,
+    allow_pickle: Annotated[bool, typer.Option(help="Also import pickle weights (.bin .pt ...).")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Import a local folder as a verified revision; prints its commit (use it as `revision`).
+
+    Example: hubserve import ./my-model --repo acme/my-model
+    """
+    from sync.importer import import_folder
+    from sync.store import Store
+
+    root = _store_path(store)
+    result = import_folder(Store(root), folder, repo, allow_pickle=allow_pickle)
+    for p in result.skipped_pickle:
+        err.print(f"skipped pickle file {p} (pass --allow-pickle to import it)")
+    err.print(f"imported {len(result.record.files)} file(s) of {repo} into {root}")
+    out.print(result.record.commit)
+
+
+def _store_path(store: Path | None) -> Path:
+    """--store, else $HUBSERVE_STORE, else the config's [store] path if a config is found, else ./store."""
+    from sync.manifest import find_config, parse_manifest, resolve_store_path
+
+    if store is None and not os.environ.get("HUBSERVE_STORE"):
+        try:
+            path = find_config(None)
+        except ConfigError:
+            return resolve_store_path(None, None, None)
+        return resolve_store_path(None, parse_manifest(path.read_text(encoding="utf-8"), str(path)), path)
+    return resolve_store_path(store, None, None)
+
+
+@cli_errors
+def mirror_cmd(
+    store: StoreOpt = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8090,
+    token_env: Annotated[
+        str, typer.Option(help="Env var holding a bearer token clients must send (unset: no auth).")
+    ] = "HUBSERVE_MIRROR_TOKEN",
+    verbose: VerboseOpt = False,
+) -> None:
+    """Serve the store read-only as a Hub endpoint (HF_ENDPOINT=http://HOST:PORT for clients).
+
+    Example: hubserve mirror --store /srv/hubserve --host 0.0.0.0 --port 8090
+    """
+    from sync.mirror import serve_mirror
+    from sync.store import Store
+
+    root = _store_path(store)
+    if not root.is_dir():
+        raise ConfigError(f"store {root} does not exist; run `hubserve sync` or `hubserve import` first")
+    token = os.environ.get(token_env) or None
+    err.print(f"mirror of {root} on http://{host}:{port} ({'token required' if token else 'no auth'})")
+    serve_mirror(Store(root), host, port, token)
+
+
+@cli_errors
+def status_cmd(config: ConfigOpt = None, store: StoreOpt = None, verbose: VerboseOpt = False) -> None:
+    """Show each model's pinned commit, state (missing / partial / verified), size and last sync."""
+    from sync.inspect import model_status
+    from sync.manifest import load_config
+    from sync.progress import human_bytes
+
+    cfg = load_config(config, store)
+    table = Table(title=f"store {cfg.store_path}")
+    for col in ("model", "repo", "commit", "state", "size", "last sync"):
+        table.add_column(col)
+    for st in model_status(cfg):
+        table.add_row(
+            st.name, st.repo, (st.commit or "unresolved")[:12], st.state,
+            human_bytes(st.size) if st.size else "-", st.verified_at or "-",
+        )
+    out.print(table)
+
+
+@cli_errors
+def verify_cmd(config: ConfigOpt = None, store: StoreOpt = None, verbose: VerboseOpt = False) -> None:
+    """Re-hash every verified revision in the store and report corruption (exit 1 if any)."""
+    from sync.store import Store
+
+    root = store.absolute() if store else _config_store(config)
+    st = Store(root)
+    problems: list[str] = []
+    records = st.revisions()
+    for rec in records:
+        found = st.verify(rec)
+        problems += found
+        out.print(f"{rec.repo}@{rec.commit[:12]}: {'OK' if not found else f'{len(found)} problem(s)'}")
+    for p in problems:
+        err.print(f"[red]corrupt:[/red] {p}")
+    if problems:
+        raise typer.Exit(1)
+    out.print(f"{len(records)} revision(s) verified in {root}")
+
+
+def _config_store(config: Path | None) -> Path:
+    from sync.manifest import load_config
+
+    if config is None and os.environ.get("HUBSERVE_STORE"):
+        return Path(os.environ["HUBSERVE_STORE"]).absolute()
+    return load_config(config, None).store_path
+
+
+@cli_errors
+def gc_cmd(
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Really delete (default: dry run).")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Remove revisions, blobs and temp files that no pin of models.toml references (dry run unless --yes)."""
+    from sync.inspect import gc_keep
+    from sync.manifest import load_config
+    from sync.progress import human_bytes
+    from sync.store import Store
+
+    cfg = load_config(config, store)
+    st = Store(cfg.store_path)
+    keep, warnings = gc_keep(cfg)
+    for w in warnings:
+        err.print(f"[yellow]warning:[/yellow] {w}")
+    with st.locked():
+        doomed = st.gc_plan(keep)
+        size = sum(p.lstat().st_size for p in doomed if p.is_file() and not p.is_symlink())
+        for p in doomed:
+            out.print(f"{'remove' if yes else 'would remove'} {p.relative_to(st.root)}")
+        if yes:
+            freed = st.remove(doomed)
+            out.print(f"removed {len(doomed)} path(s), freed {human_bytes(freed)}")
+        else:
+            out.print(f"dry run: {len(doomed)} path(s), {human_bytes(size)}; pass --yes to delete")

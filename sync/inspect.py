@@ -1,0 +1,56 @@
+"""Read-only views of the store against the manifest: status and what gc must keep."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sync.lock import pinned_commit, read_lock
+from sync.manifest import Config
+from sync.store import Store
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    name: str
+    repo: str
+    commit: str | None
+    state: str  # missing | partial | verified | unresolved
+    size: int
+    verified_at: str | None
+
+
+def model_status(cfg: Config) -> list[ModelStatus]:
+    store = Store(cfg.store_path)
+    lock = read_lock(cfg.lock_path)
+    out = []
+    for spec in cfg.manifest.models:
+        commit = pinned_commit(lock, spec.name, spec.repo, spec.revision)
+        if commit is None:
+            out.append(ModelStatus(spec.name, spec.repo, None, "unresolved", 0, None))
+            continue
+        rec = store.get_revision(spec.repo, commit)
+        if rec is not None:
+            out.append(ModelStatus(spec.name, spec.repo, commit, "verified", rec.size, rec.verified_at))
+            continue
+        locked = lock.get(spec.name)
+        files = locked.files if locked and locked.commit == commit else ()
+        have = sum(f.size for f in files if store.has_blob(spec.repo, f))
+        started = have > 0 or store.snapshot_dir(spec.repo, commit).exists() or any(store.tmp_dir.glob("*.part"))
+        out.append(ModelStatus(spec.name, spec.repo, commit, "partial" if started else "missing", have, None))
+    return out
+
+
+def gc_keep(cfg: Config) -> tuple[set[tuple[str, str]], list[str]]:
+    """(repo, commit) pairs to keep; repos whose pin is unresolved keep every revision (with a warning)."""
+    store = Store(cfg.store_path)
+    lock = read_lock(cfg.lock_path)
+    keep: set[tuple[str, str]] = set()
+    warnings = []
+    for spec in cfg.manifest.models:
+        commit = pinned_commit(lock, spec.name, spec.repo, spec.revision)
+        if commit is None:
+            warnings.append(f"{spec.name}: pin {spec.revision!r} not in models.lock; keeping all of {spec.repo}")
+            keep |= {(r.repo, r.commit) for r in store.revisions(spec.repo)}
+        else:
+            keep.add((spec.repo, commit))
+    return keep, warnings

@@ -1,0 +1,185 @@
+"""``hubserve sync``: make the store hold every pinned revision of the manifest, verified.
+
+Per model: choose the pin (manifest commit, lock, or resolve upstream), skip everything if that
+revision is already verified in the store and pinned in the lock (no network), else list its files,
+download the missing blobs concurrently (hashed as they stream), promote atomically and update the lock.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from rich.console import Console
+
+from sync.errors import HubserveError
+from sync.lock import Lock, LockedModel, read_lock, write_lock
+from sync.manifest import Config, ModelSpec
+from sync.plan import check_against_lock, choose_pin, missing_blobs, select_files
+from sync.progress import DownloadProgress, human_bytes
+from sync.store import FileEntry, RevisionRecord, Store, now_iso
+from sync.upstream import Upstream
+
+log = logging.getLogger("hubserve.sync")
+
+
+@dataclass
+class ModelResult:
+    name: str
+    commit: str | None = None
+    old_commit: str | None = None
+    downloaded_bytes: int = 0
+    downloaded_files: int = 0
+    up_to_date: bool = False
+    skipped_pickle: tuple[str, ...] = ()
+    error: HubserveError | None = None
+
+
+@dataclass
+class SyncReport:
+    models: list[ModelResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(m.error is None for m in self.models)
+
+    @property
+    def downloaded_bytes(self) -> int:
+        return sum(m.downloaded_bytes for m in self.models)
+
+
+class Syncer:
+    def __init__(self, config: Config, console: Console | None = None) -> None:
+        self.config = config
+        self.store = Store(config.store_path)
+        self.console = console or Console(stderr=True)
+        self._upstream: Upstream | None = None
+
+    @property
+    def upstream(self) -> Upstream:
+        """Created on first use, so a no-op sync never touches the network."""
+        if self._upstream is None:
+            up = self.config.manifest.upstream
+            self._upstream = Upstream(
+                self.config.endpoint, self.config.token, token_env=up.token_env, retries=up.retries
+            )
+        return self._upstream
+
+    def run(self, update: set[str] | None = None, update_all: bool = False, only: set[str] | None = None) -> SyncReport:
+        """Sync every model (or ``only`` those); ``update``/``update_all`` re-resolve branch/tag pins."""
+        report = SyncReport()
+        self.store.ensure()
+        with self.store.locked():
+            lock = read_lock(self.config.lock_path)
+            try:
+                for spec in self.config.manifest.models:
+                    if only and spec.name not in only:
+                        continue
+                    result = ModelResult(spec.name)
+                    report.models.append(result)
+                    try:
+                        self._sync_model(spec, lock, update_all or spec.name in (update or set()), result)
+                    except HubserveError as e:
+                        result.error = e
+            finally:
+                self._prune_lock(lock)
+                write_lock(self.config.lock_path, lock)
+                if self._upstream:
+                    self._upstream.close()
+        return report
+
+    def _prune_lock(self, lock: Lock) -> None:
+        names = set(self.config.manifest.names())
+        for name in list(lock.models):
+            if name not in names:
+                del lock.models[name]
+
+    def _sync_model(self, spec: ModelSpec, lock: Lock, update: bool, result: ModelResult) -> None:
+        locked = lock.get(spec.name)
+        pin = choose_pin(spec, locked, update)
+        commit, pipeline_tag = pin.commit, None
+        if commit is None:
+            info = self.upstream.resolve(spec.repo, spec.revision)
+            commit, pipeline_tag = info.commit, info.pipeline_tag
+            if locked and locked.commit != commit:
+                result.old_commit = locked.commit
+        result.commit = commit
+        record = self.store.get_revision(spec.repo, commit)
+        if record is not None and locked is not None and locked.commit == commit and locked.files:
+            result.up_to_date = True
+            self._write_refs(spec, commit)
+            return
+        listing = self.upstream.list_files(spec.repo, commit)
+        selection = select_files(spec, listing)
+        result.skipped_pickle = selection.skipped_pickle
+        check_against_lock(spec, locked, commit, selection.files)
+        if record is None or {f.path for f in record.files} != {f.path for f in selection.files}:
+            self._fetch(spec, commit, selection.files, result)
+            if pipeline_tag is None and record is None:
+                pipeline_tag = self._pipeline_tag(spec, commit)
+            record = RevisionRecord(
+                repo=spec.repo,
+                commit=commit,
+                files=selection.files,
+                verified_at=now_iso(),
+                source=self.config.endpoint,
+                pipeline_tag=pipeline_tag or (record.pipeline_tag if record else None) or spec.task,
+                refs=() if spec.revision == commit else (spec.revision,),
+            )
+            self.store.promote(record)
+        self._write_refs(spec, commit)
+        lock.models[spec.name] = LockedModel(spec.name, spec.repo, spec.revision, commit, selection.files)
+
+    def _pipeline_tag(self, spec: ModelSpec, commit: str) -> str | None:
+        try:
+            return self.upstream.resolve(spec.repo, commit).pipeline_tag
+        except HubserveError:
+            return None
+
+    def _write_refs(self, spec: ModelSpec, commit: str) -> None:
+        if spec.revision != commit and self.store.read_ref(spec.repo, spec.revision) != commit:
+            self.store.write_ref(spec.repo, spec.revision, commit)
+
+    def _fetch(self, spec: ModelSpec, commit: str, files: tuple[FileEntry, ...], result: ModelResult) -> None:
+        present = {f.etag for f in files if self.store.has_blob(spec.repo, f)}
+        todo = missing_blobs(files, present)
+        if not todo:
+            return
+        total = sum(f.size for f in todo)
+        workers = min(self.config.manifest.upstream.max_workers, len(todo))
+        label = f"{spec.name} ({spec.repo}@{commit[:12]})"
+        with DownloadProgress(label, total, len(todo), self.console) as progress, ThreadPoolExecutor(workers) as pool:
+            futures: list[Future[None]] = [
+                pool.submit(self._fetch_one, spec.repo, commit, f, progress) for f in todo
+            ]
+            _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for fut in pending:
+                fut.cancel()
+            for fut in futures:
+                if fut.done() and not fut.cancelled() and fut.exception():
+                    raise fut.exception()  # type: ignore[misc]
+        result.downloaded_bytes += total
+        result.downloaded_files += len(todo)
+
+    def _fetch_one(self, repo: str, commit: str, entry: FileEntry, progress: DownloadProgress) -> None:
+        part = self.store.tmp_dir / f"{entry.etag}.part"
+        self.upstream.download(repo, commit, entry, part, progress.advance)
+        self.store.add_blob(repo, entry, part)
+        progress.file_done(entry.path, entry.size)
+
+
+def describe(result: ModelResult) -> str:
+    if result.error:
+        return f"{result.name}: FAILED: {result.error}"
+    commit = (result.commit or "")[:12]
+    parts = [f"{result.name}: {commit}"]
+    if result.old_commit:
+        parts = [f"{result.name}: {result.old_commit[:12]} -> {commit}"]
+    if result.up_to_date:
+        parts.append("up to date")
+    else:
+        parts.append(f"verified, {result.downloaded_files} file(s) / {human_bytes(result.downloaded_bytes)} downloaded")
+    if result.skipped_pickle:
+        parts.append(f"skipped pickle files {', '.join(result.skipped_pickle)} (allow_pickle = false)")
+    return ", ".join(parts)
