@@ -160,7 +160,7 @@ class Upstream:
                 raise UpstreamError(f"{repo}@{revision}: {self.endpoint} returned no valid commit sha")
             return RevisionInfo(sha, data.get("pipeline_tag"))
 
-        return self._call(f"{repo}@{revision}", call)  # type: ignore[no-any-return]
+        return self._call(f"{repo}@{revision}", call)
 
     def list_files(self, repo: str, commit: str) -> list[FileEntry]:
         """Every file of ``repo`` at ``commit`` with the hash the Hub publishes for it."""

@@ -1,21 +1,35 @@
-"""The engine interface: what routes and serving code may rely on. No heavy imports here."""
+"""The engine interface: what routes and serving code may rely on. No heavy imports here.
+
+Serving code uses an engine like this::
+
+    engine = registry.get(body.get("model"))        # ModelNotFound → 404 in the family's shape
+    with engine.admit():                             # EngineUnavailable → 503, Overloaded → 429 (Retry-After)
+        resp = await engine.client().post("/v1/completions", json=...)
+
+For a streamed answer, hold the admission until the stream ends: ``slot = engine.admit(); ... slot.release()``
+in the generator's ``finally`` (``Admission`` is idempotent).
+"""
 
 from __future__ import annotations
 
 import enum
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import httpx
 
+from server.errors import EngineUnavailable, Overloaded
+
 
 class EngineState(enum.StrEnum):
+    STOPPED = "stopped"  # not started yet, or stopped on shutdown
     STARTING = "starting"
     READY = "ready"
     RESTARTING = "restarting"  # died; being restarted with backoff
     FAILED = "failed"  # gave up (or could not start at all)
-    STOPPED = "stopped"
 
 
 @dataclass(frozen=True)
@@ -30,6 +44,30 @@ class ModelInfo:
     engine_args: dict[str, Any] = field(default_factory=dict)
     trust_remote_code: bool = False
     default: bool = False
+    weights_bytes: int = 0  # size of the weight files in the store (for the memory budget)
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        """Names the engine answers to: the served name and the repo id."""
+        return (self.name,) if self.name == self.repo else (self.name, self.repo)
+
+
+class Admission:
+    """One admitted request: holds a slot of the model's in-flight limit until released."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine: Engine | None = engine
+
+    def release(self) -> None:
+        if self._engine is not None:
+            self._engine._in_flight -= 1
+            self._engine = None
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
 
 
 class Engine(ABC):
@@ -39,19 +77,33 @@ class Engine(ABC):
     engine's root, e.g. ``POST /v1/completions``), so a route never imports vLLM.
     """
 
-    info: ModelInfo
+    def __init__(self, info: ModelInfo, max_in_flight: int = 128, retry_after_s: float = 5.0) -> None:
+        self.info = info
+        self.max_in_flight = max_in_flight
+        self.retry_after_s = retry_after_s
+        self._in_flight = 0
+        self.restarts = 0
+        self.last_error: str | None = None
+        self.ready_since: float | None = None
 
+    # ---- what implementations provide ---------------------------------------------------------------
     @property
     @abstractmethod
     def state(self) -> EngineState: ...
 
     @property
     def max_model_len(self) -> int | None:
+        """Context length the engine serves (prompt + generated tokens), once known."""
+        return None
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the engine's main process, if it runs in one."""
         return None
 
     @abstractmethod
     async def start(self) -> None:
-        """Start the engine and return once it is ready (raise EngineStartError if it cannot)."""
+        """Start the engine, keep it supervised, and return once it is ready (EngineStartError if it cannot)."""
 
     @abstractmethod
     async def stop(self) -> None:
@@ -63,3 +115,44 @@ class Engine(ABC):
 
     @abstractmethod
     async def check_health(self) -> bool: ...
+
+    # ---- shared behaviour ---------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def unavailable(self) -> EngineUnavailable:
+        detail = f": {self.last_error}" if self.state is EngineState.FAILED and self.last_error else ""
+        return EngineUnavailable(
+            f"Model `{self.info.name}` is {self.state.value}{detail}; retry later.", retry_after=self.retry_after_s
+        )
+
+    def admit(self) -> Admission:
+        """Take one in-flight slot: EngineUnavailable unless ready, Overloaded when the limit is reached."""
+        if self.state is not EngineState.READY:
+            raise self.unavailable()
+        if self._in_flight >= self.max_in_flight:
+            raise Overloaded(
+                f"Model `{self.info.name}` has {self._in_flight} requests in flight (limit {self.max_in_flight}); "
+                "retry later.",
+                retry_after=self.retry_after_s,
+            )
+        self._in_flight += 1
+        return Admission(self)
+
+    def describe(self) -> dict[str, Any]:
+        """The model's entry in /health."""
+        return {
+            "state": self.state.value,
+            "repo": self.info.repo,
+            "commit": self.info.commit,
+            "task": self.info.task,
+            "default": self.info.default,
+            "pid": self.pid,
+            "in_flight": self._in_flight,
+            "max_in_flight": self.max_in_flight,
+            "max_model_len": self.max_model_len,
+            "restarts": self.restarts,
+            "ready_for_s": round(time.monotonic() - self.ready_since, 1) if self.ready_since else None,
+            "last_error": self.last_error,
+        }
