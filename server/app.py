@@ -1,0 +1,65 @@
+"""create_app(settings): the gateway. State lives on app.state, built in the lifespan; no module globals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from server.errors import install_error_handlers
+from server.ops.auth import KeyChecker
+from server.ops.metrics import Metrics, MetricsMiddleware
+from server.registry import Registry, resolve_models
+from server.settings import Settings
+
+log = logging.getLogger("hubserve.app")
+
+
+def create_app(settings: Settings, registry: Registry | None = None, start_engines: bool = True) -> FastAPI:
+    """The FastAPI app. ``registry``: engines to serve (default: every model of the manifest, verified in
+    the store). Engines start in the background, so /health and /ready answer while they load."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if app.state.registry is None:
+            from sync.manifest import load_config
+
+            models = resolve_models(load_config(settings.config, settings.store))
+            app.state.registry = Registry.from_models(models, settings)
+        starting = asyncio.create_task(app.state.registry.start_all(), name="start-engines") if start_engines else None
+        try:
+            yield
+        finally:
+            if starting is not None:
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await starting
+            await app.state.registry.stop_all()
+
+    app = FastAPI(title="hubserve", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.started = time.time()
+    app.state.key_checker = KeyChecker(settings.all_key_digests())
+    metrics = Metrics()
+    metrics.watch_engines(lambda: app.state.registry)
+    app.state.metrics = metrics
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    install_error_handlers(app)
+    _include_routers(app)
+    return app
+
+
+def _include_routers(app: FastAPI) -> None:
+    from server.openai.routes import router as openai_router
+    from server.ops.routes import router as ops_router
+
+    app.include_router(ops_router)
+    app.include_router(openai_router)
+    # ---- other API families (TGI, Hub Inference API): include their routers here -------------------
+    # Each router lists Depends(family_dependency(Family.X)) then Depends(require_api_key).
+    # ---- end of other API families ------------------------------------------------------------------

@@ -1,0 +1,299 @@
+"""The server's exception hierarchy and the one place that turns it into each API family's error shape.
+
+Domain code raises a ``ServerError`` subclass; each carries its HTTP status and a stable code. Which shape
+an error takes is decided by the route's API family, set by a router dependency (``family_dependency``)
+and, for requests that matched no route, by the path prefix table ``family_of_path``:
+
+- OpenAI: ``{"error": {"message", "type", "param", "code"}}``
+- TGI:    ``{"error", "error_type"}``; validation → 422, generation → 424, overloaded → 429, unhealthy → 503
+- Hub:    ``{"error": message}`` plus ``X-Error-Code`` / ``X-Error-Message`` headers (huggingface_hub reads them)
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sync.errors import HubserveError
+
+log = logging.getLogger("hubserve.errors")
+
+
+class Family(enum.StrEnum):
+    OPENAI = "openai"
+    TGI = "tgi"
+    HUB = "hub"
+    OPS = "ops"
+
+
+class ServerError(HubserveError):
+    """Base of the errors the server answers with. Subclasses set status and codes; nothing parses messages."""
+
+    status: int = 500
+    code: str = "internal_error"
+    openai_type: str = "server_error"
+    tgi_type: str = "generation"  # validation | generation | overloaded | unhealthy | authentication | not_found
+    hub_code: str | None = None  # X-Error-Code on Hub routes; `code` when None
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+    @property
+    def http_status(self) -> int:  # type: ignore[override]  # sync.errors names the same idea http_status
+        return self.status
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after is not None else {}
+
+
+class InvalidRequest(ServerError):
+    """The request is malformed: not JSON, a missing or mistyped field, a value out of range."""
+
+    status = 400
+    code = "invalid_request"
+    openai_type = "invalid_request_error"
+    tgi_type = "validation"
+
+
+class ContextTooLong(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class Unauthorized(ServerError):
+    status = 401
+    code = "invalid_api_key"
+    openai_type = "invalid_request_error"
+    tgi_type = "authentication"
+    hub_code = "Unauthorized"
+
+    def __init__(self, message: str = "Missing or invalid API key; send 'Authorization: Bearer <key>'.") -> None:
+        super().__init__(message)
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class NotFound(ServerError):
+    status = 404
+    code = "not_found"
+    openai_type = "invalid_request_error"
+    tgi_type = "not_found"
+    hub_code = "EntryNotFound"
+
+
+class ModelNotFound(NotFound):
+    """The request names a model this server does not serve."""
+
+    code = "model_not_found"
+    hub_code = "RepoNotFound"
+
+    def __init__(self, name: str, served: Sequence[str]) -> None:
+        listed = ", ".join(served) or "none"
+        super().__init__(f"The model `{name}` does not exist on this server. Served models: {listed}.", param="model")
+        self.name = name
+        self.served = tuple(served)
+
+
+class MethodNotAllowed(ServerError):
+    status = 405
+    code = "method_not_allowed"
+    openai_type = "invalid_request_error"
+    tgi_type = "validation"
+
+
+class Overloaded(ServerError):
+    """Too many requests in flight for a model: answered at once with 429 and Retry-After, never queued."""
+
+    status = 429
+    code = "overloaded"
+    openai_type = "rate_limit_error"
+    tgi_type = "overloaded"
+    hub_code = "Overloaded"
+
+
+class EngineUnavailable(ServerError):
+    """The model's engine is starting, restarting or failed: 503 with Retry-After."""
+
+    status = 503
+    code = "engine_unavailable"
+    openai_type = "server_error"
+    tgi_type = "unhealthy"
+    hub_code = "ModelNotReady"
+
+
+class GenerationError(ServerError):
+    """The engine failed while producing an answer (TGI: 424)."""
+
+    status = 500
+    code = "generation_error"
+    tgi_type = "generation"
+
+
+class EngineStartError(ServerError):
+    """An engine process could not be started or did not become ready."""
+
+    status = 503
+    code = "engine_start_failed"
+    tgi_type = "unhealthy"
+
+
+class ModelNotVerified(ServerError):
+    """A model of the manifest has no verified revision in the store: `hubserve sync` first."""
+
+    exit_code = 1
+    status = 503
+    code = "model_not_verified"
+
+
+_TGI_STATUS = {"validation": 422, "generation": 424, "overloaded": 429, "unhealthy": 503}
+
+# Fallback when no route dependency named the family (unmatched paths, errors raised before routing).
+# Longest match wins; an entry ending in "/" is a prefix, others match exactly.
+PATH_FAMILIES: tuple[tuple[str, Family], ...] = (
+    ("/v1/", Family.OPENAI),
+    ("/v1", Family.HUB),  # InferenceClient(base_url=".../v1").text_generation posts here
+    ("/models/", Family.HUB),
+    ("/", Family.TGI),
+    ("/generate", Family.TGI),
+    ("/generate_stream", Family.TGI),
+    ("/info", Family.TGI),
+    ("/tokenize", Family.TGI),
+    ("/health", Family.OPS),
+    ("/ready", Family.OPS),
+    ("/metrics", Family.OPS),
+)
+
+
+def family_of_path(path: str) -> Family:
+    best: tuple[int, Family] = (-1, Family.OPENAI)
+    for key, fam in PATH_FAMILIES:
+        hit = path.startswith(key) if key.endswith("/") and key != "/" else path == key
+        if hit and len(key) > best[0]:
+            best = (len(key), fam)
+    return best[1]
+
+
+def family_dependency(family: Family) -> Callable[[Request], None]:
+    """A router dependency that names the API family of its routes: ``APIRouter(dependencies=[Depends(...)])``.
+
+    List it first, before auth, so that errors raised by later dependencies take the family's shape.
+    """
+
+    def set_family(request: Request) -> None:
+        request.state.api_family = family
+
+    return set_family
+
+
+def family_of(request: Request) -> Family:
+    fam = getattr(request.state, "api_family", None)
+    return fam if isinstance(fam, Family) else family_of_path(request.url.path)
+
+
+# ---- shapes ------------------------------------------------------------------------------------------------
+
+
+def openai_body(exc: ServerError) -> dict[str, Any]:
+    return {"error": {"message": exc.message, "type": exc.openai_type, "param": exc.param, "code": exc.code}}
+
+
+def tgi_body(exc: ServerError) -> dict[str, Any]:
+    return {"error": exc.message, "error_type": exc.tgi_type}
+
+
+def status_for(exc: ServerError, family: Family) -> int:
+    if family is Family.TGI:
+        return _TGI_STATUS.get(exc.tgi_type, exc.status)
+    return exc.status
+
+
+def _header_safe(text: str) -> str:
+    return " ".join(text.encode("ascii", "replace").decode().split())[:1000]
+
+
+def error_response(exc: ServerError, family: Family) -> JSONResponse:
+    """The HTTP answer for ``exc`` in ``family``'s shape, with Retry-After and auth headers as needed."""
+    headers = exc.headers()
+    if family is Family.TGI:
+        body: dict[str, Any] = tgi_body(exc)
+    elif family is Family.HUB:
+        body = {"error": exc.message}
+        headers |= {"X-Error-Code": exc.hub_code or exc.code, "X-Error-Message": _header_safe(exc.message)}
+    else:
+        body = openai_body(exc)
+    return JSONResponse(body, status_code=status_for(exc, family), headers=headers)
+
+
+def sse_error_event(exc: ServerError, family: Family) -> bytes:
+    """One SSE event carrying the error, for streams that already started (then the stream ends)."""
+    body = tgi_body(exc) if family is Family.TGI else openai_body(exc)
+    sep = "data:" if family is Family.TGI else "data: "
+    return f"{sep}{json.dumps(body)}\n\n".encode()
+
+
+# ---- handlers ----------------------------------------------------------------------------------------------
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "Invalid request.", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    where = ".".join(loc)
+    msg = f"{where}: {first.get('msg', 'invalid value')}" if where else str(first.get("msg", "invalid request"))
+    if len(errors) > 1:
+        msg += f" (and {len(errors) - 1} more problems)"
+    return msg, where or None
+
+
+def _from_http_exception(exc: StarletteHTTPException) -> ServerError:
+    detail = exc.detail if isinstance(exc.detail, str) else "request failed"
+    err: ServerError
+    if exc.status_code == 404:
+        err = NotFound(f"No route {detail.lower()}." if detail == "Not Found" else detail)
+    elif exc.status_code == 405:
+        err = MethodNotAllowed("Method not allowed on this route.")
+    elif exc.status_code < 500:
+        err = InvalidRequest(detail)
+    else:
+        err = ServerError(detail)
+    err.status = exc.status_code
+    return err
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers that give every error the shape of the family of the route it came from."""
+
+    async def on_server_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServerError)
+        return error_response(exc, family_of(request))
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        message, param = _validation_message(exc)
+        return error_response(InvalidRequest(message, param=param), family_of(request))
+
+    async def on_http_exception(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return error_response(_from_http_exception(exc), family_of(request))
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(ServerError("Internal server error."), family_of(request))
+
+    app.add_exception_handler(ServerError, on_server_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_exception)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,36 @@
+"""Pydantic models of the OpenAI family. Request bodies pass through to vLLM unparsed; the gateway reads
+only the fields it routes by, and builds only the model list itself."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RoutingFields(BaseModel):
+    """The fields of an OpenAI request body the gateway itself reads; the rest is vLLM's business."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = Field(None, description="Served name or repo id; omitted: the default model.")
+    stream: bool | None = Field(False, description="Server-sent events instead of one JSON answer.")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "hubserve"
+    root: str = Field(description="The Hub repo id.")
+    repo: str
+    commit: str
+    task: str
+    state: str
+    max_model_len: int | None = None
+    aliases: list[str] = Field(default_factory=list, description="Other names the model answers to.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,66 @@
+"""OpenAI family logic: route by the body's `model`, pass bytes through to that model's vLLM server."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import Request, Response
+from pydantic import ValidationError
+
+from server.errors import Family, InvalidRequest
+from server.openai.protocol import ModelCard, ModelList, RoutingFields
+from server.proxy import forward
+from server.registry import Registry
+
+log = logging.getLogger("hubserve.openai")
+
+
+def list_models(registry: Registry, started: float) -> ModelList:
+    return ModelList(
+        data=[
+            ModelCard(
+                id=name,
+                created=int(started),
+                root=e.info.repo,
+                repo=e.info.repo,
+                commit=e.info.commit,
+                task=e.info.task,
+                state=e.state.value,
+                max_model_len=e.max_model_len,
+                aliases=[n for n in e.info.served_names if n != name],
+            )
+            for name, e in registry.engines.items()
+        ]
+    )
+
+
+def parse_body(body: bytes) -> tuple[dict[str, object], RoutingFields]:
+    """The JSON object of an OpenAI request and its routing fields; InvalidRequest (400) otherwise."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"The request body is not valid JSON: {e}.") from e
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    try:
+        fields = RoutingFields.model_validate(payload)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"])
+        raise InvalidRequest(f"{param}: {first['msg']}.", param=param) from e
+    return payload, fields
+
+
+async def proxy_openai(request: Request, registry: Registry, path: str, log_prompts: bool = False) -> Response:
+    """Forward one OpenAI request to the engine its `model` names; vLLM's answer comes back unchanged."""
+    body = await request.body()
+    payload, fields = parse_body(body)
+    engine = registry.get(fields.model)
+    request.state.model = engine.info.name
+    if fields.model not in engine.info.served_names:  # omitted or empty: name the default explicitly
+        payload["model"] = engine.info.name
+        body = json.dumps(payload).encode()
+    if log_prompts:
+        log.info("%s %s: %s", path, engine.info.name, body[:4000].decode(errors="replace"))
+    return await forward(engine, path, body, request.headers, Family.OPENAI)

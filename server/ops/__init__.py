@@ -1,0 +1,1 @@
+"""Operations routes and plumbing: /health, /ready, /metrics, API-key auth."""

@@ -1,0 +1,88 @@
+"""Pass a request through to an engine's HTTP API and its answer back, byte for byte, streams unbuffered.
+
+Used by the OpenAI routes as is; other families may use it for routes whose answer needs no translation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+
+import httpx
+from fastapi import Response
+from fastapi.responses import StreamingResponse
+
+from server.engines.base import Admission, Engine
+from server.errors import EngineUnavailable, Family, sse_error_event
+
+log = logging.getLogger("hubserve.proxy")
+
+# Hop-by-hop and framing headers are the gateway's own business; everything else of vLLM's answer is kept.
+DROP_RESPONSE_HEADERS = frozenset(
+    {"content-length", "transfer-encoding", "connection", "keep-alive", "server", "date", "content-encoding"}
+)
+FORWARD_REQUEST_HEADERS = ("accept", "x-request-id", "traceparent", "tracestate")
+
+
+def _response_headers(upstream: httpx.Response) -> dict[str, str]:
+    return {k: v for k, v in upstream.headers.items() if k.lower() not in DROP_RESPONSE_HEADERS}
+
+
+def _lost(engine: Engine, error: Exception) -> EngineUnavailable:
+    return EngineUnavailable(
+        f"Model `{engine.info.name}` is unavailable ({type(error).__name__}); it may be restarting, retry later.",
+        retry_after=engine.retry_after_s,
+    )
+
+
+async def forward(
+    engine: Engine,
+    path: str,
+    body: bytes,
+    request_headers: Mapping[str, str],
+    family: Family = Family.OPENAI,
+    method: str = "POST",
+) -> Response:
+    """Send ``body`` to ``path`` on the engine, holding one in-flight slot until the answer is fully sent.
+
+    JSON answers come back whole with vLLM's status; ``text/event-stream`` answers are streamed chunk by
+    chunk as they arrive. If the engine dies mid-stream, one SSE error event in ``family``'s shape ends it.
+    """
+    slot = engine.admit()
+    try:
+        client = engine.client()
+        headers = {"content-type": "application/json"}
+        headers |= {h: request_headers[h] for h in FORWARD_REQUEST_HEADERS if h in request_headers}
+        upstream_request = client.build_request(method, path, content=body, headers=headers)
+        try:
+            upstream = await client.send(upstream_request, stream=True)
+        except httpx.TransportError as e:
+            raise _lost(engine, e) from e
+        if not upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            try:
+                content = await upstream.aread()
+            except httpx.TransportError as e:
+                raise _lost(engine, e) from e
+            finally:
+                await upstream.aclose()
+            return Response(content, status_code=upstream.status_code, headers=_response_headers(upstream))
+    except BaseException:
+        slot.release()
+        raise
+    return StreamingResponse(
+        _relay(engine, upstream, slot, family),
+        status_code=upstream.status_code,
+        headers=_response_headers(upstream),
+    )
+
+
+async def _relay(engine: Engine, upstream: httpx.Response, slot: Admission, family: Family) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in upstream.aiter_raw():
+            yield chunk
+    except httpx.TransportError as e:
+        log.warning("model %s: stream broken: %s", engine.info.name, type(e).__name__)
+        yield sse_error_event(_lost(engine, e), family)
+    finally:
+        slot.release()
+        await upstream.aclose()

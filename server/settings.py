@@ -1,0 +1,93 @@
+"""Process settings of the server: environment (``HUBSERVE_*``) and CLI options, parsed once, passed down."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Device(enum.StrEnum):
+    AUTO = "auto"
+    CPU = "cpu"
+    GPU = "gpu"
+
+
+def hash_key(key: str) -> str:
+    """sha256 hex digest of an API key: the only form in which keys are kept in memory."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Settings(BaseSettings):
+    """Everything the server reads from its environment. Every field has a HUBSERVE_ variable."""
+
+    model_config = SettingsConfigDict(env_prefix="HUBSERVE_", extra="ignore", frozen=True)
+
+    config: Path | None = Field(None, description="models.toml; else ./models.toml (HUBSERVE_CONFIG).")
+    store: Path | None = Field(None, description="Store directory; else [store] path of models.toml.")
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8080, ge=0, le=65535, description="Port the gateway listens on.")
+    log_level: str = Field("info", description="Log level of the gateway (debug, info, warning, error).")
+
+    # ---- auth -------------------------------------------------------------------------------------------
+    api_keys: Annotated[frozenset[str], NoDecode] = Field(
+        frozenset(), repr=False, description="Comma-separated API keys; kept only as sha256 digests."
+    )
+    api_keys_file: Path | None = Field(None, description="File with one sha256 hex digest of an API key per line.")
+    metrics_auth: bool = Field(False, description="Require an API key on /metrics too.")
+    log_prompts: bool = Field(False, description="Log request bodies (prompts). Off by default.")
+
+    # ---- limits -----------------------------------------------------------------------------------------
+    max_concurrent_requests: int = Field(128, ge=1, description="In-flight requests per model before 429.")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 429 and 503 answers.")
+
+    # ---- engines ----------------------------------------------------------------------------------------
+    device: Device = Field(Device.AUTO, description="auto: GPU if vLLM's GPU build and a GPU are present.")
+    engine_start_timeout_s: float = Field(900.0, gt=0, description="How long one engine may take to start.")
+    engine_start_attempts: int = Field(2, ge=1, description="Tries to start an engine at boot before FAILED.")
+    engine_max_restarts: int = Field(0, ge=0, description="Restarts after a crash before FAILED; 0 = no limit.")
+    engine_backoff_max_s: float = Field(30.0, gt=0, description="Longest wait between two restarts.")
+    engine_stop_timeout_s: float = Field(15.0, gt=0, description="Grace period after SIGTERM before SIGKILL.")
+    max_parallel_starts: int = Field(0, ge=0, description="Engines started at once; 0 = as memory allows.")
+    cpu_kvcache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE per engine on CPU (GiB).")
+    cpu_max_model_len: int = Field(2048, ge=16, description="max_model_len on CPU when a model sets none.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _hash_keys(cls, v: object) -> frozenset[str]:
+        if isinstance(v, str):
+            v = v.split(",")
+        if not isinstance(v, list | tuple | set | frozenset):
+            raise ValueError("expected comma-separated keys")
+        return frozenset(hash_key(k.strip()) for k in v if isinstance(k, str) and k.strip())
+
+    @model_validator(mode="after")
+    def _check_keys_file(self) -> Settings:
+        if self.api_keys_file is not None:
+            self.key_digests_from_file()  # fail at start, with the file named, not at the first request
+        return self
+
+    def key_digests_from_file(self) -> frozenset[str]:
+        if self.api_keys_file is None:
+            return frozenset()
+        try:
+            lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise ValueError(f"HUBSERVE_API_KEYS_FILE {self.api_keys_file}: cannot read it ({e.strerror})") from e
+        digests = set()
+        for n, line in enumerate(lines, 1):
+            line = line.strip().lower()
+            if not line or line.startswith("#"):
+                continue
+            if len(line) != 64 or any(c not in "0123456789abcdef" for c in line):
+                raise ValueError(f"HUBSERVE_API_KEYS_FILE {self.api_keys_file}:{n}: not a sha256 hex digest")
+            digests.add(line)
+        return frozenset(digests)
+
+    def all_key_digests(self) -> frozenset[str]:
+        """Digests of every accepted API key (empty: auth is off)."""
+        return self.api_keys | self.key_digests_from_file()
