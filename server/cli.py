@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-from sync.cli import register_sync_commands
+from sync.cli import ConfigOpt, StoreOpt, VerboseOpt, cli_errors, register_sync_commands
 
 app = typer.Typer(
     name="hubserve",
@@ -16,6 +18,63 @@ app = typer.Typer(
 register_sync_commands(app)
 
 # ---- serve (server side) ---------------------------------------------------------------------------------
+
+
+HostOpt = Annotated[
+    str | None, typer.Option("--host", help="Address to listen on (default: $HUBSERVE_HOST, else 127.0.0.1).")
+]
+PortOpt = Annotated[
+    int | None, typer.Option("--port", "-p", help="Port to listen on (default: $HUBSERVE_PORT, else 8080).")
+]
+
+
+@app.command("serve")
+@cli_errors
+def serve_cmd(
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Serve every model of models.toml from the store: OpenAI, TGI and Hub Inference API routes.
+
+    Each model runs in its own supervised vLLM process, started offline from its verified revision.
+    API keys: $HUBSERVE_API_KEYS (comma-separated) or $HUBSERVE_API_KEYS_FILE (sha256 digests).
+
+    Example: HUBSERVE_API_KEYS=secret hubserve serve --config models.toml --port 8080
+    """
+    import uvicorn
+    from pydantic import ValidationError
+
+    from server.app import create_app
+    from server.registry import Registry, resolve_models
+    from server.settings import Settings
+    from sync.errors import ConfigError
+    from sync.manifest import load_config
+
+    given = {"config": config, "store": store, "host": host, "port": port}
+    try:
+        settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = "HUBSERVE_" + "_".join(str(p) for p in first["loc"]).upper()
+        raise ConfigError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+    registry = Registry.from_models(resolve_models(load_config(settings.config, settings.store)), settings)
+    try:
+        uvicorn.run(
+            create_app(settings, registry),
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            log_level="debug" if verbose else settings.log_level,
+            timeout_graceful_shutdown=5,
+        )
+    finally:
+        for engine in registry.engines.values():  # normally stopped by the lifespan already
+            kill_now = getattr(engine, "kill_now", None)
+            if callable(kill_now):
+                kill_now()
 
 
 def main() -> None:
