@@ -183,6 +183,7 @@ class VLLMEngine(Engine):
                 break
             except EngineStartError as e:
                 error = e
+                self.last_error = str(e)
                 self._log.error("start attempt %d failed: %s", attempt, e)
         else:
             self._state = EngineState.FAILED
@@ -242,7 +243,7 @@ class VLLMEngine(Engine):
     def environment(self) -> dict[str, str]:
         # Engines get no hubserve settings (API keys!) and no Hub token: they read the store, offline.
         env = {k: v for k, v in os.environ.items() if not k.startswith("HUBSERVE_") and k not in ("HF_TOKEN",)}
-        store = Path(self.info.snapshot).parents[3]  # <store>/models--o--n/snapshots/<commit>
+        store = Path(self.info.snapshot).parents[2]  # <store>/models--o--n/snapshots/<commit>
         env |= {
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
