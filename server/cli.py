@@ -55,7 +55,7 @@ def serve_cmd(
 
     given = {"config": config, "store": store, "host": host, "port": port}
     try:
-        settings = Settings(**{k: v for k, v in given.items() if v is not None})
+        settings = Settings.model_validate({k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
         first = e.errors()[0]
         where = "HUBSERVE_" + "_".join(str(p) for p in first["loc"]).upper()

@@ -107,7 +107,10 @@ class Registry:
 
             factory = VLLMEngine
         engines = [factory(m, settings) for m in models]
-        return cls(engines, memory_budget=_available_memory(), max_parallel=settings.max_parallel_starts)
+        max_parallel = settings.max_parallel_starts
+        if not max_parallel and any(getattr(e, "device", None) == "gpu" for e in engines):
+            max_parallel = 1  # vLLM sizes its KV cache from free GPU memory at start: concurrent starts race
+        return cls(engines, memory_budget=_available_memory(), max_parallel=max_parallel)
 
     # ---- lookup -------------------------------------------------------------------------------------
     def names(self) -> list[str]:

@@ -27,34 +27,36 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HUBSERVE_", extra="ignore", frozen=True)
 
-    config: Path | None = Field(None, description="models.toml; else ./models.toml (HUBSERVE_CONFIG).")
-    store: Path | None = Field(None, description="Store directory; else [store] path of models.toml.")
-    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
-    port: int = Field(8080, ge=0, le=65535, description="Port the gateway listens on.")
-    log_level: str = Field("info", description="Log level of the gateway (debug, info, warning, error).")
+    config: Path | None = Field(default=None, description="models.toml; else ./models.toml (HUBSERVE_CONFIG).")
+    store: Path | None = Field(default=None, description="Store directory; else [store] path of models.toml.")
+    host: str = Field(default="127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(default=8080, ge=0, le=65535, description="Port the gateway listens on.")
+    log_level: str = Field(default="info", description="Log level of the gateway (debug, info, warning, error).")
 
     # ---- auth -------------------------------------------------------------------------------------------
     api_keys: Annotated[frozenset[str], NoDecode] = Field(
-        frozenset(), repr=False, description="Comma-separated API keys; kept only as sha256 digests."
+        default=frozenset(), repr=False, description="Comma-separated API keys; kept only as sha256 digests."
     )
-    api_keys_file: Path | None = Field(None, description="File with one sha256 hex digest of an API key per line.")
-    metrics_auth: bool = Field(False, description="Require an API key on /metrics too.")
-    log_prompts: bool = Field(False, description="Log request bodies (prompts). Off by default.")
+    api_keys_file: Path | None = Field(
+        default=None, description="File with one sha256 hex digest of an API key per line."
+    )
+    metrics_auth: bool = Field(default=False, description="Require an API key on /metrics too.")
+    log_prompts: bool = Field(default=False, description="Log request bodies (prompts). Off by default.")
 
     # ---- limits -----------------------------------------------------------------------------------------
-    max_concurrent_requests: int = Field(128, ge=1, description="In-flight requests per model before 429.")
-    retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 429 and 503 answers.")
+    max_concurrent_requests: int = Field(default=128, ge=1, description="In-flight requests per model before 429.")
+    retry_after_s: int = Field(default=5, ge=1, description="Retry-After sent with 429 and 503 answers.")
 
     # ---- engines ----------------------------------------------------------------------------------------
-    device: Device = Field(Device.AUTO, description="auto: GPU if vLLM's GPU build and a GPU are present.")
-    engine_start_timeout_s: float = Field(900.0, gt=0, description="How long one engine may take to start.")
-    engine_start_attempts: int = Field(2, ge=1, description="Tries to start an engine at boot before FAILED.")
-    engine_max_restarts: int = Field(0, ge=0, description="Restarts after a crash before FAILED; 0 = no limit.")
-    engine_backoff_max_s: float = Field(30.0, gt=0, description="Longest wait between two restarts.")
-    engine_stop_timeout_s: float = Field(15.0, gt=0, description="Grace period after SIGTERM before SIGKILL.")
-    max_parallel_starts: int = Field(0, ge=0, description="Engines started at once; 0 = as memory allows.")
-    cpu_kvcache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE per engine on CPU (GiB).")
-    cpu_max_model_len: int = Field(2048, ge=16, description="max_model_len on CPU when a model sets none.")
+    device: Device = Field(default=Device.AUTO, description="auto: GPU if vLLM's GPU build and a GPU are present.")
+    engine_start_timeout_s: float = Field(default=900.0, gt=0, description="How long one engine may take to start.")
+    engine_start_attempts: int = Field(default=2, ge=1, description="Tries to start an engine at boot before FAILED.")
+    engine_max_restarts: int = Field(default=0, ge=0, description="Restarts after a crash before FAILED; 0 = no limit.")
+    engine_backoff_max_s: float = Field(default=30.0, gt=0, description="Longest wait between two restarts.")
+    engine_stop_timeout_s: float = Field(default=15.0, gt=0, description="Grace period after SIGTERM before SIGKILL.")
+    max_parallel_starts: int = Field(default=0, ge=0, description="Engines started at once; 0 = as memory allows.")
+    cpu_kvcache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE per engine on CPU (GiB).")
+    cpu_max_model_len: int = Field(default=2048, ge=16, description="max_model_len on CPU when a model sets none.")
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -13,8 +13,8 @@ class RoutingFields(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str | None = Field(None, description="Served name or repo id; omitted: the default model.")
-    stream: bool | None = Field(False, description="Server-sent events instead of one JSON answer.")
+    model: str | None = Field(default=None, description="Served name or repo id; omitted: the default model.")
+    stream: bool | None = Field(default=False, description="Server-sent events instead of one JSON answer.")
 
 
 class ModelCard(BaseModel):

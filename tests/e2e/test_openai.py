@@ -13,12 +13,13 @@ import time
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.e2e.conftest import HubserveServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
@@ -50,21 +51,21 @@ def test_models_list_has_repo_and_commit(client: openai.OpenAI, hubserve_server:
 
 
 def test_chat_answers_paris(client: openai.OpenAI) -> None:
-    out = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=20)  # type: ignore[arg-type]
+    out = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=20)
     assert "Paris" in (out.choices[0].message.content or "")
     assert out.model == "smollm2"
 
 
 def test_chat_by_repo_id(client: openai.OpenAI, hubserve_server: HubserveServer) -> None:
     repo = hubserve_server.repos["smollm2"]
-    out = client.chat.completions.create(model=repo, messages=QUESTION, temperature=0, max_tokens=20)  # type: ignore[arg-type]
+    out = client.chat.completions.create(model=repo, messages=QUESTION, temperature=0, max_tokens=20)
     assert "Paris" in (out.choices[0].message.content or "")
 
 
 def test_chat_stream(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
         model="smollm2",
-        messages=QUESTION,  # type: ignore[arg-type]
+        messages=QUESTION,
         temperature=0,
         max_tokens=20,
         stream=True,
@@ -116,7 +117,7 @@ def test_completions_stream(client: openai.OpenAI) -> None:
 def test_n_2(client: openai.OpenAI) -> None:
     out = client.chat.completions.create(
         model="smollm2",
-        messages=QUESTION,  # type: ignore[arg-type]
+        messages=QUESTION,
         n=2,
         temperature=1.0,
         seed=1234,
@@ -143,7 +144,7 @@ def test_stop(client: openai.OpenAI) -> None:
 def test_logprobs(client: openai.OpenAI) -> None:
     out = client.chat.completions.create(
         model="smollm2",
-        messages=QUESTION,  # type: ignore[arg-type]
+        messages=QUESTION,
         temperature=0,
         max_tokens=5,
         logprobs=True,
@@ -190,7 +191,7 @@ def test_embeddings_by_repo_id(client: openai.OpenAI, hubserve_server: HubserveS
 
 def test_unknown_model_is_404_listing_names(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as info:
-        client.chat.completions.create(model="no-such-model", messages=QUESTION)  # type: ignore[arg-type]
+        client.chat.completions.create(model="no-such-model", messages=QUESTION)
     error = info.value.body
     assert isinstance(error, dict)
     assert error["code"] == "model_not_found" and error["param"] == "model"
@@ -227,12 +228,12 @@ def test_wrong_types_are_4xx_not_500(hubserve_server: HubserveServer) -> None:
 
 def test_over_the_context_is_400_and_the_server_keeps_serving(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=100_000)  # type: ignore[arg-type]
+        client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=100_000)
     assert "max_tokens" in str(info.value)
     long_prompt = "hello " * 5000  # far beyond max_model_len (2048 on CPU)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="smollm2", prompt=long_prompt, max_tokens=5)
-    out = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=20)  # type: ignore[arg-type]
+    out = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=20)
     assert "Paris" in (out.choices[0].message.content or "")
 
 
@@ -281,7 +282,7 @@ def test_engine_crash_is_503_then_recovers(client: openai.OpenAI, hubserve_serve
     assert int(r.headers["retry-after"]) >= 1
     assert r.json()["error"]["code"] == "engine_unavailable"
     # ... while the other model keeps answering.
-    out = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=20)  # type: ignore[arg-type]
+    out = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=20)
     assert "Paris" in (out.choices[0].message.content or "")
     assert httpx.get(f"{hubserve_server.url}/ready").status_code == 503
 
