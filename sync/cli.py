@@ -21,8 +21,9 @@ from rich.table import Table
 from sync.errors import ConfigError, HubserveError
 
 F = TypeVar("F", bound=Callable[..., Any])
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# soft_wrap: an error stays one line however narrow the terminal; piped output is not cut at 80 columns.
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="models.toml (default: $HUBSERVE_CONFIG, else ./models.toml).")

@@ -74,6 +74,8 @@ def read_lock(path: Path) -> Lock:
 def write_lock(path: Path, lock: Lock) -> bool:
     """Write the lock if its content changed; return whether it did."""
     text = lock.to_toml()
+    if not lock.models and not path.exists():
+        return False
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return False
     atomic_write(path, text.encode())
