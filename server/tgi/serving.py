@@ -1,0 +1,228 @@
+"""TGI family logic: /generate, /generate_stream, /tokenize and /info on top of an engine's vLLM OpenAI API.
+
+A generate request becomes one ``POST /v1/completions`` (see translate.py); vLLM's errors become hubserve's
+exceptions (server/errors.py gives them TGI's shape). Streams hold the engine's admission until they end;
+once an SSE stream has started, an error goes out as one ``data:{"error","error_type"}`` event and the stream
+ends, as TGI does.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from server.engines.base import Admission, Engine
+from server.errors import (
+    EngineUnavailable,
+    Family,
+    GenerationError,
+    InvalidRequest,
+    Overloaded,
+    ServerError,
+    sse_error_event,
+)
+from server.tgi.protocol import GenerateRequest, GenerateResponse, Info, SimpleToken, StreamResponse, TokenizeRequest
+from server.tgi.tokens import TokenTexts
+from server.tgi.translate import StreamTranslator, completion_body, generate_response
+
+log = logging.getLogger("hubserve.tgi")
+
+
+def engine_error(status: int, body: bytes) -> ServerError:
+    """A vLLM error answer → hubserve's exception: 4xx the caller's fault (validation), 5xx the engine's."""
+    message = _error_message(body) or f"The engine answered HTTP {status}."
+    if status in (400, 413, 422):
+        return InvalidRequest(message)
+    if status == 429:
+        return Overloaded(message)
+    if status == 503:
+        return EngineUnavailable(message)
+    return GenerationError(message)
+
+
+def _error_message(body: bytes) -> str | None:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return body.decode(errors="replace").strip()[:500] or None
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message") or "") or None
+    if error is not None:
+        return str(error)
+    return str(data.get("message") or "") or None if isinstance(data, dict) else None
+
+
+def lost(engine: Engine, error: Exception) -> EngineUnavailable:
+    return EngineUnavailable(
+        f"Model `{engine.info.name}` is unavailable ({type(error).__name__}); it may be restarting, retry later.",
+        retry_after=engine.retry_after_s,
+    )
+
+
+def dump_generate(response: GenerateResponse) -> dict[str, Any]:
+    """TGI's JSON: ``details`` only when asked, ``top_tokens``/``best_of_sequences`` only when present."""
+    data = response.model_dump(exclude={"details"})
+    if response.details is not None:
+        details = response.details.model_dump()
+        for key in ("top_tokens", "best_of_sequences"):
+            if details.get(key) is None:
+                details.pop(key)
+        for seq in details.get("best_of_sequences") or []:
+            if seq.get("top_tokens") is None:
+                seq.pop("top_tokens")
+        data["details"] = details
+    return data
+
+
+def dump_event(event: StreamResponse) -> bytes:
+    data = event.model_dump()
+    if data.get("top_tokens") is None:
+        data.pop("top_tokens")
+    return b"data:" + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+
+
+class TGIService:
+    """Runs TGI requests against engines; caches per-model token tables (special ids, tokenizer)."""
+
+    def __init__(self, version: str | None = None) -> None:
+        self.version = version or _version()
+        self._vocab: dict[str, TokenTexts] = {}
+
+    def vocab(self, engine: Engine) -> TokenTexts:
+        key = engine.info.snapshot
+        if key not in self._vocab:
+            self._vocab[key] = TokenTexts.from_snapshot(key)
+        return self._vocab[key]
+
+    # ---- engine calls -------------------------------------------------------------------------------
+    async def _post(self, engine: Engine, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = await engine.client().post(path, json=body)
+        except httpx.TransportError as e:
+            raise lost(engine, e) from e
+        if response.status_code >= 400:
+            raise engine_error(response.status_code, response.content)
+        data = response.json()
+        if not isinstance(data, dict):
+            raise GenerationError(f"Unexpected answer from the engine on {path}.")
+        return data
+
+    async def _max_new_tokens(self, engine: Engine, request: GenerateRequest) -> int:
+        """The request's max_new_tokens, or (like TGI) whatever room the context leaves after the input."""
+        if request.parameters.max_new_tokens is not None:
+            return request.parameters.max_new_tokens
+        data = await self._post(engine, "/tokenize", {"model": engine.info.name, "prompt": request.inputs})
+        count = int(data.get("count") or len(data.get("tokens") or []))
+        total = int(data.get("max_model_len") or engine.max_model_len or 0)
+        if request.parameters.truncate is not None:
+            count = min(count, request.parameters.truncate)
+        if count >= total:
+            raise InvalidRequest(f"`inputs` must have less than {total} tokens. Given: {count}")
+        return total - count
+
+    # ---- generate -----------------------------------------------------------------------------------
+    async def generate(self, engine: Engine, request: GenerateRequest) -> GenerateResponse:
+        with engine.admit():
+            max_new = await self._max_new_tokens(engine, request)
+            body = completion_body(request, engine.info.name, max_new, stream=False)
+            completion = await self._post(engine, "/v1/completions", body)
+        return generate_response(request, completion, self.vocab(engine))
+
+    async def open_stream(self, engine: Engine, request: GenerateRequest) -> AsyncIterator[bytes]:
+        """Start a stream; errors until vLLM's first byte are raised (an HTTP error), later ones are events."""
+        params = request.parameters
+        if (params.best_of or 1) > 1:
+            raise InvalidRequest("`best_of` != 1 is not allowed for this endpoint")
+        if params.decoder_input_details:
+            raise InvalidRequest("`decoder_input_details` == true is not supported when streaming tokens")
+        slot = engine.admit()
+        try:
+            max_new = await self._max_new_tokens(engine, request)
+            body = completion_body(request, engine.info.name, max_new, stream=True)
+            client = engine.client()
+            try:
+                upstream = await client.send(client.build_request("POST", "/v1/completions", json=body), stream=True)
+            except httpx.TransportError as e:
+                raise lost(engine, e) from e
+            if upstream.status_code >= 400:
+                content = await upstream.aread()
+                await upstream.aclose()
+                raise engine_error(upstream.status_code, content)
+        except BaseException:
+            slot.release()
+            raise
+        return self._relay(engine, request, upstream, slot)
+
+    async def _relay(
+        self, engine: Engine, request: GenerateRequest, upstream: httpx.Response, slot: Admission
+    ) -> AsyncIterator[bytes]:
+        translator = StreamTranslator(request, self.vocab(engine))
+        try:
+            async for line in upstream.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if isinstance(chunk, dict) and chunk.get("error"):
+                    raise GenerationError(_error_message(data.encode()) or "generation failed")
+                for event in translator.feed(chunk):
+                    yield dump_event(event)
+            if not translator.finished:
+                raise GenerationError("The engine ended the stream before the generation finished.")
+        except ServerError as e:
+            yield sse_error_event(e, Family.TGI)
+        except httpx.TransportError as e:
+            log.warning("model %s: stream broken: %s", engine.info.name, type(e).__name__)
+            yield sse_error_event(lost(engine, e), Family.TGI)
+        except ValueError as e:  # undecodable chunk
+            yield sse_error_event(GenerationError(f"Unreadable answer from the engine: {e}"), Family.TGI)
+        finally:
+            slot.release()
+            await upstream.aclose()
+
+    # ---- tokenize and info --------------------------------------------------------------------------
+    async def tokenize(self, engine: Engine, request: TokenizeRequest) -> list[SimpleToken]:
+        """TGI's /tokenize: ids with the text and character span of ``inputs`` each covers."""
+        vocab = self.vocab(engine)
+        spans = vocab.offsets(request.inputs)
+        if spans is not None:
+            return [SimpleToken(id=i, text=request.inputs[s:e], start=s, stop=e) for i, s, e in spans]
+        with engine.admit():  # no local tokenizer: vLLM's ids and token strings, spans accumulated
+            data = await self._post(
+                engine, "/tokenize", {"model": engine.info.name, "prompt": request.inputs, "return_token_strs": True}
+            )
+        out, pos = [], 0
+        for tid, piece in zip(data.get("tokens") or [], data.get("token_strs") or [], strict=False):
+            start = min(pos, len(request.inputs))
+            pos = start + len(piece)
+            out.append(SimpleToken(id=tid, text=piece, start=start, stop=min(pos, len(request.inputs))))
+        return out
+
+    def info(self, engine: Engine) -> Info:
+        total = engine.max_model_len
+        return Info(
+            model_id=engine.info.repo,
+            model_sha=engine.info.commit,
+            model_pipeline_tag=engine.info.task,
+            model_dtype=str(engine.info.engine_args.get("dtype")) if engine.info.engine_args.get("dtype") else None,
+            max_concurrent_requests=engine.max_in_flight,
+            max_input_tokens=total - 1 if total else None,
+            max_total_tokens=total,
+            version=self.version,
+            sha=engine.info.commit,
+        )
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("hubserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
