@@ -53,6 +53,8 @@ RESERVED_ARGS = frozenset(
     }
 )
 STABLE_AFTER_S = 60.0  # an engine up this long has its restart backoff reset
+PROBE_INTERVAL_S = 10.0  # a ready engine's /health is probed this often ...
+PROBE_FAILURES = 3  # ... and after this many failures in a row it is killed (then restarted)
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
@@ -164,7 +166,7 @@ class VLLMEngine(Engine):
         if client is None:
             return False
         try:
-            return (await client.get("/health", timeout=5.0)).status_code == 200
+            return (await client.get("/health", timeout=10.0)).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -199,6 +201,7 @@ class VLLMEngine(Engine):
                 await self._supervisor
             self._supervisor = None
         await self._terminate()
+        self._proc = None  # its process group is gone; never signal that pgid again
         self._state = EngineState.STOPPED
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
@@ -355,7 +358,7 @@ class VLLMEngine(Engine):
         failures = 0
         while not self._stopping:
             assert self._proc is not None
-            code = await self._proc.wait()
+            code = await self._wait_or_hang(self._proc)
             if self._stopping:
                 return
             if self.ready_since is not None and time.monotonic() - self.ready_since > STABLE_AFTER_S:
@@ -378,3 +381,20 @@ class VLLMEngine(Engine):
             except EngineStartError as e:
                 self.last_error = str(e)
                 self._log.error("restart failed: %s", e)
+
+    async def _wait_or_hang(self, proc: asyncio.subprocess.Process) -> int:
+        """Wait for the process to exit; kill it if its /health stops answering (a hung engine)."""
+        misses = 0
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(proc.wait()), PROBE_INTERVAL_S)
+            except TimeoutError:
+                pass
+            if self._stopping or self._state is not EngineState.READY:
+                continue
+            misses = 0 if await self.check_health() else misses + 1
+            if misses >= PROBE_FAILURES:
+                self.last_error = f"engine stopped answering /health ({misses} probes)"
+                self._log.error("%s; killing it", self.last_error)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
