@@ -62,4 +62,11 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(openai_router)
     # ---- other API families (TGI, Hub Inference API): include their routers here -------------------
     # Each router lists Depends(family_dependency(Family.X)) then Depends(require_api_key).
+    from server.hub.routes import root_router as hub_root_router
+    from server.hub.routes import router as hub_router
+    from server.tgi.routes import router as tgi_router
+
+    app.include_router(tgi_router)
+    app.include_router(hub_router)
+    app.include_router(hub_root_router)
     # ---- end of other API families ------------------------------------------------------------------

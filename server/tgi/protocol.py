@@ -175,7 +175,7 @@ class GenerateRequest(_Lenient):
     """Body of /generate and /generate_stream (and of / with ``stream``)."""
 
     inputs: str = Field(description="The prompt.")
-    parameters: GenerateParameters = Field(default_factory=lambda: GenerateParameters())
+    parameters: GenerateParameters = Field(default_factory=lambda: GenerateParameters.model_validate({}))
     stream: bool = Field(False, description="Only read by POST / and the Hub routes.")
     options: dict[str, Any] | None = Field(None, description="Legacy Inference API options; ignored.")
 
@@ -189,7 +189,7 @@ class GenerateRequest(_Lenient):
 
 class TokenizeRequest(_Lenient):
     inputs: str
-    parameters: GenerateParameters = Field(default_factory=lambda: GenerateParameters())
+    parameters: GenerateParameters = Field(default_factory=lambda: GenerateParameters.model_validate({}))
 
 
 # ---- responses ---------------------------------------------------------------------------------------------

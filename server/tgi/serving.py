@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from server.engines.base import Admission, Engine
 from server.errors import (
@@ -226,3 +228,29 @@ def _version() -> str:
         return importlib.metadata.version("hubserve")
     except importlib.metadata.PackageNotFoundError:
         return "0.0.0"
+
+
+# ---- HTTP helpers shared by the TGI and Hub routes ---------------------------------------------------------
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def tgi_service(request: Request) -> TGIService:
+    """The app's TGIService, made on first use (it holds nothing but per-model token tables)."""
+    service = getattr(request.app.state, "tgi", None)
+    if service is None:
+        service = request.app.state.tgi = TGIService(request.app.version)
+    return service
+
+
+async def read_json(request: Request) -> Any:
+    """The request body as JSON; InvalidRequest (a 4xx in every family) when it is not JSON."""
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"The request body is not valid JSON: {e}.") from e
+
+
+def sse(events: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)

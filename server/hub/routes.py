@@ -1,0 +1,62 @@
+"""Hub Inference API routes: thin; the logic is in serving.py.
+
+``/models/{repo_id}`` takes a repo id or a served name. ``/`` and ``/v1`` use the default model: they are
+where ``InferenceClient(base_url=<server>)`` and ``InferenceClient(base_url=<server>/v1)`` post. ``/`` keeps
+TGI's error shape (it is TGI's route too); the others answer errors in the Hub's shape until the model is
+known to generate text.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from server.engines.base import EngineState
+from server.errors import Family, family_dependency
+from server.hub.serving import chat, infer
+from server.ops.auth import require_api_key
+from server.tgi.protocol import Info
+from server.tgi.serving import tgi_service
+
+router = APIRouter(
+    tags=["hub"],
+    dependencies=[Depends(family_dependency(Family.HUB)), Depends(require_api_key)],
+)
+# POST / is TGI's compat route as well as the Inference API's root: it keeps TGI's error shape.
+root_router = APIRouter(
+    tags=["hub"],
+    dependencies=[Depends(family_dependency(Family.TGI)), Depends(require_api_key)],
+)
+
+
+# Registered before POST /models/{repo_id:path}, whose path would swallow these.
+@router.post("/models/{repo_id:path}/v1/chat/completions")
+async def model_chat(repo_id: str, request: Request) -> Response:
+    return await chat(request, request.app.state.registry.get(repo_id))
+
+
+@router.get("/models/{repo_id:path}/info")
+async def model_info(repo_id: str, request: Request) -> Info:
+    return tgi_service(request).info(request.app.state.registry.get(repo_id))
+
+
+@router.get("/models/{repo_id:path}/health")
+async def model_health(repo_id: str, request: Request) -> JSONResponse:
+    engine = request.app.state.registry.get(repo_id)
+    ready = engine.state is EngineState.READY
+    return JSONResponse({"model": engine.info.name, "state": engine.state.value}, status_code=200 if ready else 503)
+
+
+@router.post("/models/{repo_id:path}")
+async def model_inference(repo_id: str, request: Request) -> Response:
+    return await infer(request, request.app.state.registry.get(repo_id))
+
+
+@router.post("/v1")
+async def v1_inference(request: Request) -> Response:
+    return await infer(request, request.app.state.registry.default())
+
+
+@root_router.post("/")
+async def root_inference(request: Request) -> Response:
+    return await infer(request, request.app.state.registry.default())
