@@ -63,7 +63,7 @@ def test_inputs_must_not_be_empty_and_body_must_be_an_object() -> None:
         parse_generate({"parameters": {}})
     with pytest.raises(InvalidRequest, match="JSON object"):
         parse_generate(["not", "an", "object"])
-    with pytest.raises(InvalidRequest, match="parameters.max_new_tokens"):
+    with pytest.raises(InvalidRequest, match=r"parameters\.max_new_tokens"):
         parse_generate({"inputs": "x", "parameters": {"max_new_tokens": "many"}})
 
 
