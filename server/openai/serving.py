@@ -56,7 +56,10 @@ async def proxy_openai(request: Request, registry: Registry, path: str, log_prom
     """Forward one OpenAI request to the engine its `model` names; vLLM's answer comes back unchanged."""
     body = await request.body()
     payload, fields = parse_body(body)
-    engine = registry.get(fields.model)
+    model = fields.model
+    if model == "dummy" and model not in registry.engines:  # InferenceClient(base_url=...) sends "dummy":
+        model = None  # it means the default model (added with the TGI/Hub families)
+    engine = registry.get(model)
     request.state.model = engine.info.name
     if fields.model not in engine.info.served_names:  # omitted or empty: name the default explicitly
         payload["model"] = engine.info.name

@@ -86,7 +86,7 @@ def dump_event(event: StreamResponse) -> bytes:
     data = event.model_dump()
     if data.get("top_tokens") is None:
         data.pop("top_tokens")
-    return b"data:" + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+    return b"data:" + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
 class TGIService:
