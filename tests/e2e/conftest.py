@@ -84,6 +84,10 @@ revision = "{commits["smollm2"]}"
 task = "text-generation"
 default = true
 
+[models.engine]  # passed through to vLLM as --enable-auto-tool-choice --tool-call-parser hermes
+enable_auto_tool_choice = true
+tool_call_parser = "hermes"
+
 [[models]]
 name = "minilm"
 repo = "{MINILM_REPO}"

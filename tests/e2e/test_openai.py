@@ -13,7 +13,7 @@ import time
 import httpx
 import openai
 import pytest
-from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
 from tests.e2e.conftest import HubserveServer
 
@@ -168,6 +168,27 @@ def test_response_format_json(client: openai.OpenAI) -> None:
     import json
 
     assert isinstance(json.loads(out.choices[0].message.content or ""), dict)
+
+
+def test_tools(client: openai.OpenAI) -> None:
+    tool: ChatCompletionToolParam = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+    out = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        temperature=0,
+        max_tokens=60,
+        tools=[tool],
+        tool_choice="required",
+    )
+    calls = out.choices[0].message.tool_calls
+    assert calls and calls[0].type == "function" and calls[0].function.name == "get_weather"
 
 
 # ---- embeddings ------------------------------------------------------------------------------------------
