@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import httpx
 from fastapi import Response
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from server.engines.base import Admission, Engine
 from server.errors import EngineUnavailable, Family, sse_error_event
@@ -69,20 +71,36 @@ async def forward(
     except BaseException:
         slot.release()
         raise
-    return StreamingResponse(
-        _relay(engine, upstream, slot, family),
+    return RelayResponse(
+        _relay(engine, upstream, family),
         status_code=upstream.status_code,
         headers=_response_headers(upstream),
+        upstream=upstream,
+        slot=slot,
     )
 
 
-async def _relay(engine: Engine, upstream: httpx.Response, slot: Admission, family: Family) -> AsyncIterator[bytes]:
+class RelayResponse(StreamingResponse):
+    """A streamed answer that frees its slot and upstream connection however it ends: finished, broken, or
+    the client gone before the first chunk (when the body generator never ran and its ``finally`` cannot)."""
+
+    def __init__(self, content: AsyncIterator[bytes], *, upstream: httpx.Response, slot: Admission, **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self._upstream = upstream
+        self._slot = slot
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._slot.release()
+            await self._upstream.aclose()
+
+
+async def _relay(engine: Engine, upstream: httpx.Response, family: Family) -> AsyncIterator[bytes]:
     try:
         async for chunk in upstream.aiter_raw():
             yield chunk
     except httpx.TransportError as e:
         log.warning("model %s: stream broken: %s", engine.info.name, type(e).__name__)
         yield sse_error_event(_lost(engine, e), family)
-    finally:
-        slot.release()
-        await upstream.aclose()

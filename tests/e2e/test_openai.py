@@ -100,6 +100,21 @@ def test_stream_is_not_buffered(hubserve_server: HubserveServer) -> None:
     assert arrivals[-1] - arrivals[0] > 0.1, arrivals[:3] + arrivals[-3:]
 
 
+def test_client_leaving_mid_stream_frees_its_slot(hubserve_server: HubserveServer) -> None:
+    body = {"model": "smollm2", "prompt": "Once", "max_tokens": 500, "ignore_eos": True, "stream": True}
+    url = f"{hubserve_server.url}/v1/completions"
+    with httpx.stream("POST", url, json=body, headers=hubserve_server.headers, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # leave after the first chunk; closing the response drops the connection
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if httpx.get(f"{hubserve_server.url}/health").json()["models"]["smollm2"]["in_flight"] == 0:
+            return
+        time.sleep(0.2)
+    pytest.fail("the slot of a request whose client left was never freed")
+
+
 def test_completions(client: openai.OpenAI) -> None:
     out = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0)
     assert out.choices[0].text.strip()
