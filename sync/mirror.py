@@ -219,12 +219,11 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             raise _unsatisfiable(size)
         return max(0, size - int(m[2])), size - 1
     start = int(m[1])
-    end = int(m[2]) if m[2] else size - 1
-    if end < start:
+    if m[2] and int(m[2]) < start:
         return None
     if start >= size:
         raise _unsatisfiable(size)
-    return start, min(end, size - 1)
+    return start, min(int(m[2]), size - 1) if m[2] else size - 1
 
 
 def _unsatisfiable(size: int) -> HttpError:
