@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from hashlib import sha1
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -271,18 +272,26 @@ class MirrorHandler(BaseHTTPRequestHandler):
         self._dispatch(head=True)
 
     def _not_allowed(self) -> None:
-        self.close_connection = True  # the unread request body would corrupt the next request
-        self._send_error(HttpError(405, f"{self.command} not allowed: this mirror is read-only",
-                                   headers={"Allow": "GET, HEAD"}), head=False)
+        self._dispatch(head=False, allowed=False)
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
 
-    def _dispatch(self, head: bool) -> None:
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The stdlib's own refusals (bad request line, oversized headers) as JSON, and logged."""
+        self.close_connection = True
+        self._status, self._sent = 0, 0
+        self._send_error(HttpError(code, message or HTTPStatus(code).phrase), head=self.command == "HEAD")
+        self._log(time.monotonic())
+
+    def _dispatch(self, head: bool, allowed: bool = True) -> None:
         started = time.monotonic()
         self._status, self._sent = 0, 0
         try:
             if self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers:
-                self.close_connection = True
+                self.close_connection = True  # a request body we do not read would corrupt the next request
+            if not allowed:
+                raise HttpError(405, f"{self.command} not allowed: this mirror is read-only",
+                                headers={"Allow": "GET, HEAD"})
             self._route(head)
         except HttpError as e:
             self._send_error(e, head)
@@ -290,10 +299,17 @@ class MirrorHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         except Exception as e:  # one bad request must not take the mirror down
             logger.exception("mirror: %s %s failed", self.command, self.path)
-            self._send_error(HttpError(500, f"internal error: {type(e).__name__}"), head)
+            if self._status:  # the response has started: all we can do is end the connection
+                self.close_connection = True
+            else:
+                self._send_error(HttpError(500, f"internal error: {type(e).__name__}"), head)
         finally:
-            ms = (time.monotonic() - started) * 1000
-            logger.info("%s %s %d %d %.1fms", self.command, self.path, self._status, self._sent, ms)
+            self._log(started)
+
+    def _log(self, started: float) -> None:
+        ms = (time.monotonic() - started) * 1000
+        method, path = getattr(self, "command", None) or "-", getattr(self, "path", "") or "-"
+        logger.info("%s %s %d %d %.1fms", method, path, self._status, self._sent, ms)
 
     def _route(self, head: bool) -> None:
         target = urlsplit(self.path)
@@ -307,9 +323,9 @@ class MirrorHandler(BaseHTTPRequestHandler):
         if seg[:2] == ["api", "models"]:
             return self._api(req, head)
         if len(seg) >= 5 and seg[2] == "resolve" and seg[0] != "api":
-            return self._resolve(seg[0], seg[1], seg[3], seg[4:], head)
+            return self._resolve(seg[0], seg[1], seg[3:], head)
         if len(seg) >= 6 and seg[0] == "models" and seg[3] == "resolve":
-            return self._resolve(seg[1], seg[2], seg[4], seg[5:], head)
+            return self._resolve(seg[1], seg[2], seg[4:], head)
         raise HttpError(404, f"no route for {target.path}")
 
     def _check_token(self) -> None:
@@ -347,16 +363,18 @@ class MirrorHandler(BaseHTTPRequestHandler):
         return model_info(self.server.store, record, req.flag("blobs"))
 
     def _tree(self, repo: str, req: Request, head: bool) -> None:
-        raw = req.segments[5:]  # api models org name tree <rev> [path...]; rev is one %2F-encoded segment
-        record = find_revision(self.server.store, repo, unquote(raw[0]))
-        base = unquote("/".join(raw[1:])).strip("/")
+        rev, rest = split_rev(req.segments[5:])  # api models org name tree <rev> [path...]
+        record = find_revision(self.server.store, repo, rev)
+        base = unquote("/".join(rest)).strip("/")
         if base:
             base = _safe_path(base)
         entries = tree_entries(record, base, req.flag("recursive"))
         try:
             offset = int(req.query.get("cursor", ["0"])[-1])
         except ValueError:
-            raise HttpError(400, "invalid cursor") from None
+            offset = -1
+        if offset < 0:
+            raise HttpError(400, "invalid cursor")
         page_size = self.server.page_size
         headers = {"X-Repo-Commit": record.commit}
         if offset + page_size < len(entries):
@@ -374,10 +392,8 @@ class MirrorHandler(BaseHTTPRequestHandler):
         expand = "true" if req.flag("expand") else "false"
         return f"{scheme}://{host}{path}?recursive={recursive}&expand={expand}&cursor={cursor}"
 
-    def _resolve(self, org: str, name: str, rev_seg: str, rest: list[str], head: bool) -> None:
-        rev = unquote(rev_seg)
-        if rev == "refs" and len(rest) >= 3:  # an unencoded refs/pr/1 or refs/convert/x, as the Hub allows
-            rev, rest = f"refs/{unquote(rest[0])}/{unquote(rest[1])}", rest[2:]
+    def _resolve(self, org: str, name: str, segments: list[str], head: bool) -> None:
+        rev, rest = split_rev(segments)
         path = _safe_path(unquote("/".join(rest)))
         record = find_revision(self.server.store, f"{unquote(org)}/{unquote(name)}", rev)
         entry = record.file(path)
@@ -452,6 +468,14 @@ class MirrorHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
+def split_rev(segments: list[str]) -> tuple[str, list[str]]:
+    """The revision (one %2F-encoded segment, or an unencoded ``refs/pr/1`` as the Hub allows) and the rest."""
+    rev = unquote(segments[0])
+    if rev == "refs" and len(segments) >= 3:  # a git ref can never be named plain "refs"
+        return f"refs/{unquote(segments[1])}/{unquote(segments[2])}", segments[3:]
+    return rev, segments[1:]
+
+
 def _safe_path(path: str) -> str:
     try:
         return safe_relpath(path)
@@ -482,6 +506,7 @@ class MirrorServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # the stdlib's 5 drops SYNs when a client opens 8+ parallel downloads
 
     def __init__(
         self, store: Store, host: str = "127.0.0.1", port: int = 8090, token: str | None = None,

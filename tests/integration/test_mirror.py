@@ -34,7 +34,8 @@ TAGGED = "acme/tagged"  # only ever imported under ref v1: `main` must still res
 GHOST = "acme/ghost"  # blobs and snapshot on disk, record deleted: must not exist for clients
 TOKEN = "s3cret-mirror-token"
 PAGE_SIZE = 3  # small, so that every client listing follows several `Link: rel="next"` pages
-HFHUB1_VENV = REPO_ROOT / ".cache" / "hfhub1-venv"
+# Older clients in side venvs made once under .cache/ (gitignored): 1.x lists files with trees, 0.x with siblings.
+SIDE_CLIENTS = {"hfhub1": "huggingface_hub>=1.30,<2", "hfhub0": "huggingface_hub>=0.36,<1"}
 
 
 def minilm_folder() -> Path:
@@ -191,34 +192,37 @@ def run_client(python: str, seeded: Seeded, mirror_url: str, token_url: str, tmp
     return dict(json.loads(res.stdout.strip().splitlines()[-1]))
 
 
-def hfhub1_python() -> str:
-    """huggingface_hub 1.x in a side venv, made once and reused (``.cache/`` is gitignored)."""
-    python = HFHUB1_VENV / "bin" / "python"
-    probe = [str(python), "-c", "import huggingface_hub as h; assert h.__version__.startswith('1.')"]
-    HFHUB1_VENV.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(HFHUB1_VENV) + ".lock", timeout=300):
+def side_python(name: str) -> str:
+    """The interpreter of side venv ``name`` (built with uv on first use; skipped if it cannot be built)."""
+    venv = REPO_ROOT / ".cache" / f"{name}-venv"
+    python = venv / "bin" / "python"
+    spec = SIDE_CLIENTS[name]
+    probe = [str(python), "-c", f"import huggingface_hub as h; assert h.__version__.startswith('{name[-1]}.')"]
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{venv}.lock", timeout=300):
         if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
             return str(python)
-        steps = [["uv", "venv", "-q", "--clear", "--python", sys.executable, str(HFHUB1_VENV)],
-                 ["uv", "pip", "install", "-q", "--python", str(python), "huggingface_hub>=1.30,<2"]]
+        steps = [["uv", "venv", "-q", "--clear", "--python", sys.executable, str(venv)],
+                 ["uv", "pip", "install", "-q", "--python", str(python), spec]]
         for cmd in steps:
             try:
                 res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
             except (OSError, subprocess.TimeoutExpired) as e:
-                pytest.skip(f"cannot build the huggingface_hub 1.x venv: {e}")
+                pytest.skip(f"cannot build a venv with {spec}: {e}")
             if res.returncode != 0:
-                pytest.skip(f"cannot build the huggingface_hub 1.x venv: {res.stderr.strip()[-500:]}")
+                pytest.skip(f"cannot build a venv with {spec}: {res.stderr.strip()[-500:]}")
     return str(python)
 
 
-@pytest.fixture(scope="module", params=["hfhub2", "hfhub1"])
+@pytest.fixture(scope="module", params=["hfhub2", "hfhub1", "hfhub0"])
 def client(
     request: pytest.FixtureRequest, seeded: Seeded, mirror: tuple[MirrorServer, str], token_mirror: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, Any]:
-    python = sys.executable if request.param == "hfhub2" else hfhub1_python()
+    """What one client version saw: the project's own huggingface_hub (2.x), then the side venvs."""
+    python = sys.executable if request.param == "hfhub2" else side_python(request.param)
     out = run_client(python, seeded, mirror[1], token_mirror, tmp_path_factory.mktemp(request.param))
-    assert out["version"].startswith("2." if request.param == "hfhub2" else "1."), out["version"]
+    assert out["version"].startswith(f"{request.param[-1]}."), out["version"]
     return out
 
 
@@ -438,6 +442,10 @@ def test_api_routes_and_encoded_refs(mirror: tuple[MirrorServer, str], seeded: S
     url = mirror[1]
     status, _, body = raw(url, "GET", f"/api/models/{SMALL}/revision/refs%2Fpr%2F1")
     assert status == 200 and json.loads(body)["sha"] == seeded.pr.commit
+    status, h, body = raw(url, "GET", f"/api/models/{SMALL}/tree/refs/pr/1")  # unencoded, as the Hub allows
+    assert status == 200 and h["x-repo-commit"] == seeded.pr.commit and json.loads(body)
+    status, _, body = raw(url, "GET", f"/api/models/{SMALL}/tree/main?cursor=-3")
+    assert status == 400 and "cursor" in json.loads(body)["error"]
     status, _, body = raw(url, "GET", f"/api/models/{SMALL}?blobs=true")
     info = json.loads(body)
     for key in ("id", "modelId", "sha", "siblings", "tags", "private", "disabled", "gated", "lastModified"):
