@@ -152,9 +152,12 @@ def test_feature_extraction_raw_batch(http: httpx.Client) -> None:
 # ---- endpoint info, health, errors -------------------------------------------------------------------------
 
 
-def test_endpoint_info_and_health_by_model_url(
-    smollm: InferenceClient, minilm: InferenceClient, hubserve_server: HubserveServer
-) -> None:
+def test_endpoint_info_and_health_by_model_url(hubserve_server: HubserveServer) -> None:
+    # huggingface_hub allows these two calls only with the hf-inference provider named explicitly.
+    smollm, minilm = (
+        InferenceClient(model=model_url(hubserve_server, name), token=hubserve_server.api_key, provider="hf-inference")
+        for name in ("smollm2", "minilm")
+    )
     assert smollm.get_endpoint_info()["model_id"] == hubserve_server.repos["smollm2"]
     info = minilm.get_endpoint_info()
     assert info["model_pipeline_tag"] == "feature-extraction"

@@ -245,7 +245,9 @@ def test_client_typed_validation_error(client: InferenceClient) -> None:
         client.text_generation("hi", stop=["a", "b", "c", "d", "e"], stream=True)
 
 
-def test_client_endpoint_info_and_health(client: InferenceClient, hubserve_server: HubserveServer) -> None:
+def test_client_endpoint_info_and_health(hubserve_server: HubserveServer) -> None:
+    # huggingface_hub allows these two calls only with the hf-inference provider named explicitly.
+    client = InferenceClient(base_url=hubserve_server.url, api_key=hubserve_server.api_key, provider="hf-inference")
     assert client.get_endpoint_info()["model_id"] == hubserve_server.repos["smollm2"]
     assert client.health_check() is True
 
