@@ -53,6 +53,8 @@ def write_small_repo(folder: Path, extra: dict[str, bytes] | None = None) -> Pat
         "nested/dir/file.txt": b"hello from a nested dir\n",
         "nested/other.json": b"{}\n",
         "weights/model.safetensors": os.urandom(300_000),  # LFS by suffix
+        "docs/naïve name #1.txt": b"spaces, a hash and non-ASCII in a path\n",
+        "docs/empty.txt": b"",
         **(extra or {}),
     }
     for rel, data in files.items():
@@ -284,7 +286,8 @@ def test_list_repo_tree_paginated(client: dict[str, Any], seeded: Seeded) -> Non
         assert got["size"] == f.size and got["oid"] == f.oid
         assert got["lfs"] == ([f.sha256, f.size, f.pointer_size] if f.lfs else None)
     root = {e["path"]: e["type"] for e in client["tree_root"]}
-    assert root == {"config.json": "file", "README.md": "file", "nested": "directory", "weights": "directory"}
+    assert root == {"config.json": "file", "README.md": "file", "docs": "directory", "nested": "directory",
+                    "weights": "directory"}
     assert {e["path"] for e in client["tree_nested"]} == {"nested/dir", "nested/other.json"}
 
 
@@ -342,6 +345,11 @@ def test_head_headers_regular_and_lfs(mirror: tuple[MirrorServer, str], seeded: 
     no_xet(h)
     status, h, body = raw(url, "GET", f"/models/{SMALL}/resolve/main/nested/dir/file.txt")  # the alias
     assert status == 200 and body == b"hello from a nested dir\n"
+    status, h, body = raw(url, "GET", f"/{SMALL}/resolve/main/docs/na%C3%AFve%20name%20%231.txt")
+    assert status == 200 and body.startswith(b"spaces") and "na%C3%AFve%20name%20%231.txt" in h["content-disposition"]
+    status, h, body = raw(url, "GET", f"/{SMALL}/resolve/main/docs/empty.txt")
+    assert status == 200 and body == b"" and h["content-length"] == "0"
+    assert raw(url, "GET", f"/{SMALL}/resolve/main/docs/empty.txt", {"Range": "bytes=0-"})[0] == 416
     status, h, body = raw(url, "GET", f"/{SMALL}/resolve/refs/pr/1/pr-only.txt")  # unencoded ref
     assert status == 200 and body == b"pr\n" and h["x-repo-commit"] == seeded.pr.commit
 
