@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
 
-from sync.cli import ConfigOpt, StoreOpt, VerboseOpt, cli_errors, register_sync_commands
+from sync.cli import ConfigOpt, StoreOpt, VerboseOpt, cli_errors, expand_optional_values, register_sync_commands
 
 app = typer.Typer(
     name="hubserve",
@@ -78,7 +79,7 @@ def serve_cmd(
 
 
 def main() -> None:
-    app()
+    app(args=expand_optional_values(sys.argv[1:]), prog_name="hubserve")
 
 
 if __name__ == "__main__":

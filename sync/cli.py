@@ -65,6 +65,19 @@ def cli_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def expand_optional_values(argv: list[str]) -> list[str]:
+    """Let ``--update`` take an optional value (``--update`` alone means every model).
+
+    click cannot express an option whose value may be absent before another option or the end,
+    so a bare ``--update`` becomes ``--update=*`` before parsing.
+    """
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--update" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out[i] = "--update=*"
+    return out
+
+
 def register_sync_commands(app: typer.Typer) -> None:
     app.command("sync")(sync_cmd)
     app.command("import")(import_cmd)
@@ -83,7 +96,7 @@ def sync_cmd(
         typer.Option(
             "--update",
             help="Re-resolve branch/tag pins (all models, or the one named) and print old -> new commits.",
-            flag_value="*",
+            metavar="[NAME]",
             show_default=False,
         ),
     ] = None,

@@ -23,6 +23,8 @@ class LockedModel:
     revision: str  # what models.toml asked for
     commit: str  # what it resolved to
     files: tuple[FileEntry, ...] = field(default_factory=tuple)
+    # The file selection the files were chosen with; a change re-lists the commit upstream.
+    selection: str = ""
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Lock:
                     "repo": m.repo,
                     "revision": m.revision,
                     "commit": m.commit,
+                    "selection": m.selection,
                     "files": [f.to_dict() for f in sorted(m.files, key=lambda f: f.path)],
                 }
                 for m in sorted(self.models.values(), key=lambda m: m.name)
@@ -64,6 +67,7 @@ def read_lock(path: Path) -> Lock:
                 repo=m["repo"],
                 revision=m["revision"],
                 commit=m["commit"],
+                selection=str(m.get("selection", "")),
                 files=tuple(FileEntry(**f) for f in m.get("files", [])),
             )
     except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:

@@ -94,6 +94,11 @@ class ModelSpec(_Strict):
             return False
         return not any(_match(path, p) for p in self.exclude)
 
+    def selection_key(self) -> str:
+        """The settings that decide which files of a commit are fetched, as one stable string."""
+        include = "*" if self.include is None else ",".join(self.include)
+        return f"include={include};exclude={','.join(self.exclude)};allow_pickle={str(self.allow_pickle).lower()}"
+
     def refuses_pickle(self, path: str) -> bool:
         return is_pickle(path) and not self.allow_pickle
 

@@ -305,8 +305,8 @@ class Store:
         wanted = {f.path for f in record.files}
         for entry in record.files:
             self._link(snap, entry)
-        self._prune_snapshot(snap, wanted)
         atomic_write(self.record_path(record.repo, record.commit), record.to_json().encode())
+        self._prune_snapshot(snap, wanted)  # after the record: readers of the old record never miss a file
         for ref in refs:
             self.write_ref(record.repo, ref, record.commit)
 

@@ -106,7 +106,14 @@ class Syncer:
                 result.old_commit = locked.commit
         result.commit = commit
         record = self.store.get_revision(spec.repo, commit)
-        if record is not None and locked is not None and locked.commit == commit and locked.files:
+        if (
+            record is not None
+            and locked is not None
+            and locked.commit == commit
+            and locked.files
+            and locked.selection == spec.selection_key()
+            and {f.path for f in locked.files} == {f.path for f in record.files}
+        ):
             result.up_to_date = True
             self._write_refs(spec, commit)
             return
@@ -129,7 +136,9 @@ class Syncer:
             )
             self.store.promote(record)
         self._write_refs(spec, commit)
-        lock.models[spec.name] = LockedModel(spec.name, spec.repo, spec.revision, commit, selection.files)
+        lock.models[spec.name] = LockedModel(
+            spec.name, spec.repo, spec.revision, commit, selection.files, spec.selection_key()
+        )
 
     def _pipeline_tag(self, spec: ModelSpec, commit: str) -> str | None:
         try:

@@ -223,7 +223,7 @@ class Upstream:
                     on_bytes(-have)
                 have = 0  # the server ignored Range: start over
             with part.open("ab" if have else "wb") as f:
-                for chunk in resp.iter_bytes(CHUNK):
+                for chunk in resp.iter_bytes():  # as received: a broken body keeps what arrived
                     f.write(chunk)
                     if on_bytes:
                         on_bytes(len(chunk))
