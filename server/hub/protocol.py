@@ -60,3 +60,27 @@ def parse_embed(payload: object) -> EmbedRequest:
     if request.model_extra:
         log.info("ignoring unknown fields: %s", ", ".join(sorted(request.model_extra)))
     return request
+
+
+class SimilarityInputs(BaseModel):
+    source_sentence: str
+    sentences: list[str] = Field(min_length=1)
+
+
+class SimilarityRequest(BaseModel):
+    """Sentence similarity (answered by embedding models): cosine of the source with each sentence."""
+
+    model_config = ConfigDict(extra="allow")
+
+    inputs: SimilarityInputs
+    parameters: dict[str, Any] | None = None
+    options: dict[str, Any] | None = None
+
+
+def parse_similarity(payload: dict[str, Any]) -> SimilarityRequest:
+    try:
+        return SimilarityRequest.model_validate(payload)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise InvalidRequest(f"{loc}: {first['msg']}", param=loc or None) from e

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,13 @@ from fastapi.responses import JSONResponse
 
 from server.engines.base import Engine
 from server.errors import Family, GenerationError, InvalidRequest
-from server.hub.protocol import EmbedRequest, parse_embed
+from server.hub.protocol import EmbedRequest, SimilarityRequest, parse_embed, parse_similarity
 from server.proxy import forward
 from server.tgi.protocol import parse_generate
-from server.tgi.serving import dump_generate, engine_error, lost, read_json, sse, tgi_service
+from server.tgi.serving import GENERATIVE_TASKS, dump_generate, engine_error, lost, read_json, sse, tgi_service
 
 log = logging.getLogger("hubserve.hub")
 
-TEXT_GENERATION = frozenset({"text-generation", "text2text-generation", "conversational"})
 EMBEDDING = frozenset({"feature-extraction", "sentence-similarity", "embedding"})
 
 
@@ -33,7 +33,7 @@ async def infer(request: Request, engine: Engine) -> Response:
     """Run the request body as the model's task; the answer in the Inference API's shape for that task."""
     request.state.model = engine.info.name
     task = engine.info.task
-    if task in TEXT_GENERATION:
+    if task in GENERATIVE_TASKS:
         request.state.api_family = Family.TGI  # from here on errors carry TGI's error_type
         generate = parse_generate(await read_json(request))
         service = tgi_service(request)
@@ -41,7 +41,10 @@ async def infer(request: Request, engine: Engine) -> Response:
             return sse(await service.open_stream(engine, generate))
         return JSONResponse([dump_generate(await service.generate(engine, generate))])
     if task in EMBEDDING:
-        return JSONResponse(await embed(engine, parse_embed(await read_json(request))))
+        payload = await read_json(request)
+        if isinstance(payload, dict) and isinstance(payload.get("inputs"), dict):  # sentence-similarity
+            return JSONResponse(await similarity(engine, parse_similarity(payload)))
+        return JSONResponse(await embed(engine, parse_embed(payload)))
     raise InvalidRequest(
         f"Model `{engine.info.name}` has the task `{task}`; this server answers text-generation and "
         "feature-extraction models on the Inference API routes."
@@ -93,6 +96,19 @@ async def embed(engine: Engine, request: EmbedRequest) -> list[list[float]]:
     if len(vectors) != len(request.texts) or not all(isinstance(v, list) for v in vectors):
         raise GenerationError("The engine answered an unexpected embeddings payload.")
     return vectors
+
+
+async def similarity(engine: Engine, request: SimilarityRequest) -> list[float]:
+    """Cosine similarity of the source sentence with each sentence (normalized vectors: a dot product)."""
+    texts = [request.inputs.source_sentence, *request.inputs.sentences]
+    source, *others = await embed(engine, EmbedRequest.model_validate({"inputs": texts}))
+    return [cosine(source, other) for other in others]
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    norms = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    return dot / norms if norms else 0.0
 
 
 def chat_payload(payload: dict[str, Any], model: str) -> dict[str, Any]:

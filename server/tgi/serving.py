@@ -34,6 +34,8 @@ from server.tgi.translate import StreamTranslator, completion_body, generate_res
 
 log = logging.getLogger("hubserve.tgi")
 
+GENERATIVE_TASKS = frozenset({"text-generation", "text2text-generation", "conversational", "image-text-to-text"})
+
 
 def engine_error(status: int, body: bytes) -> ServerError:
     """A vLLM error answer → hubserve's exception: 4xx the caller's fault (validation), 5xx the engine's."""
@@ -116,20 +118,39 @@ class TGIService:
         return data
 
     async def _max_new_tokens(self, engine: Engine, request: GenerateRequest) -> int:
-        """The request's max_new_tokens, or (like TGI) whatever room the context leaves after the input."""
-        if request.parameters.max_new_tokens is not None:
-            return request.parameters.max_new_tokens
+        """The request's max_new_tokens, or (like TGI) whatever room the context leaves after the input.
+
+        The input is tokenized here only when needed: no max_new_tokens, or one that cannot fit whatever the
+        input (then the error names both counts, as TGI's does). Otherwise vLLM checks the total itself.
+        """
+        wanted = request.parameters.max_new_tokens
+        if wanted is not None and (engine.max_model_len is None or wanted < engine.max_model_len):
+            return wanted
         data = await self._post(engine, "/tokenize", {"model": engine.info.name, "prompt": request.inputs})
         count = int(data.get("count") or len(data.get("tokens") or []))
         total = int(data.get("max_model_len") or engine.max_model_len or 0)
         if request.parameters.truncate is not None:
             count = min(count, request.parameters.truncate)
+        if wanted is not None and count + wanted > total:
+            raise InvalidRequest(
+                f"`inputs` tokens + `max_new_tokens` must be <= {total}. "
+                f"Given: {count} `inputs` tokens and {wanted} `max_new_tokens`"
+            )
         if count >= total:
             raise InvalidRequest(f"`inputs` must have less than {total} tokens. Given: {count}")
-        return total - count
+        return wanted if wanted is not None else total - count
+
+    @staticmethod
+    def _require_generative(engine: Engine) -> None:
+        if engine.info.task not in GENERATIVE_TASKS:
+            raise InvalidRequest(
+                f"Model `{engine.info.name}` ({engine.info.task}) does not generate text; "
+                "name a text-generation model (e.g. POST /models/{repo_id})."
+            )
 
     # ---- generate -----------------------------------------------------------------------------------
     async def generate(self, engine: Engine, request: GenerateRequest) -> GenerateResponse:
+        self._require_generative(engine)
         with engine.admit():
             max_new = await self._max_new_tokens(engine, request)
             body = completion_body(request, engine.info.name, max_new, stream=False)
@@ -138,6 +159,7 @@ class TGIService:
 
     async def open_stream(self, engine: Engine, request: GenerateRequest) -> AsyncIterator[bytes]:
         """Start a stream; errors until vLLM's first byte are raised (an HTTP error), later ones are events."""
+        self._require_generative(engine)
         params = request.parameters
         if (params.best_of or 1) > 1:
             raise InvalidRequest("`best_of` != 1 is not allowed for this endpoint")
