@@ -4,16 +4,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from server.engines.base import Engine, EngineState, ModelInfo
 from server.errors import EngineUnavailable, GenerationError, InvalidRequest, Overloaded
-from server.hub.protocol import parse_embed
-from server.hub.serving import chat_payload, embeddings_body
+from server.hub.protocol import parse_embed, parse_similarity
+from server.hub.serving import chat_payload, embed, embeddings_body, similarity
 from server.tgi.protocol import GenerateRequest, parse_generate, parse_tokenize
-from server.tgi.serving import dump_event, dump_generate, engine_error
+from server.tgi.serving import TGIService, dump_event, dump_generate, engine_error
 from server.tgi.tokens import TokenTexts
 from server.tgi.translate import StreamTranslator, completion_body, finish_reason, generate_response
 
@@ -340,3 +343,127 @@ def test_token_texts_from_a_tokenizer_json(tmp_path: Path) -> None:
     assert texts.offsets("hello world") == [(1, 0, 5), (2, 6, 11)]
     bare = TokenTexts.from_snapshot(tmp_path / "missing")
     assert not bare.has_tokenizer and bare.decode(1) == "" and bare.offsets("x") is None
+
+
+# ---- serving against a fake engine (httpx.MockTransport: in memory, no sockets) ----------------------------
+
+
+class FakeEngine(Engine):
+    """A READY engine whose "vLLM server" is a function of the request."""
+
+    def __init__(self, handler: Callable[[httpx.Request], httpx.Response], task: str = "text-generation") -> None:
+        super().__init__(ModelInfo(name="m", repo="org/m", commit="c" * 40, task=task, snapshot="/nonexistent"))
+        self._client = httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://engine")
+        self.requests: list[dict[str, Any]] = []
+
+    @property
+    def state(self) -> EngineState:
+        return EngineState.READY
+
+    @property
+    def max_model_len(self) -> int | None:
+        return 64
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def client(self) -> httpx.AsyncClient:
+        return self._client
+
+    async def check_health(self) -> bool:
+        return True
+
+
+def sse_body(*chunks: object) -> bytes:
+    return b"".join(b"data: " + (c if isinstance(c, bytes) else json.dumps(c).encode()) + b"\n\n" for c in chunks)
+
+
+def engine_with(answers: dict[str, httpx.Response], task: str = "text-generation") -> FakeEngine:
+    def handler(request: httpx.Request) -> httpx.Response:
+        engine.requests.append({"path": request.url.path, **json.loads(request.content)})
+        return answers[request.url.path]
+
+    engine = FakeEngine(handler, task)
+    return engine
+
+
+async def collect(stream: AsyncIterator[bytes]) -> list[dict[str, Any]]:
+    return [json.loads(part[len(b"data:") :]) async for part in stream]
+
+
+async def test_stream_error_after_start_is_one_event_and_the_slot_is_released() -> None:
+    body = sse_body(chunk("Hi", [5]), {"error": {"message": "engine blew up", "code": 500}})
+    engine = engine_with(
+        {"/v1/completions": httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})}
+    )
+    events = await collect(await TGIService().open_stream(engine, req(max_new_tokens=5)))
+    assert events[0]["token"]["text"] == "Hi"
+    assert events[-1] == {"error": "engine blew up", "error_type": "generation"}
+    assert engine.in_flight == 0
+
+
+async def test_stream_cut_before_the_finish_is_an_error_event() -> None:
+    body = sse_body(chunk("Hi", [5]), b"[DONE]")
+    engine = engine_with({"/v1/completions": httpx.Response(200, content=body)})
+    events = await collect(await TGIService().open_stream(engine, req(max_new_tokens=5)))
+    assert events[-1]["error_type"] == "generation" and "before the generation finished" in events[-1]["error"]
+
+
+async def test_stream_refusals_are_http_errors_before_the_stream() -> None:
+    refusal = httpx.Response(400, json={"error": {"message": "bad prompt"}})
+    engine = engine_with({"/v1/completions": refusal})
+    with pytest.raises(InvalidRequest, match="bad prompt"):
+        await TGIService().open_stream(engine, req(max_new_tokens=5))
+    assert engine.in_flight == 0
+    with pytest.raises(InvalidRequest, match="not allowed for this endpoint"):
+        await TGIService().open_stream(engine, req(best_of=2, do_sample=True))
+    with pytest.raises(InvalidRequest, match="not supported when streaming"):
+        await TGIService().open_stream(engine, req(decoder_input_details=True))
+
+
+async def test_generate_fills_the_context_when_max_new_tokens_is_unset() -> None:
+    engine = engine_with(
+        {
+            "/tokenize": httpx.Response(200, json={"count": 10, "max_model_len": 64, "tokens": list(range(10))}),
+            "/v1/completions": httpx.Response(200, json=COMPLETION),
+        }
+    )
+    out = await TGIService().generate(engine, req())
+    assert out.generated_text == "Paris."
+    assert engine.requests[-1]["max_tokens"] == 54 and engine.requests[-1]["model"] == "m"
+
+
+async def test_generate_too_long_and_engine_failures() -> None:
+    tokenize = httpx.Response(200, json={"count": 10, "max_model_len": 64})
+    engine = engine_with({"/tokenize": tokenize, "/v1/completions": httpx.Response(500, json={"error": "oom"})})
+    with pytest.raises(InvalidRequest) as err:
+        await TGIService().generate(engine, req(max_new_tokens=64))
+    assert (
+        err.value.message
+        == "`inputs` tokens + `max_new_tokens` must be <= 64. Given: 10 `inputs` tokens and 64 `max_new_tokens`"
+    )
+    with pytest.raises(GenerationError, match="oom"):
+        await TGIService().generate(engine, req(max_new_tokens=5))
+    assert engine.in_flight == 0
+
+
+async def test_generate_on_an_embedding_model_is_refused() -> None:
+    engine = engine_with({}, task="feature-extraction")
+    with pytest.raises(InvalidRequest, match="does not generate text"):
+        await TGIService().generate(engine, req(max_new_tokens=5))
+
+
+async def test_embed_and_sentence_similarity() -> None:
+    vectors = {"a": [1.0, 0.0], "b": [0.0, 1.0], "c": [1.0, 1.0]}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        texts = json.loads(request.content)["input"]
+        return httpx.Response(200, json={"data": [{"index": i, "embedding": vectors[t]} for i, t in enumerate(texts)]})
+
+    engine = FakeEngine(answer, task="feature-extraction")
+    assert await embed(engine, parse_embed({"inputs": "c"})) == [[1.0, 1.0]]
+    scores = await similarity(
+        engine, parse_similarity({"inputs": {"source_sentence": "a", "sentences": ["a", "b", "c"]}})
+    )
+    assert scores == pytest.approx([1.0, 0.0, 2**-0.5])
