@@ -16,6 +16,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -116,6 +117,28 @@ def engine_flags(args: dict[str, Any]) -> list[str]:
     return flags
 
 
+_EXCEPTION_LINE = re.compile(r"^(?:\(\w+ pid=\d+\)\s*)?([\w.]*(?:Error|Exception|Exit)\b:?.*)$")
+
+
+_GENERIC_FAILURES = ("root cause above", "EngineDeadError", "initialization failed", "SystemExit")
+
+
+def _cause(lines: list[str]) -> str:
+    """The most telling part of a dead engine's output: its last exception line, else its last lines."""
+    generic = None
+    for i in range(len(lines) - 1, -1, -1):
+        m = _EXCEPTION_LINE.match(lines[i].strip())
+        if m and any(g in m.group(1) for g in _GENERIC_FAILURES):
+            generic = generic or m.group(1)  # "see root cause above": look above for the cause
+        elif m:  # the exception line and its continuation (pydantic puts the detail on the next lines)
+            detail = [m.group(1), *(line.strip() for line in lines[i + 1 : i + 3] if line.strip())]
+            return f": {' | '.join(detail)[:500]}"
+    if generic:
+        return f": {generic[:500]}"
+    tail = " | ".join(line.strip() for line in lines[-3:] if line.strip())
+    return f"; last output: {tail[:500]}" if tail else ""
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -138,7 +161,7 @@ class VLLMEngine(Engine):
         self._socket_dir: Path | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._log_reader: asyncio.Task[None] | None = None
-        self._log_tail: deque[str] = deque(maxlen=30)
+        self._log_tail: deque[str] = deque(maxlen=300)
         self._stopping = False
         self._max_model_len: int | None = None
         self._log = logging.getLogger(f"hubserve.engine.{info.name}")
@@ -286,8 +309,7 @@ class VLLMEngine(Engine):
             self._log.log(level, "%s", text)
 
     def _failure(self, what: str) -> EngineStartError:
-        tail = " | ".join(line.strip() for line in list(self._log_tail)[-5:] if line.strip())
-        return EngineStartError(f"model '{self.info.name}': {what}" + (f"; last output: {tail}" if tail else ""))
+        return EngineStartError(f"model '{self.info.name}': {what}" + _cause(list(self._log_tail)))
 
     async def _launch_and_wait(self) -> None:
         self._state = EngineState.STARTING
