@@ -142,6 +142,13 @@ async def test_async_feature_extraction(hubserve_server: HubserveServer) -> None
     assert abs(float((vector[0] ** 2).sum()) - 1.0) > 1e-2
 
 
+def test_sentence_similarity(minilm: InferenceClient) -> None:
+    scores = minilm.sentence_similarity(
+        "A cat sits on the mat.", other_sentences=["A kitten is sitting on a rug.", "The stock market fell today."]
+    )
+    assert len(scores) == 2 and scores[0] > scores[1] + 0.2
+
+
 def test_feature_extraction_raw_batch(http: httpx.Client) -> None:
     r = http.post("/models/minilm", json={"inputs": ["a", "b", "c"], "options": {"wait_for_model": True}})
     assert r.status_code == 200

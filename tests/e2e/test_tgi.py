@@ -140,6 +140,13 @@ def test_seeded_sampling_is_reproducible(http: httpx.Client) -> None:
     assert a["details"]["seed"] == 42
 
 
+def test_best_of_returns_the_other_sequences(http: httpx.Client) -> None:
+    params = {"max_new_tokens": 5, "best_of": 2, "do_sample": True, "details": True}
+    body = http.post("/generate", json={"inputs": "Once upon a time", "parameters": params}).json()
+    others = body["details"]["best_of_sequences"]
+    assert len(others) == 1 and {"generated_text", "finish_reason", "tokens"} <= set(others[0])
+
+
 def test_grammar_regex(http: httpx.Client) -> None:
     params = {"max_new_tokens": 8, "grammar": {"type": "regex", "value": "[0-9]{4}"}}
     r = http.post("/generate", json={"inputs": "The year the Eiffel tower was built:", "parameters": params})
@@ -178,7 +185,7 @@ def test_info(http: httpx.Client, hubserve_server: HubserveServer) -> None:
         ({"top_p": 1.0}, "`top_p` must be > 0.0 and < 1.0"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "`stop` supports up to 4 stop sequences. Given: 5"),
         ({"temperature": 0}, "`temperature` must be strictly positive"),
-        ({"max_new_tokens": 5000}, "max_model_len"),
+        ({"max_new_tokens": 5000}, "`inputs` tokens + `max_new_tokens` must be <= 2048"),
     ],
 )
 def test_validation_errors(http: httpx.Client, parameters: dict[str, Any], message: str) -> None:
