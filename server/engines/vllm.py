@@ -131,7 +131,8 @@ def _cause(lines: list[str]) -> str:
         if m and any(g in m.group(1) for g in _GENERIC_FAILURES):
             generic = generic or m.group(1)  # "see root cause above": look above for the cause
         elif m:  # the exception line and its continuation (pydantic puts the detail on the next lines)
-            detail = [m.group(1), *(line.strip() for line in lines[i + 1 : i + 3] if line.strip())]
+            more = [ln.strip() for ln in lines[i + 1 : i + 3] if ln.strip() and not _EXCEPTION_LINE.match(ln.strip())]
+            detail = [m.group(1), *more]
             return f": {' | '.join(detail)[:500]}"
     if generic:
         return f": {generic[:500]}"

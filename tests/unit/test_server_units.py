@@ -66,3 +66,19 @@ def test_cpu_defaults(tmp_path: Path) -> None:
 def test_reserved_engine_args_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="may not set model"):
         effective_engine_args(_info(tmp_path, model="other"), Device.CPU, Settings())
+
+
+def test_start_failure_names_the_root_cause() -> None:
+    from server.engines.vllm import _cause
+
+    lines = [
+        "Traceback (most recent call last):",
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig",
+        "  Value error, max_model_len too big",
+        "(APIServer pid=7) RuntimeError: Engine core initialization failed. See root cause above.",
+    ]
+    assert _cause(lines) == (
+        ": pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig | "
+        "Value error, max_model_len too big"
+    )
+    assert _cause(["a", "b"]) == "; last output: a | b"
