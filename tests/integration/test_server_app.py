@@ -38,6 +38,13 @@ COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40
 
 
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings read HUBSERVE_* from the environment: a developer's own keys must not leak into these tests."""
+    for name in [n for n in os.environ if n.startswith("HUBSERVE_")]:
+        monkeypatch.delenv(name)
+
+
 def _registry(settings: Settings, tmp_path: Path) -> Registry:
     from server.engines.vllm import VLLMEngine
 
