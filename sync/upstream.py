@@ -194,8 +194,7 @@ class Upstream:
         url = f"{self.endpoint}/{repo}/resolve/{commit}/{quote(entry.path)}"
         what = f"{repo}@{commit[:12]}: {entry.path}"
         for attempt in range(2):
-            self._call(what, lambda: self._fetch_into(url, repo, commit, entry, part, on_bytes))
-            actual = _hash_existing(part, entry)
+            actual: str = self._call(what, lambda: self._fetch_into(url, repo, commit, entry, part, on_bytes))
             if actual == entry.etag:
                 return
             part.unlink(missing_ok=True)
@@ -205,13 +204,15 @@ class Upstream:
 
     def _fetch_into(
         self, url: str, repo: str, commit: str, entry: FileEntry, part: Path, on_bytes: ProgressCallback | None
-    ) -> None:
+    ) -> str:
+        """Stream the (rest of the) file into ``part``, hashing in the same pass; return the digest."""
         have = part.stat().st_size if part.exists() else 0
         if have > entry.size:
             part.unlink()
             have = 0
+        hasher = _hash_existing(part, entry) if have else FileHasher(entry.lfs, entry.size)
         if have == entry.size:
-            return
+            return hasher.hexdigest()
         headers = {"Range": f"bytes={have}-"} if have else {}
         with self.client.stream("GET", url, headers=headers) as resp:
             self._raise_for(resp, repo, commit, entry.path)
@@ -222,9 +223,11 @@ class Upstream:
                 if on_bytes:
                     on_bytes(-have)
                 have = 0  # the server ignored Range: start over
+                hasher = FileHasher(entry.lfs, entry.size)
             with part.open("ab" if have else "wb") as f:
                 for chunk in resp.iter_bytes():  # as received: a broken body keeps what arrived
                     f.write(chunk)
+                    hasher.update(chunk)
                     if on_bytes:
                         on_bytes(len(chunk))
         got = part.stat().st_size
@@ -233,14 +236,16 @@ class Upstream:
         if got > entry.size:
             part.unlink()
             raise UpstreamError(f"{repo}: {entry.path}: {got} bytes served, the tree says {entry.size}")
+        return hasher.hexdigest()
 
 
-def _hash_existing(part: Path, entry: FileEntry) -> str:
+def _hash_existing(part: Path, entry: FileEntry) -> FileHasher:
+    """A hasher primed with what a previous attempt left in ``part`` (resume)."""
     hasher = FileHasher(entry.lfs, entry.size)
     with part.open("rb") as f:
         while chunk := f.read(CHUNK):
             hasher.update(chunk)
-    return hasher.hexdigest()
+    return hasher
 
 
 def _entry_from_tree(item: dict[str, Any]) -> FileEntry:
