@@ -201,6 +201,7 @@ class StreamTranslator:
         self.prefix = request.inputs if self.params.return_full_text else ""
         self.vocab = vocab
         self.index = 0
+        self.generated = 0  # real tokens (the rare closing event without a token is not one)
         self.text: list[str] = []
         self.input_length = 0
         self.last_id = 0
@@ -218,6 +219,7 @@ class StreamTranslator:
         if len(tokens) == 1 and tokens[0].text == "" and choice.get("text"):
             tokens[0].text = choice["text"]
         self.text.append(choice.get("text") or "")
+        self.generated += len(tokens)
         reason = choice.get("finish_reason")
         for i, token in enumerate(tokens):
             last = reason is not None and i == len(tokens) - 1
@@ -239,7 +241,7 @@ class StreamTranslator:
             if self.params.details:
                 event.details = StreamDetails(
                     finish_reason=finish_reason(reason, choice.get("stop_reason")),
-                    generated_tokens=self.index,
+                    generated_tokens=self.generated,
                     input_length=self.input_length,
                     seed=self.params.seed,
                 )

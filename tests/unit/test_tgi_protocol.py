@@ -274,10 +274,11 @@ def test_stream_events_one_per_token_last_one_carries_the_text() -> None:
 
 
 def test_stream_finish_in_a_chunk_without_tokens() -> None:
-    t = StreamTranslator(req(), VOCAB)
+    t = StreamTranslator(req(details=True), VOCAB)
     events = [*t.feed(chunk("Hi", [5])), *t.feed(chunk("", [], "length"))]
     assert [e.token.text for e in events] == ["Hi", ""]
     assert events[-1].generated_text == "Hi" and events[-1].token.special
+    assert events[-1].details is not None and events[-1].details.generated_tokens == 1
 
 
 # ---- engine errors -----------------------------------------------------------------------------------------
