@@ -30,7 +30,7 @@ from tests.fixtures.smollm2 import build_smollm2, minilm_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MINILM_REPO = "sentence-transformers/all-MiniLM-L6-v2"
-READY_TIMEOUT_S = float(os.environ.get("HUBSERVE_E2E_READY_TIMEOUT", "300"))
+READY_TIMEOUT_S = float(os.environ.get("HUBSERVE_E2E_READY_TIMEOUT", "600"))  # 2 shared CPUs can be slow
 API_KEY = "e2e-test-key-0123456789"
 
 
