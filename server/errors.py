@@ -140,6 +140,13 @@ class GenerationError(ServerError):
     tgi_type = "generation"
 
 
+class IncompleteGeneration(GenerationError):
+    """A stream ended before the generation finished (TGI's error_type ``incomplete_generation``)."""
+
+    code = "incomplete_generation"
+    tgi_type = "incomplete_generation"
+
+
 class EngineStartError(ServerError):
     """An engine process could not be started or did not become ready."""
 

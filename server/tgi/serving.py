@@ -23,6 +23,7 @@ from server.errors import (
     EngineUnavailable,
     Family,
     GenerationError,
+    IncompleteGeneration,
     InvalidRequest,
     Overloaded,
     ServerError,
@@ -200,7 +201,7 @@ class TGIService:
                 for event in translator.feed(chunk):
                     yield dump_event(event)
             if not translator.finished:
-                raise GenerationError("The engine ended the stream before the generation finished.")
+                raise IncompleteGeneration("The engine ended the stream before the generation finished.")
         except ServerError as e:
             yield sse_error_event(e, Family.TGI)
         except httpx.TransportError as e:

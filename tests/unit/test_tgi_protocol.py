@@ -408,7 +408,8 @@ async def test_stream_cut_before_the_finish_is_an_error_event() -> None:
     body = sse_body(chunk("Hi", [5]), b"[DONE]")
     engine = engine_with({"/v1/completions": httpx.Response(200, content=body)})
     events = await collect(await TGIService().open_stream(engine, req(max_new_tokens=5)))
-    assert events[-1]["error_type"] == "generation" and "before the generation finished" in events[-1]["error"]
+    assert events[-1]["error_type"] == "incomplete_generation"
+    assert "before the generation finished" in events[-1]["error"]
 
 
 async def test_stream_refusals_are_http_errors_before_the_stream() -> None:
