@@ -67,6 +67,7 @@ async def forward(
                 raise _lost(engine, e) from e
             finally:
                 await upstream.aclose()
+                slot.release()  # a whole answer is done with its slot here (found by the TGI/Hub work)
             return Response(content, status_code=upstream.status_code, headers=_response_headers(upstream))
     except BaseException:
         slot.release()
