@@ -22,7 +22,7 @@ from server.errors import Family, GenerationError, InvalidRequest
 from server.hub.protocol import EmbedRequest, SimilarityRequest, parse_embed, parse_similarity
 from server.proxy import forward
 from server.tgi.protocol import parse_generate
-from server.tgi.serving import GENERATIVE_TASKS, dump_generate, engine_error, lost, read_json, sse, tgi_service
+from server.tgi.serving import GENERATIVE_TASKS, dump_generate, engine_error, lost, read_json, tgi_service
 
 log = logging.getLogger("hubserve.hub")
 
@@ -38,7 +38,7 @@ async def infer(request: Request, engine: Engine) -> Response:
         generate = parse_generate(await read_json(request))
         service = tgi_service(request)
         if generate.stream:
-            return sse(await service.open_stream(engine, generate))
+            return await service.open_stream(engine, generate)
         return JSONResponse([dump_generate(await service.generate(engine, generate))])
     if task in EMBEDDING:
         payload = await read_json(request)

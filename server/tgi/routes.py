@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from server.errors import Family, family_dependency
 from server.ops.auth import require_api_key
 from server.tgi.protocol import Info, parse_generate, parse_tokenize
-from server.tgi.serving import dump_generate, read_json, sse, tgi_service
+from server.tgi.serving import dump_generate, read_json, tgi_service
 
 router = APIRouter(
     tags=["tgi"],
@@ -29,7 +29,7 @@ async def generate_stream(request: Request) -> StreamingResponse:
     body = parse_generate(await read_json(request))
     engine = request.app.state.registry.default()
     request.state.model = engine.info.name
-    return sse(await tgi_service(request).open_stream(engine, body))
+    return await tgi_service(request).open_stream(engine, body)
 
 
 @router.get("/info")

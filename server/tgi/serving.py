@@ -29,12 +29,14 @@ from server.errors import (
     ServerError,
     sse_error_event,
 )
+from server.proxy import RelayResponse
 from server.tgi.protocol import GenerateRequest, GenerateResponse, Info, SimpleToken, StreamResponse, TokenizeRequest
 from server.tgi.tokens import TokenTexts
 from server.tgi.translate import StreamTranslator, completion_body, generate_response
 
 log = logging.getLogger("hubserve.tgi")
 
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 GENERATIVE_TASKS = frozenset({"text-generation", "text2text-generation", "conversational", "image-text-to-text"})
 
 
@@ -158,8 +160,12 @@ class TGIService:
             completion = await self._post(engine, "/v1/completions", body)
         return generate_response(request, completion, self.vocab(engine))
 
-    async def open_stream(self, engine: Engine, request: GenerateRequest) -> AsyncIterator[bytes]:
-        """Start a stream; errors until vLLM's first byte are raised (an HTTP error), later ones are events."""
+    async def open_stream(self, engine: Engine, request: GenerateRequest) -> StreamingResponse:
+        """Start a stream; errors until vLLM's first byte are raised (an HTTP error), later ones are events.
+
+        The response frees the admission and the upstream connection however it ends, even when the client
+        leaves before the first event (then the body generator never runs, so its ``finally`` cannot).
+        """
         self._require_generative(engine)
         params = request.parameters
         if (params.best_of or 1) > 1:
@@ -182,7 +188,13 @@ class TGIService:
         except BaseException:
             slot.release()
             raise
-        return self._relay(engine, request, upstream, slot)
+        return RelayResponse(
+            self._relay(engine, request, upstream, slot),
+            upstream=upstream,
+            slot=slot,
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
 
     async def _relay(
         self, engine: Engine, request: GenerateRequest, upstream: httpx.Response, slot: Admission
@@ -255,8 +267,6 @@ def _version() -> str:
 
 # ---- HTTP helpers shared by the TGI and Hub routes ---------------------------------------------------------
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
 
 def tgi_service(request: Request) -> TGIService:
     """The app's TGIService, made on first use (it holds nothing but per-model token tables)."""
@@ -273,7 +283,3 @@ async def read_json(request: Request) -> Any:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"The request body is not valid JSON: {e}.") from e
-
-
-def sse(events: AsyncIterator[bytes]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)

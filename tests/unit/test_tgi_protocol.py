@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
+from fastapi.responses import StreamingResponse
 
 from server.engines.base import Engine, EngineState, ModelInfo
 from server.errors import EngineUnavailable, GenerationError, InvalidRequest, Overloaded
@@ -389,8 +390,8 @@ def engine_with(answers: dict[str, httpx.Response], task: str = "text-generation
     return engine
 
 
-async def collect(stream: AsyncIterator[bytes]) -> list[dict[str, Any]]:
-    return [json.loads(part[len(b"data:") :]) async for part in stream]
+async def collect(response: StreamingResponse) -> list[dict[str, Any]]:
+    return [json.loads(cast(bytes, part)[len(b"data:") :]) async for part in response.body_iterator]
 
 
 async def test_stream_error_after_start_is_one_event_and_the_slot_is_released() -> None:
