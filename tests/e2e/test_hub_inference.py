@@ -5,6 +5,7 @@ plus raw httpx for the exact error shapes."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -193,3 +194,25 @@ def test_invalid_json_is_4xx(http: httpx.Client) -> None:
 def test_auth_required(hubserve_server: HubserveServer) -> None:
     r = httpx.post(f"{hubserve_server.url}/models/smollm2", json={"inputs": "hi"})
     assert r.status_code == 401 and r.headers["x-error-code"] == "Unauthorized"
+
+
+def test_every_route_frees_its_in_flight_slot(http: httpx.Client) -> None:
+    """Whole answers, finished streams and streams the client leaves early all give their slot back."""
+    http.post("/models/smollm2", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2}})
+    http.post("/models/minilm", json={"inputs": "hi"})
+    http.post("/models/smollm2/v1/chat/completions", json={"model": "dummy", "messages": QUESTION, "max_tokens": 2})
+    http.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2}})
+    with http.stream("POST", "/generate_stream", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}) as r:
+        r.read()
+    with http.stream(
+        "POST", "/generate_stream", json={"inputs": "Once upon", "parameters": {"max_new_tokens": 200}}
+    ) as r:
+        next(r.iter_lines())  # leave after the first event
+    deadline = time.monotonic() + 10
+    while True:
+        models = http.get("/health").json()["models"]
+        in_flight = {name: m["in_flight"] for name, m in models.items()}
+        if not any(in_flight.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert in_flight == {"smollm2": 0, "minilm": 0}
