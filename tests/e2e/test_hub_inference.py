@@ -4,6 +4,7 @@ plus raw httpx for the exact error shapes."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -103,6 +104,23 @@ def test_chat_completion_by_model_url(smollm: InferenceClient) -> None:
     assert "Paris" in (out.choices[0].message.content or "")
     stream = smollm.chat_completion(QUESTION, max_tokens=20, temperature=0, stream=True)
     assert "Paris" in "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+
+def test_chat_json_schema_by_model_url(smollm: InferenceClient) -> None:
+    """InferenceClient sends json_schema as TGI's {"type": "json_object", "value": schema}; vLLM gets json_schema."""
+    schema = {
+        "type": "object",
+        "properties": {"capital": {"type": "string", "maxLength": 12}},
+        "required": ["capital"],
+        "additionalProperties": False,
+    }
+    out = smollm.chat_completion(
+        QUESTION,
+        max_tokens=40,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+    )
+    assert set(json.loads(out.choices[0].message.content or "")) == {"capital"}
 
 
 def test_chat_completion_base_url(hubserve_server: HubserveServer) -> None:

@@ -245,6 +245,17 @@ def test_client_text_generation_stream_details(client: InferenceClient) -> None:
     assert events[-1].details is not None and events[-1].details.generated_tokens == len(events)
 
 
+def test_client_json_grammar(client: InferenceClient) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    out = client.text_generation(PROMPT, max_new_tokens=40, grammar={"type": "json", "value": schema})
+    assert isinstance(json.loads(out)["city"], str)
+
+
 def test_client_typed_validation_error(client: InferenceClient) -> None:
     with pytest.raises(HfValidationError, match="top_p"):
         client.text_generation("hi", top_p=1.0)
