@@ -100,16 +100,22 @@ def test_stream_is_not_buffered(hubserve_server: HubserveServer) -> None:
     assert arrivals[-1] - arrivals[0] > 0.1, arrivals[:3] + arrivals[-3:]
 
 
+def _in_flight(server: HubserveServer, model: str) -> int:
+    return int(httpx.get(f"{server.url}/health").json()["models"][model]["in_flight"])
+
+
 def test_client_leaving_mid_stream_frees_its_slot(hubserve_server: HubserveServer) -> None:
-    body = {"model": "smollm2", "prompt": "Once", "max_tokens": 500, "ignore_eos": True, "stream": True}
+    assert _in_flight(hubserve_server, "smollm2") == 0, "a slot leaked before this test"
+    body = {"model": "smollm2", "prompt": "Once", "max_tokens": 1000, "ignore_eos": True, "stream": True}
     url = f"{hubserve_server.url}/v1/completions"
     with httpx.stream("POST", url, json=body, headers=hubserve_server.headers, timeout=60) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
+                assert _in_flight(hubserve_server, "smollm2") == 1
                 break  # leave after the first chunk; closing the response drops the connection
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 10  # far less than generating 1000 tokens on CPU
     while time.monotonic() < deadline:
-        if httpx.get(f"{hubserve_server.url}/health").json()["models"]["smollm2"]["in_flight"] == 0:
+        if _in_flight(hubserve_server, "smollm2") == 0:
             return
         time.sleep(0.2)
     pytest.fail("the slot of a request whose client left was never freed")
