@@ -11,7 +11,12 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from huggingface_hub import AsyncInferenceClient, InferenceClient
+from huggingface_hub import (
+    AsyncInferenceClient,
+    ChatCompletionInputJSONSchema,
+    ChatCompletionInputResponseFormatJSONSchema,
+    InferenceClient,
+)
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.errors import ValidationError as HfValidationError
@@ -118,7 +123,9 @@ def test_chat_json_schema_by_model_url(smollm: InferenceClient) -> None:
         QUESTION,
         max_tokens=40,
         temperature=0,
-        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+        response_format=ChatCompletionInputResponseFormatJSONSchema(
+            type="json_schema", json_schema=ChatCompletionInputJSONSchema(name="answer", schema=schema)
+        ),
     )
     assert set(json.loads(out.choices[0].message.content or "")) == {"capital"}
 

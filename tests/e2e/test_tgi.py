@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from huggingface_hub import AsyncInferenceClient, InferenceClient
+from huggingface_hub import AsyncInferenceClient, InferenceClient, TextGenerationInputGrammarType
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import ValidationError as HfValidationError
 
@@ -252,7 +252,9 @@ def test_client_json_grammar(client: InferenceClient) -> None:
         "required": ["city"],
         "additionalProperties": False,
     }
-    out = client.text_generation(PROMPT, max_new_tokens=40, grammar={"type": "json", "value": schema})
+    out = client.text_generation(
+        PROMPT, max_new_tokens=40, grammar=TextGenerationInputGrammarType(type="json", value=schema)
+    )
     assert isinstance(json.loads(out)["city"], str)
 
 
