@@ -8,6 +8,7 @@ ends, as TGI does.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import json
 import logging
@@ -101,10 +102,11 @@ class TGIService:
         self.version = version or _version()
         self._vocab: dict[str, TokenTexts] = {}
 
-    def vocab(self, engine: Engine) -> TokenTexts:
+    async def vocab(self, engine: Engine) -> TokenTexts:
+        """The model's token table, loaded once per snapshot in a thread (a big tokenizer.json takes a while)."""
         key = engine.info.snapshot
         if key not in self._vocab:
-            self._vocab[key] = TokenTexts.from_snapshot(key)
+            self._vocab[key] = await asyncio.to_thread(TokenTexts.from_snapshot, key)
         return self._vocab[key]
 
     # ---- engine calls -------------------------------------------------------------------------------
@@ -158,7 +160,7 @@ class TGIService:
             max_new = await self._max_new_tokens(engine, request)
             body = completion_body(request, engine.info.name, max_new, stream=False)
             completion = await self._post(engine, "/v1/completions", body)
-        return generate_response(request, completion, self.vocab(engine))
+        return generate_response(request, completion, await self.vocab(engine))
 
     async def open_stream(self, engine: Engine, request: GenerateRequest) -> StreamingResponse:
         """Start a stream; errors until vLLM's first byte are raised (an HTTP error), later ones are events.
@@ -172,6 +174,7 @@ class TGIService:
             raise InvalidRequest("`best_of` != 1 is not allowed for this endpoint")
         if params.decoder_input_details:
             raise InvalidRequest("`decoder_input_details` == true is not supported when streaming tokens")
+        translator = StreamTranslator(request, await self.vocab(engine))
         slot = engine.admit()
         try:
             max_new = await self._max_new_tokens(engine, request)
@@ -189,7 +192,7 @@ class TGIService:
             slot.release()
             raise
         return RelayResponse(
-            self._relay(engine, request, upstream, slot),
+            self._relay(engine, translator, upstream, slot),
             upstream=upstream,
             slot=slot,
             media_type="text/event-stream",
@@ -197,9 +200,8 @@ class TGIService:
         )
 
     async def _relay(
-        self, engine: Engine, request: GenerateRequest, upstream: httpx.Response, slot: Admission
+        self, engine: Engine, translator: StreamTranslator, upstream: httpx.Response, slot: Admission
     ) -> AsyncIterator[bytes]:
-        translator = StreamTranslator(request, self.vocab(engine))
         try:
             async for line in upstream.aiter_lines():
                 if not line.startswith("data:"):
@@ -228,7 +230,7 @@ class TGIService:
     # ---- tokenize and info --------------------------------------------------------------------------
     async def tokenize(self, engine: Engine, request: TokenizeRequest) -> list[SimpleToken]:
         """TGI's /tokenize: ids with the text and character span of ``inputs`` each covers."""
-        vocab = self.vocab(engine)
+        vocab = await self.vocab(engine)
         spans = vocab.offsets(request.inputs)
         if spans is not None:
             return [SimpleToken(id=i, text=request.inputs[s:e], start=s, stop=e) for i, s, e in spans]
