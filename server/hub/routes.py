@@ -47,6 +47,11 @@ async def model_health(repo_id: str, request: Request) -> JSONResponse:
     return JSONResponse({"model": engine.info.name, "state": engine.state.value}, status_code=200 if ready else 503)
 
 
+@router.post("/models/{repo_id:path}/v1")  # InferenceClient(base_url=".../models/<repo>/v1").text_generation
+async def model_inference_v1(repo_id: str, request: Request) -> Response:
+    return await infer(request, request.app.state.registry.get(repo_id))
+
+
 @router.post("/models/{repo_id:path}")
 async def model_inference(repo_id: str, request: Request) -> Response:
     return await infer(request, request.app.state.registry.get(repo_id))

@@ -90,6 +90,13 @@ def test_text_generation_base_url_v1(hubserve_server: HubserveServer) -> None:
     assert "Paris" in client.text_generation(PROMPT, max_new_tokens=20)
 
 
+def test_model_url_ending_in_v1(hubserve_server: HubserveServer) -> None:
+    url = f"{model_url(hubserve_server, 'smollm2')}/v1"
+    client = InferenceClient(base_url=url, api_key=hubserve_server.api_key, timeout=120)
+    assert "Paris" in client.text_generation(PROMPT, max_new_tokens=20)
+    assert "Paris" in (client.chat_completion(QUESTION, max_tokens=20, temperature=0).choices[0].message.content or "")
+
+
 def test_typed_validation_error_by_model_url(smollm: InferenceClient) -> None:
     with pytest.raises(HfValidationError, match="top_p"):
         smollm.text_generation("hi", top_p=1.0)
