@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 
 from server.errors import Family, family_dependency
-from server.openai.protocol import ModelList
-from server.openai.serving import list_models, proxy_openai
+from server.openai.protocol import ModelCard, ModelList
+from server.openai.serving import list_models, model_card, proxy_openai
 from server.ops.auth import require_api_key
 
 router = APIRouter(
@@ -19,6 +19,12 @@ router = APIRouter(
 @router.get("/models")
 async def models(request: Request) -> ModelList:
     return list_models(request.app.state.registry, request.app.state.started)
+
+
+@router.get("/models/{model:path}")
+async def model(request: Request, model: str) -> ModelCard:
+    """One model by served name or repo id (`openai` client: `models.retrieve`)."""
+    return model_card(request.app.state.registry.get(model), request.app.state.started)
 
 
 @router.post("/chat/completions")

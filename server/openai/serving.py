@@ -8,6 +8,7 @@ import logging
 from fastapi import Request, Response
 from pydantic import ValidationError
 
+from server.engines.base import Engine
 from server.errors import Family, InvalidRequest
 from server.openai.protocol import ModelCard, ModelList, RoutingFields
 from server.proxy import forward
@@ -16,23 +17,23 @@ from server.registry import Registry
 log = logging.getLogger("hubserve.openai")
 
 
-def list_models(registry: Registry, started: float) -> ModelList:
-    return ModelList(
-        data=[
-            ModelCard(
-                id=name,
-                created=int(started),
-                root=e.info.repo,
-                repo=e.info.repo,
-                commit=e.info.commit,
-                task=e.info.task,
-                state=e.state.value,
-                max_model_len=e.max_model_len,
-                aliases=[n for n in e.info.served_names if n != name],
-            )
-            for name, e in registry.engines.items()
-        ]
+def model_card(engine: Engine, started: float) -> ModelCard:
+    info = engine.info
+    return ModelCard(
+        id=info.name,
+        created=int(started),
+        root=info.repo,
+        repo=info.repo,
+        commit=info.commit,
+        task=info.task,
+        state=engine.state.value,
+        max_model_len=engine.max_model_len,
+        aliases=[n for n in info.served_names if n != info.name],
     )
+
+
+def list_models(registry: Registry, started: float) -> ModelList:
+    return ModelList(data=[model_card(e, started) for e in registry.engines.values()])
 
 
 def parse_body(body: bytes) -> tuple[dict[str, object], RoutingFields]:

@@ -45,6 +45,7 @@ def test_models_list_has_repo_and_commit(client: openai.OpenAI, hubserve_server:
         assert extra["commit"] == hubserve_server.commits[name]
     assert (models["smollm2"].model_extra or {})["task"] == "text-generation"
     assert (models["minilm"].model_extra or {})["task"] == "feature-extraction"
+    assert client.models.retrieve("smollm2").id == "smollm2"
 
 
 # ---- chat and completions --------------------------------------------------------------------------------

@@ -146,6 +146,12 @@ async def test_models_list_without_engines(client: httpx.AsyncClient) -> None:
     assert data[0]["state"] == "stopped"
 
 
+async def test_retrieve_one_model(client: httpx.AsyncClient) -> None:
+    r = await client.get("/v1/models/sentence-transformers/all-MiniLM-L6-v2", headers=AUTH)
+    assert r.status_code == 200 and r.json()["id"] == "minilm" and r.json()["commit"] == COMMIT_B
+    _assert_openai_error(await client.get("/v1/models/nope", headers=AUTH), 404, "model_not_found")
+
+
 async def test_unknown_model_is_404_listing_served_names(client: httpx.AsyncClient) -> None:
     r = await client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4"}, headers=AUTH)
     error = _assert_openai_error(r, 404, "model_not_found")
