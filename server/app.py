@@ -31,6 +31,8 @@ def create_app(settings: Settings, registry: Registry | None = None, start_engin
             models = resolve_models(load_config(settings.config, settings.store))
             app.state.registry = Registry.from_models(models, settings)
         starting = asyncio.create_task(app.state.registry.start_all(), name="start-engines") if start_engines else None
+        if starting is not None:
+            starting.add_done_callback(_report_start_failure)
         try:
             yield
         finally:
@@ -52,6 +54,11 @@ def create_app(settings: Settings, registry: Registry | None = None, start_engin
     install_error_handlers(app)
     _include_routers(app)
     return app
+
+
+def _report_start_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("starting the engines failed: %s", task.exception())
 
 
 def _include_routers(app: FastAPI) -> None:
