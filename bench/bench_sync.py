@@ -75,6 +75,17 @@ def run_curl(url: str, commit: str, paths: list[str], out: Path) -> float:
     return timed(cmd)
 
 
+def run_curl_verified(url: str, commit: str, paths: list[str], out: Path) -> float:
+    """curl, then sha256sum of every file on 2 processes and a sync: what "download + verify" costs in C."""
+    took = run_curl(url, commit, paths, out)
+    files = [str(p) for p in sorted(out.iterdir())]
+    start = time.perf_counter()
+    subprocess.run(["xargs", "-P", "2", "-n", "1", "sha256sum"], input="\n".join(files).encode(), check=True,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run(["sync"], check=True)
+    return took + time.perf_counter() - start
+
+
 def run_snapshot_download(url: str, commit: str, out: Path) -> float:
     code = (
         "from huggingface_hub import snapshot_download\n"
@@ -121,6 +132,7 @@ def main() -> None:
         paths = [f.path for f in rec.files]
         contenders = {
             "curl --parallel (raw bytes)": lambda out: run_curl(url, rec.commit, paths, out),
+            "curl --parallel, then sha256sum + sync": lambda out: run_curl_verified(url, rec.commit, paths, out),
             "huggingface_hub.snapshot_download": lambda out: run_snapshot_download(url, rec.commit, out),
             "hubserve sync (download + verify + promote)": lambda out: run_hubserve(url, rec.commit, out),
         }

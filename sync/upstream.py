@@ -9,9 +9,11 @@ httpx is used directly (not ``HfApi``) for exact control of retries, resume and 
 
 from __future__ import annotations
 
+import http.client
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from sync.bodystream import BodyFetcher, uses_proxy
 from sync.errors import (
     AuthError,
     EntryNotFound,
@@ -74,6 +77,7 @@ class Upstream:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._has_token = bool(token)
+        self._bodies = BodyFetcher(headers, timeout)
         self.client = httpx.Client(
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=10.0),
@@ -183,6 +187,16 @@ class Upstream:
         return sorted(entries, key=lambda e: e.path)
 
     # ---- files -------------------------------------------------------------------------------
+    @contextmanager
+    def _open_body(self, url: str, headers: dict[str, str]) -> Iterator[tuple[Any, Iterator[Any]]]:
+        """A streaming GET: plain http.client (fast path), or httpx where a proxy is configured."""
+        if uses_proxy(url):
+            with _httpx_body(self.client, url, headers) as pair:
+                yield pair
+            return
+        with self._bodies.get(url, headers) as resp:
+            yield resp, resp.iter_into()
+
     def download(
         self, repo: str, commit: str, entry: FileEntry, part: Path, on_bytes: ProgressCallback | None = None
     ) -> None:
@@ -214,22 +228,25 @@ class Upstream:
         if have == entry.size:
             return hasher.hexdigest()
         headers = {"Range": f"bytes={have}-"} if have else {}
-        with self.client.stream("GET", url, headers=headers) as resp:
-            self._raise_for(resp, repo, commit, entry.path)
-            served_commit = resp.headers.get("X-Repo-Commit")
-            if served_commit and served_commit != commit:
-                raise UpstreamError(f"{repo}: {entry.path} served from commit {served_commit}, expected {commit}")
-            if have and resp.status_code != 206:
-                if on_bytes:
-                    on_bytes(-have)
-                have = 0  # the server ignored Range: start over
-                hasher = FileHasher(entry.lfs, entry.size)
-            with part.open("ab" if have else "wb") as f:
-                for chunk in resp.iter_bytes():  # as received: a broken body keeps what arrived
-                    f.write(chunk)
-                    hasher.update(chunk)
+        try:
+            with self._open_body(url, headers) as (resp, chunks):
+                self._raise_for(resp, repo, commit, entry.path)
+                served_commit = resp.headers.get("X-Repo-Commit")
+                if served_commit and served_commit != commit:
+                    raise UpstreamError(f"{repo}: {entry.path} served from commit {served_commit}, expected {commit}")
+                if have and resp.status_code != 206:
                     if on_bytes:
-                        on_bytes(len(chunk))
+                        on_bytes(-have)
+                    have = 0  # the server ignored Range: start over
+                    hasher = FileHasher(entry.lfs, entry.size)
+                with part.open("ab" if have else "wb") as f:
+                    for chunk in chunks:  # as received: a broken body keeps what arrived
+                        f.write(chunk)
+                        hasher.update(chunk)
+                        if on_bytes:
+                            on_bytes(len(chunk))
+        except (OSError, http.client.HTTPException) as e:
+            raise TransientUpstreamError(f"{repo}: {entry.path}: {type(e).__name__}: {e}") from e
         got = part.stat().st_size
         if got < entry.size:
             raise TransientUpstreamError(f"{repo}: {entry.path}: body ended at {got} of {entry.size} bytes")
@@ -237,6 +254,12 @@ class Upstream:
             part.unlink()
             raise UpstreamError(f"{repo}: {entry.path}: {got} bytes served, the tree says {entry.size}")
         return hasher.hexdigest()
+
+
+@contextmanager
+def _httpx_body(client: httpx.Client, url: str, headers: dict[str, str]) -> Iterator[tuple[Any, Iterator[bytes]]]:
+    with client.stream("GET", url, headers=headers) as resp:
+        yield resp, resp.iter_bytes()
 
 
 def _hash_existing(part: Path, entry: FileEntry) -> FileHasher:
