@@ -12,11 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sync.importer import import_folder  # noqa: E402
-from sync.store import Store  # noqa: E402
-from tests.fixtures.smollm2 import REPO_ID as SMOLLM2_REPO  # noqa: E402
-from tests.fixtures.smollm2 import build_smollm2  # noqa: E402
-from tests.fixtures.tiny import minilm_dir  # noqa: E402
+from sync.importer import import_folder
+from sync.store import Store
+from tests.fixtures.smollm2 import REPO_ID as SMOLLM2_REPO
+from tests.fixtures.smollm2 import build_smollm2
+from tests.fixtures.tiny import minilm_dir
 
 MINILM_REPO = "sentence-transformers/all-MiniLM-L6-v2"
 
