@@ -1,7 +1,10 @@
 """One real ``hubserve serve`` process for the whole e2e session, serving two real models on vLLM's CPU build.
 
 The store holds SmolLM2-135M-Instruct (text-generation, the default model) and all-MiniLM-L6-v2
-(feature-extraction). Tests get it as ``hubserve_server`` (``.url``, ``.api_key``, ``.proc``, ...).
+(feature-extraction). It is built the way users build theirs: the models are imported into a seed
+store, served by a real mirror, and ``hubserve sync`` pulls them (smollm2 pinned by branch, resolved
+through models.lock). The mirror is stopped before the server starts: serving needs no network.
+Tests get it as ``hubserve_server`` (``.url``, ``.api_key``, ``.proc``, ...).
 At the end the server is stopped with SIGTERM and no engine process may survive it.
 """
 
@@ -14,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +28,8 @@ import psutil
 import pytest
 
 from sync.importer import import_folder
+from sync.lock import read_lock
+from sync.mirror import make_mirror
 from sync.store import Store
 from tests.fixtures.smollm2 import REPO_ID as SMOLLM2_REPO
 from tests.fixtures.smollm2 import build_smollm2, minilm_folder
@@ -72,15 +78,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _write_manifest(path: Path, commits: dict[str, str]) -> None:
+def _write_manifest(path: Path, commits: dict[str, str], endpoint: str) -> None:
     path.write_text(
         f"""[store]
 path = "store"
 
+[upstream]
+endpoint = "{endpoint}"
+
 [[models]]
 name = "smollm2"
 repo = "{SMOLLM2_REPO}"
-revision = "{commits["smollm2"]}"
+revision = "main"
 task = "text-generation"
 default = true
 
@@ -150,14 +159,28 @@ def hubserve_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hubser
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"{why} is not installed")
     root = tmp_path_factory.mktemp("hubserve-e2e")
-    store = Store(root / "store")
-    store.ensure()
-    commits = {
-        "smollm2": import_folder(store, build_smollm2(), SMOLLM2_REPO).record.commit,
-        "minilm": import_folder(store, minilm_folder(), MINILM_REPO).record.commit,
+    seed = Store(root / "seed")
+    seed_commits = {
+        "smollm2": import_folder(seed, build_smollm2(), SMOLLM2_REPO).record.commit,
+        "minilm": import_folder(seed, minilm_folder(), MINILM_REPO).record.commit,
     }
     config = root / "models.toml"
-    _write_manifest(config, commits)
+    mirror = make_mirror(seed, "127.0.0.1", 0)
+    threading.Thread(target=mirror.serve_forever, daemon=True).start()
+    try:
+        _write_manifest(config, seed_commits, f"http://127.0.0.1:{mirror.server_address[1]}")
+        synced = subprocess.run(
+            [sys.executable, "-m", "server.cli", "sync", "--config", str(config)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        )
+    finally:
+        mirror.shutdown()
+        mirror.server_close()
+    assert synced.returncode == 0, synced.stderr
+    lock = read_lock(config.with_suffix(".lock"))
+    commits = {name: m.commit for name, m in lock.models.items()}
+    assert commits == seed_commits
+    store = Store(root / "store")
     port = _free_port()
     log_path = root / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUBSERVE_")}
