@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from server.engines.base import Engine
 from server.errors import Family, InvalidRequest
+from server.hub.serving import chat_payload
 from server.openai.protocol import ModelCard, ModelList, RoutingFields
 from server.proxy import forward
 from server.registry import Registry
@@ -53,6 +54,10 @@ def parse_body(body: bytes) -> tuple[dict[str, object], RoutingFields]:
     return payload, fields
 
 
+def _is_tgi_response_format(fmt: object) -> bool:
+    return isinstance(fmt, dict) and fmt.get("type") == "json_object" and isinstance(fmt.get("value"), dict)
+
+
 async def proxy_openai(request: Request, registry: Registry, path: str, log_prompts: bool = False) -> Response:
     """Forward one OpenAI request to the engine its `model` names; vLLM's answer comes back unchanged."""
     body = await request.body()
@@ -62,8 +67,10 @@ async def proxy_openai(request: Request, registry: Registry, path: str, log_prom
         model = None  # it means the default model (added with the TGI/Hub families)
     engine = registry.get(model)
     request.state.model = engine.info.name
-    if fields.model not in engine.info.served_names:  # omitted or empty: name the default explicitly
-        payload["model"] = engine.info.name
+    tgi_format = _is_tgi_response_format(payload.get("response_format"))
+    if fields.model not in engine.info.served_names or tgi_format:  # omitted/"dummy": name the model
+        # InferenceClient(base_url=...).chat_completion sends json schemas TGI's way; vLLM wants json_schema.
+        payload = chat_payload(payload, engine.info.name) if tgi_format else {**payload, "model": engine.info.name}
         body = json.dumps(payload).encode()
     if log_prompts:
         log.info("%s %s: %s", path, engine.info.name, body[:4000].decode(errors="replace"))

@@ -118,20 +118,29 @@ def test_chat_completion_by_model_url(smollm: InferenceClient) -> None:
     assert "Paris" in "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
 
-def test_chat_json_schema_by_model_url(smollm: InferenceClient) -> None:
-    """InferenceClient sends json_schema as TGI's {"type": "json_object", "value": schema}; vLLM gets json_schema."""
-    schema = {
-        "type": "object",
-        "properties": {"capital": {"type": "string", "maxLength": 12}},
-        "required": ["capital"],
-        "additionalProperties": False,
-    }
-    out = smollm.chat_completion(
+JSON_SCHEMA = {
+    "type": "object",
+    "properties": {"capital": {"type": "string", "maxLength": 12}},
+    "required": ["capital"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("target", ["model_url", "base_url"])
+def test_chat_json_schema(hubserve_server: HubserveServer, target: str) -> None:
+    """InferenceClient sends json_schema as TGI's {"type": "json_object", "value": schema}; vLLM gets json_schema,
+    both on /models/{repo}/v1/chat/completions and on /v1/chat/completions (base_url)."""
+    if target == "base_url":
+        client = InferenceClient(base_url=hubserve_server.url, api_key=hubserve_server.api_key, timeout=120)
+    else:
+        url = model_url(hubserve_server, "smollm2")
+        client = InferenceClient(model=url, token=hubserve_server.api_key, timeout=120)
+    out = client.chat_completion(
         QUESTION,
         max_tokens=40,
         temperature=0,
         response_format=ChatCompletionInputResponseFormatJSONSchema(
-            type="json_schema", json_schema=ChatCompletionInputJSONSchema(name="answer", schema=schema)
+            type="json_schema", json_schema=ChatCompletionInputJSONSchema(name="answer", schema=JSON_SCHEMA)
         ),
     )
     assert set(json.loads(out.choices[0].message.content or "")) == {"capital"}
