@@ -1,51 +1,28 @@
-"""The TGI and Hub Inference API routes in the real app (in-process, ASGITransport) over fake engines whose
+"""The TGI and Hub Inference API routes in the real app (in-process, ASGITransport) over scripted engines whose
 "vLLM server" is an in-memory function: routing by default model / repo id / served name, the error family
 of each route, and POST / embedding when the default model is an embedding model."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from server.app import create_app
-from server.engines.base import Engine, EngineState, ModelInfo
+from server.engines.base import Engine, ModelInfo
 from server.registry import Registry
 from server.settings import Settings
+from tests.fixtures.scripted_engine import Handler, ScriptedEngine
 
 pytestmark = pytest.mark.integration
 
 KEY = "k"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-Handler = Callable[[httpx.Request], httpx.Response]
 
 
-class FakeEngine(Engine):
-    def __init__(self, info: ModelInfo, handler: Handler) -> None:
-        super().__init__(info)
-        self._client = httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://engine")
-        self.paths: list[str] = []
-
-    @property
-    def state(self) -> EngineState:
-        return EngineState.READY
-
-    @property
-    def max_model_len(self) -> int | None:
-        return 128
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    def client(self) -> httpx.AsyncClient:
-        return self._client
-
-    async def check_health(self) -> bool:
-        return True
 
 
 def completion(request: httpx.Request) -> httpx.Response:
@@ -80,8 +57,8 @@ def engines(tmp_path: Path, default: str) -> list[Engine]:
         return lambda request: table[request.url.path](request)
 
     return [
-        FakeEngine(info("gen", "org/gen", "text-generation"), router({"/v1/completions": completion})),
-        FakeEngine(info("emb", "org/emb", "feature-extraction"), router({"/v1/embeddings": embeddings})),
+        ScriptedEngine(info("gen", "org/gen", "text-generation"), router({"/v1/completions": completion})),
+        ScriptedEngine(info("emb", "org/emb", "feature-extraction"), router({"/v1/embeddings": embeddings})),
     ]
 
 

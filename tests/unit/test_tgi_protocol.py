@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -12,7 +11,7 @@ import httpx
 import pytest
 from fastapi.responses import StreamingResponse
 
-from server.engines.base import Engine, EngineState, ModelInfo
+from server.engines.base import ModelInfo
 from server.errors import EngineUnavailable, GenerationError, InvalidRequest, Overloaded
 from server.hub.protocol import parse_embed, parse_similarity
 from server.hub.serving import chat_payload, embed, embeddings_body, similarity
@@ -20,6 +19,7 @@ from server.tgi.protocol import GenerateRequest, parse_generate, parse_tokenize
 from server.tgi.serving import TGIService, dump_event, dump_generate, engine_error
 from server.tgi.tokens import TokenTexts
 from server.tgi.translate import StreamTranslator, completion_body, finish_reason, generate_response
+from tests.fixtures.scripted_engine import Handler, ScriptedEngine
 
 pytestmark = pytest.mark.unit
 
@@ -350,43 +350,21 @@ def test_token_texts_from_a_tokenizer_json(tmp_path: Path) -> None:
 # ---- serving against a fake engine (httpx.MockTransport: in memory, no sockets) ----------------------------
 
 
-class FakeEngine(Engine):
-    """A READY engine whose "vLLM server" is a function of the request."""
-
-    def __init__(self, handler: Callable[[httpx.Request], httpx.Response], task: str = "text-generation") -> None:
-        super().__init__(ModelInfo(name="m", repo="org/m", commit="c" * 40, task=task, snapshot="/nonexistent"))
-        self._client = httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://engine")
-        self.requests: list[dict[str, Any]] = []
-
-    @property
-    def state(self) -> EngineState:
-        return EngineState.READY
-
-    @property
-    def max_model_len(self) -> int | None:
-        return 64
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    def client(self) -> httpx.AsyncClient:
-        return self._client
-
-    async def check_health(self) -> bool:
-        return True
+def fake_engine(handler: Handler, task: str = "text-generation") -> ScriptedEngine:
+    info = ModelInfo(name="m", repo="org/m", commit="c" * 40, task=task, snapshot="/nonexistent")
+    return ScriptedEngine(info, handler, max_model_len=64)
 
 
 def sse_body(*chunks: object) -> bytes:
     return b"".join(b"data: " + (c if isinstance(c, bytes) else json.dumps(c).encode()) + b"\n\n" for c in chunks)
 
 
-def engine_with(answers: dict[str, httpx.Response], task: str = "text-generation") -> FakeEngine:
+def engine_with(answers: dict[str, httpx.Response], task: str = "text-generation") -> ScriptedEngine:
     def handler(request: httpx.Request) -> httpx.Response:
         engine.requests.append({"path": request.url.path, **json.loads(request.content)})
         return answers[request.url.path]
 
-    engine = FakeEngine(handler, task)
+    engine = fake_engine(handler, task)
     return engine
 
 
@@ -464,7 +442,7 @@ async def test_embed_and_sentence_similarity() -> None:
         texts = json.loads(request.content)["input"]
         return httpx.Response(200, json={"data": [{"index": i, "embedding": vectors[t]} for i, t in enumerate(texts)]})
 
-    engine = FakeEngine(answer, task="feature-extraction")
+    engine = fake_engine(answer, task="feature-extraction")
     assert await embed(engine, parse_embed({"inputs": "c"})) == [[1.0, 1.0]]
     scores = await similarity(
         engine, parse_similarity({"inputs": {"source_sentence": "a", "sentences": ["a", "b", "c"]}})
