@@ -9,9 +9,10 @@ are checked in serving, where the engine is known.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from server.errors import InvalidRequest
 
@@ -48,18 +49,45 @@ class Grammar(BaseModel):
         return self
 
 
+def _check(ok: Callable[[Any], bool], message: str) -> AfterValidator:
+    """A field check with TGI's own error message; None (unset) always passes."""
+
+    def validate(v: Any) -> Any:
+        if v is not None and not ok(v):
+            raise ValueError(message)
+        return v
+
+    return AfterValidator(validate)
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _open_unit(v: float) -> bool:
+    return 0.0 < v < 1.0
+
+
 class GenerateParameters(_Lenient):
     """``parameters`` of /generate, /generate_stream and /. Defaults are TGI's: greedy unless sampling asked."""
 
     best_of: int | None = Field(None, description="Generate best_of sequences, return the most likely one.")
-    temperature: float | None = None
-    repetition_penalty: float | None = None
-    frequency_penalty: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    typical_p: float | None = Field(None, description="Accepted for compatibility; vLLM has no typical sampling.")
+    temperature: Annotated[float | None, _check(_positive, "`temperature` must be strictly positive")] = None
+    repetition_penalty: Annotated[
+        float | None, _check(_positive, "`repetition_penalty` must be strictly positive")
+    ] = None
+    frequency_penalty: Annotated[
+        float | None, _check(lambda v: -2.0 <= v <= 2.0, "`frequency_penalty` must be >= -2.0 and <= 2.0")
+    ] = None
+    top_k: Annotated[int | None, _check(_positive, "`top_k` must be strictly positive")] = None
+    top_p: Annotated[float | None, _check(_open_unit, "`top_p` must be > 0.0 and < 1.0")] = None
+    typical_p: Annotated[float | None, _check(_open_unit, "`typical_p` must be > 0.0 and < 1.0")] = Field(
+        None, description="Accepted for compatibility; vLLM has no typical sampling."
+    )
     do_sample: bool = False
-    max_new_tokens: int | None = Field(None, description="Default: whatever fits in the model's context.")
+    max_new_tokens: Annotated[int | None, _check(_positive, "`max_new_tokens` must be strictly positive")] = Field(
+        None, description="Default: whatever fits in the model's context."
+    )
     return_full_text: bool | None = None
     stop: list[str] = Field(default_factory=list)
     truncate: int | None = Field(None, description="Keep only the last `truncate` tokens of the input.")
@@ -70,55 +98,6 @@ class GenerateParameters(_Lenient):
     top_n_tokens: int | None = None
     grammar: Grammar | None = None
     adapter_id: str | None = None
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v: float | None) -> float | None:
-        if v is not None and v <= 0:
-            raise ValueError("`temperature` must be strictly positive")
-        return v
-
-    @field_validator("repetition_penalty")
-    @classmethod
-    def _repetition_penalty(cls, v: float | None) -> float | None:
-        if v is not None and v <= 0:
-            raise ValueError("`repetition_penalty` must be strictly positive")
-        return v
-
-    @field_validator("frequency_penalty")
-    @classmethod
-    def _frequency_penalty(cls, v: float | None) -> float | None:
-        if v is not None and not -2.0 <= v <= 2.0:
-            raise ValueError("`frequency_penalty` must be >= -2.0 and <= 2.0")
-        return v
-
-    @field_validator("top_k")
-    @classmethod
-    def _top_k(cls, v: int | None) -> int | None:
-        if v is not None and v <= 0:
-            raise ValueError("`top_k` must be strictly positive")
-        return v
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p(cls, v: float | None) -> float | None:
-        if v is not None and not 0.0 < v < 1.0:
-            raise ValueError("`top_p` must be > 0.0 and < 1.0")
-        return v
-
-    @field_validator("typical_p")
-    @classmethod
-    def _typical_p(cls, v: float | None) -> float | None:
-        if v is not None and not 0.0 < v < 1.0:
-            raise ValueError("`typical_p` must be > 0.0 and < 1.0")
-        return v
-
-    @field_validator("max_new_tokens")
-    @classmethod
-    def _max_new_tokens(cls, v: int | None) -> int | None:
-        if v is not None and v <= 0:
-            raise ValueError("`max_new_tokens` must be strictly positive")
-        return v
 
     @field_validator("stop")
     @classmethod
