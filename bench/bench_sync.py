@@ -95,24 +95,24 @@ def run_snapshot_download(url: str, commit: str, out: Path) -> float:
     return timed([sys.executable, "-c", code], env)
 
 
-def run_hubserve(url: str, commit: str, out: Path) -> float:
+def write_manifest(url: str, commit: str, out: Path) -> Path:
     out.mkdir(parents=True)
     cfg = out / "models.toml"
     cfg.write_text(
         f'[store]\npath = "store"\n[upstream]\nendpoint = "{url}"\n'
         f'[[models]]\nname = "bench"\nrepo = "{REPO}"\nrevision = "{commit}"\n'
     )
+    return cfg
+
+
+def run_hubserve(url: str, commit: str, out: Path) -> float:
+    cfg = write_manifest(url, commit, out)
     return timed([sys.executable, "-m", "server.cli", "sync", "--config", str(cfg)])
 
 
 def run_hubserve_warm(url: str, commit: str, out: Path) -> float:
     """The same sync in-process, timed after the imports: what the CLI's ~0.5 s start-up hides."""
-    out.mkdir(parents=True)
-    cfg = out / "models.toml"
-    cfg.write_text(
-        f'[store]\npath = "store"\n[upstream]\nendpoint = "{url}"\n'
-        f'[[models]]\nname = "bench"\nrepo = "{REPO}"\nrevision = "{commit}"\n'
-    )
+    cfg = write_manifest(url, commit, out)
     code = (
         "import time, sys\nfrom pathlib import Path\nfrom rich.console import Console\n"
         "from sync.manifest import load_config\nfrom sync.syncer import Syncer\n"

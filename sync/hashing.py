@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
 from pathlib import Path
 
 CHUNK = 1 << 20
@@ -54,9 +53,3 @@ def hash_file(path: Path, lfs: bool) -> str:
             hasher.update(chunk)
     return hasher.hexdigest()
 
-
-def hash_chunks(chunks: Iterable[bytes], lfs: bool, size: int) -> str:
-    hasher = FileHasher(lfs, size)
-    for chunk in chunks:
-        hasher.update(chunk)
-    return hasher.hexdigest()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 from sync.errors import ConfigError, UnsafePathError
 
@@ -36,15 +36,6 @@ def safe_relpath(path: str) -> str:
     if re.match(r"^[A-Za-z]:", path):
         raise UnsafePathError(f"unsafe file path {path!r}: drive letters are not allowed")
     return str(p)
-
-
-def within(root: Path, path: Path) -> Path:
-    """``path`` resolved (symlinks followed) if it stays inside ``root``, else UnsafePathError."""
-    resolved = path.resolve()
-    root_resolved = root.resolve()
-    if resolved != root_resolved and root_resolved not in resolved.parents:
-        raise UnsafePathError(f"path {path} escapes {root}")
-    return resolved
 
 
 def is_pickle(path: str) -> bool:

@@ -26,13 +26,15 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from huggingface_hub import constants as hf_constants
 
 from sync.importer import import_folder
 from sync.lock import read_lock
 from sync.mirror import make_mirror
 from sync.store import Store
 from tests.fixtures.smollm2 import REPO_ID as SMOLLM2_REPO
-from tests.fixtures.smollm2 import build_smollm2, minilm_folder
+from tests.fixtures.smollm2 import build_smollm2
+from tests.fixtures.tiny import minilm_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MINILM_REPO = "sentence-transformers/all-MiniLM-L6-v2"
@@ -149,6 +151,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.fixture(scope="module", autouse=True)
+def hub_online() -> Iterator[None]:
+    """HF_HUB_OFFLINE=1 makes huggingface_hub refuse every request, even to 127.0.0.1: not in these tests."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+        mp.delenv("HF_HUB_OFFLINE", raising=False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def hubserve_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubserveServer]:
     for package, why in (
@@ -162,7 +173,7 @@ def hubserve_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hubser
     seed = Store(root / "seed")
     seed_commits = {
         "smollm2": import_folder(seed, build_smollm2(), SMOLLM2_REPO).record.commit,
-        "minilm": import_folder(seed, minilm_folder(), MINILM_REPO).record.commit,
+        "minilm": import_folder(seed, minilm_dir(), MINILM_REPO).record.commit,
     }
     config = root / "models.toml"
     mirror = make_mirror(seed, "127.0.0.1", 0)

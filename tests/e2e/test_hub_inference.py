@@ -17,7 +17,6 @@ from huggingface_hub import (
     ChatCompletionInputResponseFormatJSONSchema,
     InferenceClient,
 )
-from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.errors import ValidationError as HfValidationError
 
@@ -29,13 +28,6 @@ PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def hub_online() -> Iterator[None]:
-    """HF_HUB_OFFLINE=1 makes huggingface_hub refuse every request, even to 127.0.0.1: not in these tests."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-        mp.delenv("HF_HUB_OFFLINE", raising=False)
-        yield
 
 
 def model_url(server: HubserveServer, name: str) -> str:

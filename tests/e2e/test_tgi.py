@@ -10,7 +10,6 @@ from typing import Any
 import httpx
 import pytest
 from huggingface_hub import AsyncInferenceClient, InferenceClient, TextGenerationInputGrammarType
-from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import ValidationError as HfValidationError
 
 from tests.e2e.conftest import HubserveServer
@@ -22,13 +21,6 @@ PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start
 GREEDY: dict[str, Any] = {"max_new_tokens": 20, "do_sample": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def hub_online() -> Iterator[None]:
-    """HF_HUB_OFFLINE=1 makes huggingface_hub refuse every request, even to 127.0.0.1: not in these tests."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-        mp.delenv("HF_HUB_OFFLINE", raising=False)
-        yield
 
 
 @pytest.fixture(scope="module")

