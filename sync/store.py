@@ -370,21 +370,24 @@ class Store:
     def gc_plan(self, keep: set[tuple[str, str]]) -> list[Path]:
         """Paths that no kept (repo, commit) needs: records, snapshots, blobs, stale temp files."""
         doomed: list[Path] = []
+        kept_commits: dict[str, set[str]] = {}  # by repo folder name
         kept_blobs: dict[str, set[str]] = {}
+        for repo, commit in keep:
+            kept_commits.setdefault(repo_folder_name(repo), set()).add(commit)
         for rec in self.revisions():
             if (rec.repo, rec.commit) in keep:
-                kept_blobs.setdefault(rec.repo, set()).update(f.etag for f in rec.files)
+                kept_blobs.setdefault(repo_folder_name(rec.repo), set()).update(f.etag for f in rec.files)
         for repo_dir in sorted(self.root.glob("models--*")):
-            blobs_keep = {e for repo, es in kept_blobs.items() if repo_folder_name(repo) == repo_dir.name for e in es}
-            kept_commits = {c for r, c in keep if repo_folder_name(r) == repo_dir.name}
-            doomed += [s for s in sorted((repo_dir / "snapshots").glob("*")) if s.name not in kept_commits]
+            commits = kept_commits.get(repo_dir.name, set())
+            blobs_keep = kept_blobs.get(repo_dir.name, set())
+            doomed += [s for s in sorted((repo_dir / "snapshots").glob("*")) if s.name not in commits]
             doomed += [b for b in sorted((repo_dir / "blobs").glob("*")) if b.name not in blobs_keep]
             refs_dir = repo_dir / "refs"
             doomed += [
-                r for r in sorted(refs_dir.rglob("*")) if r.is_file() and r.read_text().strip() not in kept_commits
+                r for r in sorted(refs_dir.rglob("*")) if r.is_file() and r.read_text().strip() not in commits
             ]
             rec_dir = self.root / ".hubserve" / "revisions" / repo_dir.name
-            doomed += [r for r in sorted(rec_dir.glob("*.json")) if r.stem not in kept_commits]
+            doomed += [r for r in sorted(rec_dir.glob("*.json")) if r.stem not in commits]
         doomed += sorted(self.tmp_dir.glob("*")) if self.tmp_dir.is_dir() else []
         return doomed
 
