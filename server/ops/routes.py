@@ -16,7 +16,13 @@ router = APIRouter(tags=["ops"], dependencies=[Depends(family_dependency(Family.
 
 
 def _models(registry: Registry | None) -> dict[str, Any]:
-    return {name: e.describe() for name, e in registry.engines.items()} if registry else {}
+    """Each served model's state (and last rollout), then each manifest model still waiting for its revision."""
+    if registry is None:
+        return {}
+    out: dict[str, Any] = {name: served.describe() for name, served in registry.served.items()}
+    for name, reason in registry.waiting.items():
+        out.setdefault(name, {"state": "waiting"})["waiting"] = reason
+    return out
 
 
 @router.get("/health")
