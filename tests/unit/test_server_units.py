@@ -69,7 +69,7 @@ def test_reserved_engine_args_are_refused(tmp_path: Path) -> None:
 
 
 def test_start_failure_names_the_root_cause() -> None:
-    from server.engines.vllm import _cause
+    from server.engines.process import _cause
 
     lines = [
         "Traceback (most recent call last):",
