@@ -40,6 +40,7 @@ log = logging.getLogger("hubserve.registry")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 GIB = 1024**3
 DRAIN_POLL_S = 0.05
+DEFAULT_TASK = "text-generation"  # a model with no `task` whose repo has no pipeline_tag
 
 EngineFactory = Callable[[ModelInfo, Settings], Engine]
 
@@ -84,12 +85,13 @@ def desired_models(config: Config, keep: dict[str, ModelInfo] | None = None) -> 
                 name=spec.name,
                 repo=spec.repo,
                 commit=commit,
-                task=spec.task,
+                task=spec.task or record.pipeline_tag or DEFAULT_TASK,
                 snapshot=str(store.snapshot_dir(spec.repo, commit)),
                 engine_args=dict(spec.engine),
                 trust_remote_code=spec.trust_remote_code,
                 default=default is not None and default.name == spec.name,
                 weights_bytes=sum(f.size for f in record.files if f.path.endswith(WEIGHT_SUFFIXES)),
+                backend=spec.backend,
             )
         )
     return Desired(models, waiting)
@@ -213,9 +215,9 @@ class Registry:
         cls, models: list[ModelInfo], settings: Settings, factory: EngineFactory | None = None
     ) -> Registry:
         if factory is None:
-            from server.engines.vllm import VLLMEngine
+            from server.engines.select import make_engine
 
-            factory = VLLMEngine
+            factory = make_engine
         engines = [factory(m, settings) for m in models]
         max_parallel = settings.max_parallel_starts
         if not max_parallel and any(getattr(e, "device", None) == "gpu" for e in engines):
@@ -375,9 +377,9 @@ class Registry:
 
     def _new_engine(self, info: ModelInfo) -> Engine:
         if self._factory is None:
-            from server.engines.vllm import VLLMEngine
+            from server.engines.select import make_engine
 
-            self._factory = VLLMEngine
+            self._factory = make_engine
         return self._factory(info, self.settings)
 
     async def _add(self, info: ModelInfo) -> None:

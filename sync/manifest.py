@@ -22,8 +22,9 @@ REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/%-]{0,254}$")
 TASKS = (
     "text-generation", "feature-extraction", "sentence-similarity", "text-classification",
     "token-classification", "fill-mask", "zero-shot-classification", "summarization", "translation",
-    "question-answering", "image-classification",
+    "text2text-generation", "question-answering", "text-ranking", "image-classification",
 )
+BACKENDS = ("auto", "vllm", "transformers")
 
 
 class _Strict(BaseModel):
@@ -64,7 +65,10 @@ class ModelSpec(_Strict):
     name: str = Field(description="Served name: the OpenAI `model`, an alias on Hub routes.")
     repo: str = Field(description="Hub repo id, org/name.")
     revision: str = Field("main", description="40-hex commit, or a branch/tag resolved once into models.lock.")
-    task: str = Field("text-generation", description="Hub pipeline tag served for this model.")
+    task: str | None = Field(
+        None, description="Hub pipeline tag served for this model; default: the repo's pipeline_tag recorded at sync."
+    )
+    backend: str = Field("auto", description="Engine: auto (vLLM when it supports the architecture), vllm, transformers.")
     include: list[str] | None = Field(None, description="Glob patterns of files to fetch (default: all).")
     exclude: list[str] = Field(default_factory=list, description="Glob patterns of files to skip.")
     allow_pickle: bool = Field(False, description="Allow pickle weights (.bin .pt .pth .ckpt .pkl).")
@@ -96,9 +100,16 @@ class ModelSpec(_Strict):
 
     @field_validator("task")
     @classmethod
-    def _task(cls, v: str) -> str:
-        if v not in TASKS:
+    def _task(cls, v: str | None) -> str | None:
+        if v is not None and v not in TASKS:
             raise ValueError(f"{v!r} is not a supported task; accepted: {', '.join(TASKS)}")
+        return v
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if v not in BACKENDS:
+            raise ValueError(f"{v!r} is not a backend; accepted: {', '.join(BACKENDS)}")
         return v
 
     @model_validator(mode="after")

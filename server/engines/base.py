@@ -46,6 +46,7 @@ class ModelInfo:
     trust_remote_code: bool = False
     default: bool = False
     weights_bytes: int = 0  # size of the weight files in the store (for the memory budget)
+    backend: str = "auto"  # models.toml `backend`: auto | vllm | transformers (engines/select.py decides auto)
 
     @property
     def served_names(self) -> tuple[str, ...]:
@@ -84,6 +85,8 @@ class Engine(ABC):
     Serving code talks to it only through ``client()`` (an ``httpx.AsyncClient`` whose base URL is the
     engine's root, e.g. ``POST /v1/completions``), so a route never imports vLLM.
     """
+
+    backend = "none"  # which engine implementation serves the model (shown in /health and /v1/models)
 
     def __init__(self, info: ModelInfo, max_in_flight: int = 128, retry_after_s: float = 5.0) -> None:
         self.info = info
@@ -156,6 +159,7 @@ class Engine(ABC):
             "repo": self.info.repo,
             "commit": self.info.commit,
             "task": self.info.task,
+            "backend": self.backend,
             "default": self.info.default,
             "pid": self.pid,
             "in_flight": self._in_flight,

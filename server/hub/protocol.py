@@ -27,7 +27,7 @@ class EmbedRequest(BaseModel):
     prompt_name: str | None = Field(None, description="A prompt of the model's config_sentence_transformers.json.")
     truncate: bool = Field(False, description="Cut inputs longer than the model's context instead of failing.")
     truncation_direction: Literal["left", "right", "Left", "Right"] = "right"
-    dimensions: int | None = Field(None, gt=0, description="Keep the first N dimensions (Matryoshka models).")
+    dimensions: int | None = Field(default=None, gt=0, description="Keep the first N dimensions (Matryoshka models).")
     parameters: dict[str, Any] | None = Field(None, description="Legacy place of the options above.")
     options: dict[str, Any] | None = Field(None, description="Legacy Inference API options; ignored.")
 
@@ -84,3 +84,179 @@ def parse_similarity(payload: dict[str, Any]) -> SimilarityRequest:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
         raise InvalidRequest(f"{loc}: {first['msg']}", param=loc or None) from e
+
+
+# ---- the other text tasks (answered through server/hub/tasks.py by either backend) ----------------------------
+
+Texts = str | list[str]
+GENERATE_KEYS = frozenset(
+    {
+        "do_sample", "early_stopping", "epsilon_cutoff", "eta_cutoff", "max_length", "max_new_tokens", "min_length",
+        "min_new_tokens", "num_beam_groups", "num_beams", "penalty_alpha", "temperature", "top_k", "top_p",
+        "typical_p", "use_cache", "repetition_penalty", "no_repeat_ngram_size", "length_penalty", "seed",
+    }
+)
+MAX_NEW_TOKENS = 1024
+
+
+class _Parameters(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TextClassificationParameters(_Parameters):
+    top_k: int | None = Field(default=None, gt=0)
+    function_to_apply: Literal["sigmoid", "softmax", "none"] | None = None
+
+
+class TokenClassificationParameters(_Parameters):
+    aggregation_strategy: Literal["none", "simple", "first", "average", "max"] | None = None
+    ignore_labels: list[str] | None = None
+    stride: int | None = Field(default=None, ge=0)
+
+
+class FillMaskParameters(_Parameters):
+    targets: list[str] | str | None = None
+    top_k: int | None = Field(default=None, gt=0, le=1000)
+
+
+class ZeroShotParameters(_Parameters):
+    candidate_labels: list[str] | str = Field(min_length=1)
+    multi_label: bool | None = False
+    hypothesis_template: str | None = None
+
+    @field_validator("hypothesis_template")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is not None and "{}" not in v:
+            raise ValueError("`hypothesis_template` must contain `{}` (where the label goes)")
+        return v
+
+
+class QuestionAnsweringParameters(_Parameters):
+    top_k: int | None = Field(default=None, gt=0, le=100)
+    max_answer_len: int | None = Field(default=None, gt=0)
+    handle_impossible_answer: bool | None = None
+    doc_stride: int | None = Field(default=None, gt=0)
+    max_question_len: int | None = Field(default=None, gt=0)
+    max_seq_len: int | None = Field(default=None, gt=0)
+    align_to_words: bool | None = None
+
+
+class Seq2SeqParameters(_Parameters):
+    """summarization / translation (``generate_parameters``) and text2text-generation (TGI's flat parameters)."""
+
+    clean_up_tokenization_spaces: bool | None = None
+    truncation: str | None = None
+    generate_parameters: dict[str, Any] | None = None
+    src_lang: str | None = None
+    tgt_lang: str | None = None
+    max_new_tokens: int | None = Field(default=None, gt=0)
+    do_sample: bool | None = None
+    temperature: float | None = Field(default=None, gt=0)
+    top_k: int | None = Field(default=None, gt=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    seed: int | None = None
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Arguments for ``generate``: the flat TGI-style ones, then ``generate_parameters``; only known keys."""
+        flat = {k: getattr(self, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                                              "repetition_penalty", "seed")}
+        merged = {k: v for k, v in {**flat, **(self.generate_parameters or {})}.items() if v is not None}
+        unknown = sorted(set(merged) - GENERATE_KEYS)
+        if unknown:
+            raise ValueError(f"unknown generate parameters: {', '.join(unknown)}")
+        if int(merged.get("max_new_tokens", 0)) > MAX_NEW_TOKENS:
+            raise ValueError(f"`max_new_tokens` must be <= {MAX_NEW_TOKENS}")
+        return merged
+
+
+class QAInputs(BaseModel):
+    question: str = Field(min_length=1)
+    context: str = Field(min_length=1)
+
+
+class _TaskRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    options: dict[str, Any] | None = Field(None, description="Legacy Inference API options; ignored.")
+
+
+class TextClassificationRequest(_TaskRequest):
+    inputs: Texts
+    parameters: TextClassificationParameters = Field(default_factory=lambda: TextClassificationParameters())
+
+
+class TokenClassificationRequest(_TaskRequest):
+    inputs: Texts
+    parameters: TokenClassificationParameters = Field(default_factory=lambda: TokenClassificationParameters())
+
+
+class FillMaskRequest(_TaskRequest):
+    inputs: Texts
+    parameters: FillMaskParameters = Field(default_factory=lambda: FillMaskParameters())
+
+
+class ZeroShotRequest(_TaskRequest):
+    inputs: str
+    parameters: ZeroShotParameters
+
+
+class QuestionAnsweringRequest(_TaskRequest):
+    inputs: QAInputs
+    parameters: QuestionAnsweringParameters = Field(default_factory=lambda: QuestionAnsweringParameters())
+
+
+class Seq2SeqRequest(_TaskRequest):
+    inputs: Texts
+    parameters: Seq2SeqParameters = Field(default_factory=lambda: Seq2SeqParameters())
+    stream: bool = False
+
+
+TASK_REQUESTS: dict[str, type[_TaskRequest]] = {
+    "text-classification": TextClassificationRequest,
+    "token-classification": TokenClassificationRequest,
+    "fill-mask": FillMaskRequest,
+    "zero-shot-classification": ZeroShotRequest,
+    "question-answering": QuestionAnsweringRequest,
+    "summarization": Seq2SeqRequest,
+    "translation": Seq2SeqRequest,
+    "text2text-generation": Seq2SeqRequest,
+}
+EXPECTED_INPUT = {
+    "text-classification": '{"inputs": "a text" (or a list), "parameters": {"top_k", "function_to_apply"}}',
+    "token-classification": '{"inputs": "a text" (or a list), "parameters": {"aggregation_strategy", '
+    '"ignore_labels", "stride"}}',
+    "fill-mask": '{"inputs": "a text with the mask token", "parameters": {"targets", "top_k"}}',
+    "zero-shot-classification": '{"inputs": "a text", "parameters": {"candidate_labels": [...], "multi_label", '
+    '"hypothesis_template"}}',
+    "question-answering": '{"inputs": {"question": "...", "context": "..."}, "parameters": {"top_k", '
+    '"max_answer_len", "handle_impossible_answer", "doc_stride"}}',
+    "summarization": '{"inputs": "a text", "parameters": {"generate_parameters", "clean_up_tokenization_spaces"}}',
+    "translation": '{"inputs": "a text", "parameters": {"src_lang", "tgt_lang", "generate_parameters"}}',
+    "text2text-generation": '{"inputs": "a text", "parameters": {"max_new_tokens", ...}}',
+}
+
+
+def parse_task(task: str, payload: object, model: str) -> _TaskRequest:
+    """The request for ``model``'s ``task``; InvalidRequest names the model, its task and the input it expects."""
+    cls = TASK_REQUESTS[task]
+    expects = f"Model `{model}` serves {task} and expects {EXPECTED_INPUT[task]}"
+    if not isinstance(payload, dict) or "inputs" not in payload:
+        raise InvalidRequest(f"{expects}.")
+    try:
+        request = cls.model_validate(payload)
+        if isinstance(request, Seq2SeqRequest):
+            request.parameters.generate_kwargs()
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        msg = str(first["msg"]).removeprefix("Value error, ")
+        raise InvalidRequest(f"{expects}; got {loc}: {msg}.", param=loc or None) from e
+    except ValueError as e:
+        raise InvalidRequest(f"{expects}; got {e}.", param="parameters") from e
+    parameters = getattr(request, "parameters", None)
+    extra = sorted((request.model_extra or {}).keys() | ((parameters and parameters.model_extra) or {}).keys())
+    if extra:
+        log.info("ignoring unknown fields: %s", ", ".join(extra))
+    return request

@@ -26,6 +26,7 @@ class ModelCard(BaseModel):
     repo: str
     commit: str
     task: str
+    backend: str = Field(description="The engine serving it: vllm or transformers.")
     state: str
     max_model_len: int | None = None
     aliases: list[str] = Field(default_factory=list, description="Other names the model answers to.")

@@ -27,6 +27,7 @@ def model_card(engine: Engine, started: float) -> ModelCard:
         repo=info.repo,
         commit=info.commit,
         task=info.task,
+        backend=engine.backend,
         state=engine.state.value,
         max_model_len=engine.max_model_len,
         aliases=[n for n in info.served_names if n != info.name],

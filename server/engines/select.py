@@ -1,0 +1,80 @@
+"""Which engine serves a model: vLLM or the transformers worker (models.toml ``backend``, auto by default).
+
+``auto`` picks vLLM where its model registry has the architecture for the task (read from the snapshot's
+config.json) and hubserve's task logic around vLLM covers the task; the transformers worker serves the rest:
+question answering, seq2seq models (vLLM 0.32 dropped encoder-decoder), sentence pairs for zero-shot
+classification (vLLM's /classify sends no ``token_type_ids``, so BERT-style pairs score wrong there) and
+architectures vLLM lacks (DistilBERT, DeBERTa, ...). Pure except for reading config.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from server.engines.base import Engine, ModelInfo
+from server.settings import Settings
+from sync.errors import ConfigError
+
+VLLM = "vllm"
+TRANSFORMERS = "transformers"
+
+# Tasks only vLLM serves here (generation with its server's full feature set, embeddings).
+VLLM_ONLY = frozenset({"text-generation", "feature-extraction", "sentence-similarity", "image-classification"})
+# Tasks the transformers worker serves.
+WORKER_TASKS = frozenset(
+    {
+        "text-classification", "token-classification", "fill-mask", "zero-shot-classification",
+        "question-answering", "summarization", "translation", "text2text-generation", "text-ranking",
+    }
+)
+# Architectures vLLM 0.32's pooling runner serves per task, with the task logic hubserve does around it.
+VLLM_ARCHITECTURES: dict[str, frozenset[str]] = {
+    "text-classification": frozenset(
+        {
+            "BertForSequenceClassification", "RobertaForSequenceClassification",
+            "XLMRobertaForSequenceClassification", "ModernBertForSequenceClassification",
+        }
+    ),
+}
+VLLM_ARCHITECTURES["text-ranking"] = VLLM_ARCHITECTURES["text-classification"]
+
+
+def architecture(snapshot: str) -> str | None:
+    """The first architecture named by the snapshot's config.json, if any."""
+    try:
+        config = json.loads((Path(snapshot) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    names = config.get("architectures") if isinstance(config, dict) else None
+    return str(names[0]) if isinstance(names, list) and names else None
+
+
+def choose_backend(info: ModelInfo) -> str:
+    """``vllm`` or ``transformers`` for ``info``; ConfigError when the chosen backend cannot serve its task."""
+    wanted = info.backend
+    if info.task in VLLM_ONLY:
+        if wanted == TRANSFORMERS:
+            raise ConfigError(f"model '{info.name}': backend = \"transformers\" does not serve {info.task}; "
+                              "use \"vllm\" or \"auto\"")
+        return VLLM
+    if wanted == VLLM:
+        if info.task not in VLLM_ARCHITECTURES:
+            raise ConfigError(f"model '{info.name}': backend = \"vllm\" does not serve {info.task} here; "
+                              "use \"transformers\" or \"auto\"")
+        return VLLM
+    if wanted == TRANSFORMERS or (info.task in WORKER_TASKS and info.task not in VLLM_ARCHITECTURES):
+        return TRANSFORMERS
+    arch = architecture(info.snapshot)
+    return VLLM if arch in VLLM_ARCHITECTURES.get(info.task, frozenset()) else TRANSFORMERS
+
+
+def make_engine(info: ModelInfo, settings: Settings) -> Engine:
+    """The engine for one model revision (the registry's default factory)."""
+    if choose_backend(info) == TRANSFORMERS:
+        from server.engines.transformers import TransformersEngine
+
+        return TransformersEngine(info, settings)
+    from server.engines.vllm import VLLMEngine
+
+    return VLLMEngine(info, settings)
