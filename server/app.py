@@ -62,11 +62,13 @@ def _report_start_failure(task: asyncio.Task[None]) -> None:
 
 
 def _include_routers(app: FastAPI) -> None:
+    from server.openai.routes import rerank_router
     from server.openai.routes import router as openai_router
     from server.ops.routes import router as ops_router
 
     app.include_router(ops_router)
     app.include_router(openai_router)
+    app.include_router(rerank_router)
     # ---- other API families (TGI, Hub Inference API): include their routers here -------------------
     # Each router lists Depends(family_dependency(Family.X)) then Depends(require_api_key).
     from server.hub.routes import root_router as hub_root_router

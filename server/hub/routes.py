@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from server.engines.base import EngineState
 from server.errors import Family, family_dependency
-from server.hub.serving import chat, infer
+from server.hub.serving import chat, check_task, infer
 from server.ops.auth import require_api_key
 from server.tgi.protocol import Info
 from server.tgi.serving import tgi_service
@@ -45,6 +45,13 @@ async def model_health(repo_id: str, request: Request) -> JSONResponse:
     engine = request.app.state.registry.get(repo_id)
     ready = engine.state is EngineState.READY
     return JSONResponse({"model": engine.info.name, "state": engine.state.value}, status_code=200 if ready else 503)
+
+
+@router.post("/models/{repo_id:path}/pipeline/{task}")  # the legacy serverless URL naming the task
+async def model_pipeline(repo_id: str, task: str, request: Request) -> Response:
+    engine = request.app.state.registry.get(repo_id)
+    check_task(engine, task)
+    return await infer(request, engine)
 
 
 @router.post("/models/{repo_id:path}/v1")  # InferenceClient(base_url=".../models/<repo>/v1").text_generation

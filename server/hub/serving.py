@@ -3,10 +3,13 @@
 ``POST /models/{repo_id}`` (and ``/``, ``/v1`` for the default model) dispatches on the model's task:
 text-generation behaves as TGI's ``POST /`` (errors in TGI's shape, which InferenceClient turns into typed
 exceptions), feature-extraction embeds through the engine's ``/v1/embeddings``. Chat passes through to vLLM.
+The other text tasks go to the transformers worker (which answers in the Hub's shape) or, for
+text-classification on vLLM, to vLLM's ``/classify`` (raw logits) with the task logic of server/hub/tasks.py.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -19,7 +22,16 @@ from fastapi.responses import JSONResponse
 
 from server.engines.base import Engine
 from server.errors import Family, GenerationError, InvalidRequest
-from server.hub.protocol import EmbedRequest, SimilarityRequest, parse_embed, parse_similarity
+from server.hub import tasks
+from server.hub.protocol import (
+    TASK_REQUESTS,
+    EmbedRequest,
+    SimilarityRequest,
+    TextClassificationRequest,
+    parse_embed,
+    parse_similarity,
+    parse_task,
+)
 from server.proxy import forward
 from server.registry import Registry
 from server.tgi.protocol import parse_generate
@@ -34,6 +46,8 @@ async def infer(request: Request, engine: Engine) -> Response:
     """Run the request body as the model's task; the answer in the Inference API's shape for that task."""
     request.state.model = engine.info.name
     task = engine.info.task
+    if task in TASK_REQUESTS and (engine.backend != "vllm" or task not in GENERATIVE_TASKS):
+        return await run_task(request.app.state.registry, engine, task, await read_json(request))
     if task in GENERATIVE_TASKS:
         request.state.api_family = Family.TGI  # from here on errors carry TGI's error_type
         generate = parse_generate(await read_json(request))
@@ -47,10 +61,60 @@ async def infer(request: Request, engine: Engine) -> Response:
         if isinstance(payload, dict) and isinstance(payload.get("inputs"), dict):  # sentence-similarity
             return JSONResponse(await similarity(registry, engine, parse_similarity(payload)))
         return JSONResponse(await embed(registry, engine, parse_embed(payload)))
-    raise InvalidRequest(
-        f"Model `{engine.info.name}` has the task `{task}`; this server answers text-generation and "
-        "feature-extraction models on the Inference API routes."
-    )
+    raise InvalidRequest(f"Model `{engine.info.name}` has the task `{task}`, which the Inference API routes do not "
+                         "serve" + ("; POST /v1/rerank" if task == "text-ranking" else "") + ".")
+
+
+def check_task(engine: Engine, task: str) -> None:
+    """``POST /models/{repo}/pipeline/{task}``: the task must be the model's (embedding tasks are one family)."""
+    if task != engine.info.task and not (task in EMBEDDING and engine.info.task in EMBEDDING):
+        raise InvalidRequest(f"Model `{engine.info.name}` serves {engine.info.task}, not {task}.", param="task")
+
+
+async def run_task(registry: Registry, engine: Engine, task: str, payload: object) -> Response:
+    """One request of a text task other than generation and embeddings, answered in the Hub's shape."""
+    parsed = parse_task(task, payload, engine.info.name)
+    async with registry.using(engine) as engine:
+        if engine.backend == "vllm":
+            assert isinstance(parsed, TextClassificationRequest)  # engines/select.py routes only this task to vLLM
+            return JSONResponse(await classify_on_vllm(engine, parsed))
+        try:
+            response = await engine.client().post("/run", json=parsed.model_dump(exclude_none=True))
+        except httpx.TransportError as e:
+            raise lost(engine, e) from e
+    if response.status_code >= 400:
+        raise engine_error(response.status_code, response.content)
+    return Response(response.content, media_type="application/json")
+
+
+@functools.lru_cache(maxsize=64)
+def label_config(snapshot: str) -> tuple[dict[int, str], str]:
+    """id2label and the default activation of a classifier, from its config.json (a snapshot never changes)."""
+    try:
+        config = json.loads((Path(snapshot) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    id2label = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
+    function = tasks.default_function(len(id2label) or 2, config.get("problem_type"), config.get("function_to_apply"))
+    return id2label, function
+
+
+async def classify_on_vllm(engine: Engine, request: TextClassificationRequest) -> list[list[dict[str, object]]]:
+    """vLLM's /classify with raw logits (no activation), then labels, function_to_apply and top_k here."""
+    texts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
+    body = {"model": engine.info.name, "input": texts, "use_activation": False}
+    try:
+        response = await engine.client().post("/classify", json=body)
+    except httpx.TransportError as e:
+        raise lost(engine, e) from e
+    if response.status_code >= 400:
+        raise engine_error(response.status_code, response.content)
+    data = sorted(response.json().get("data") or [], key=lambda d: d.get("index", 0))
+    if len(data) != len(texts):
+        raise GenerationError("The engine answered an unexpected classification payload.")
+    id2label, default = label_config(engine.info.snapshot)
+    function = request.parameters.function_to_apply or default
+    return [tasks.classification(d["probs"], id2label, function, request.parameters.top_k) for d in data]
 
 
 def embeddings_body(request: EmbedRequest, model: str, prompt: str = "") -> dict[str, Any]:

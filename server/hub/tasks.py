@@ -56,6 +56,12 @@ def classification(
     return ranked if top_k is None else ranked[:top_k]
 
 
+def relevance(logits: Sequence[float]) -> float:
+    """A cross-encoder's relevance score: sigmoid of its single logit (else the last class's probability)."""
+    raw = np.asarray(logits, dtype=np.float64)
+    return float(sigmoid(raw)[0] if raw.shape[0] == 1 else softmax(raw)[-1])
+
+
 # ---- zero-shot classification ----------------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from server.errors import Family, family_dependency
 from server.openai.protocol import ModelCard, ModelList
-from server.openai.serving import list_models, model_card, proxy_openai
+from server.openai.serving import RERANK_TASKS, list_models, model_card, proxy_openai
 from server.ops.auth import require_api_key
 
 router = APIRouter(
@@ -40,6 +40,24 @@ async def completions(request: Request) -> Response:
 @router.post("/embeddings")
 async def embeddings(request: Request) -> Response:
     return await proxy_openai(request, request.app.state.registry, "/v1/embeddings", _log_prompts(request))
+
+
+@router.post("/rerank")
+async def rerank_v1(request: Request) -> Response:
+    """Cross-encoders (text-ranking models), in the Cohere/Jina shape vLLM serves; either backend."""
+    return await proxy_openai(request, request.app.state.registry, "/rerank", _log_prompts(request), RERANK_TASKS)
+
+
+# The same route without the /v1 prefix (TEI, Jina and vLLM clients post to /rerank).
+rerank_router = APIRouter(
+    tags=["openai"],
+    dependencies=[Depends(family_dependency(Family.OPENAI)), Depends(require_api_key)],
+)
+
+
+@rerank_router.post("/rerank")
+async def rerank(request: Request) -> Response:
+    return await proxy_openai(request, request.app.state.registry, "/rerank", _log_prompts(request), RERANK_TASKS)
 
 
 def _log_prompts(request: Request) -> bool:

@@ -16,6 +16,7 @@ from server.proxy import forward
 from server.registry import Registry
 
 log = logging.getLogger("hubserve.openai")
+RERANK_TASKS = frozenset({"text-ranking"})
 
 
 def model_card(engine: Engine, started: float) -> ModelCard:
@@ -59,8 +60,11 @@ def _is_tgi_response_format(fmt: object) -> bool:
     return isinstance(fmt, dict) and fmt.get("type") == "json_object" and isinstance(fmt.get("value"), dict)
 
 
-async def proxy_openai(request: Request, registry: Registry, path: str, log_prompts: bool = False) -> Response:
-    """Forward one OpenAI request to the engine its `model` names; vLLM's answer comes back unchanged."""
+async def proxy_openai(
+    request: Request, registry: Registry, path: str, log_prompts: bool = False, tasks: frozenset[str] | None = None
+) -> Response:
+    """Forward one OpenAI request to the engine its `model` names; vLLM's answer comes back unchanged.
+    ``tasks``: the route serves only models of these tasks (else 400)."""
     body = await request.body()
     payload, fields = parse_body(body)
     model = fields.model
@@ -68,6 +72,9 @@ async def proxy_openai(request: Request, registry: Registry, path: str, log_prom
         model = None  # it means the default model (added with the TGI/Hub families)
     engine = registry.get(model)
     request.state.model = engine.info.name
+    if tasks is not None and engine.info.task not in tasks:
+        raise InvalidRequest(f"Model `{engine.info.name}` serves {engine.info.task}; {path} needs a model of "
+                             f"{', '.join(sorted(tasks))}.", param="model")
     tgi_format = _is_tgi_response_format(payload.get("response_format"))
     if fields.model not in engine.info.served_names or tgi_format:  # omitted/"dummy": name the model
         # InferenceClient(base_url=...).chat_completion sends json schemas TGI's way; vLLM wants json_schema.
