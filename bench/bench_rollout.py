@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.e2e.rollout_support import NAME, CommitPoller, Outcome, Traffic, make_site, serve  # noqa: E402
+from tests.e2e.rollout_support import NAME, CommitPoller, Outcome, Traffic, make_site, serve
 
 
 def percentile(values: list[float], q: float) -> float:
