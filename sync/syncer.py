@@ -200,10 +200,10 @@ def describe(result: ModelResult) -> str:
     parts = [f"{result.name}: {commit}"]
     if result.old_commit:
         parts = [f"{result.name}: {result.old_commit[:12]} -> {commit}"]
-    if result.up_to_date:
-        parts.append("up to date")
     if result.held_by_rollback:
         parts.append("held by rollback (upstream still points at the commit rolled back from)")
+    if result.up_to_date:
+        parts.append("up to date")
     else:
         parts.append(f"verified, {result.downloaded_files} file(s) / {human_bytes(result.downloaded_bytes)} downloaded")
     if result.skipped_pickle:
