@@ -149,9 +149,10 @@ class Daemon:
         except Cancelled:
             log.info("stopped mid-sync: the file in flight stays in the temp area for the next run; nothing promoted")
             return
-        except (HubserveError, OSError) as e:
+        except Exception as e:  # the store or the lock file: keep running on what the store has, retry later
+            log.debug("reconcile failed", exc_info=True)
             self.metrics.failures.labels("").inc()
-            self._schedule(ok=False, reason=str(e))
+            self._schedule(ok=False, reason=str(e) if isinstance(e, HubserveError) else f"{type(e).__name__}: {e}")
             return
         for result in report.models:
             self._log_result(result, result.name in follow)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
@@ -160,8 +161,13 @@ class DaemonServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], view: DaemonView, metrics: DaemonMetrics) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         self.view, self.metrics = view, metrics
         super().__init__(address, DaemonHandler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("listener: connection from %s ended with an error", client_address, exc_info=True)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

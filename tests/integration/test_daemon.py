@@ -345,8 +345,9 @@ def test_sigkill_at_random_moments_never_breaks_the_store(
                 revision(base, tmp_path / f"r{i}", weights=768 << 10, small_files=24, seed=i), TINY_REPO
             )
             d = daemons(cfg, "--interval", "300")
-            d.wait_for(r"reconcile \(start\)")
-            time.sleep(rng.uniform(0.0, 1.6))  # ~the time this sync takes at 1 MiB/s
+            # Most kills from the first byte on (~1 s of download at 1 MiB/s, then promotion), some earlier.
+            d.wait_for(r"reconcile \(start\)" if i % 4 == 0 else r": downloading \d+ file", timeout=60)
+            time.sleep(rng.uniform(0.0, 1.5))
             d.proc.send_signal(signal.SIGKILL)
             d.kill()
 
