@@ -93,6 +93,7 @@ class Daemon:
 
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> int:
+        self._install_signals()
         host, port = parse_listen(self.listen)
         try:
             http = DaemonServer((host, port), self, self.metrics)
@@ -100,7 +101,6 @@ class Daemon:
             raise ConfigError(f"cannot listen on {self.listen}: {e.strerror or e}; pass another --listen") from e
         threading.Thread(target=http.serve_forever, name="daemon-http", daemon=True).start()
         threading.Thread(target=self._watch, name="config-watch", daemon=True).start()
-        self._install_signals()
         log.info(
             "daemon for %s: store %s, every %gs, listening on http://%s:%d",
             self.config.path, self.config.store_path, self.interval, host, http.server_address[1],
@@ -120,6 +120,9 @@ class Daemon:
             if self._pending_reload:
                 self._pending_reload = False
                 if self._reload():
+                    with self._lock:  # a full reconcile covers a pending SIGHUP and webhook too
+                        self._pending_full = None
+                        self._pending_webhook.clear()
                     return "config", None
             with self._lock:
                 if self._pending_full:

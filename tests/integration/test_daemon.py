@@ -242,6 +242,11 @@ def test_webhook_secret_refs_and_metrics(
         assert last and abs(float(last.group(1)) - time.time()) < 60
         assert 'hubserve_daemon_reconciles_total{trigger="webhook"} 1.0' in metrics
         assert SECRET not in d.log
+
+        c = upstream.publish(revision(tiny_llama, tmp_path / "c"), TINY_REPO)
+        d.proc.send_signal(signal.SIGHUP)  # reconcile now, following included
+        wait_until(lambda: locked(cfg) == c, 20, "the SIGHUP reconcile")
+        d.wait_for(r"reconcile \(sighup\)")
         assert d.terminate() == 0
     finally:
         stop_server()
