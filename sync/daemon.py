@@ -220,6 +220,7 @@ class Daemon:
         return True
 
     def _watch(self) -> None:
+        logging.getLogger("watchfiles").setLevel(logging.WARNING)  # one INFO line per event otherwise
         path = self.config.path
 
         def is_config(_change: watchfiles.Change, changed: str) -> bool:
