@@ -287,8 +287,9 @@ class Daemon:
             log.info("webhook for %r: not in models.toml, ignored", event.repo)
             return {"models": []}
         names = matching_models(event, models)
+        # Repo and refs come from the network: logged as reprs, so they cannot forge a log line.
         log.info(
-            "webhook for %r (%s): %s", event.repo, ", ".join(event.refs) or "head",
+            "webhook for %r %s: %s", event.repo, list(event.refs) or "(head)",
             f"re-resolving {', '.join(sorted(names))}" if names else "no following model of that ref",
         )
         if names:
