@@ -59,6 +59,9 @@ class DaemonConfig(_Strict):
         None, description="Env var holding the Hub webhook secret; unset: POST /webhooks/hub answers 401."
     )
     backoff_max: float = Field(600.0, gt=0, description="Longest wait between retries after upstream failures (s).")
+    server: str | None = Field(
+        None, description="URL of a `hubserve serve` whose /health gives the commit served (a metric); optional."
+    )
 
 
 class ModelSpec(_Strict):
@@ -68,7 +71,7 @@ class ModelSpec(_Strict):
     task: str | None = Field(
         None, description="Hub pipeline tag served for this model; default: the repo's pipeline_tag recorded at sync."
     )
-    backend: str = Field("auto", description="Engine: auto (vLLM when it supports the architecture), vllm, transformers.")
+    backend: str = Field("auto", description="auto (vLLM when it supports the architecture), vllm, transformers.")
     include: list[str] | None = Field(None, description="Glob patterns of files to fetch (default: all).")
     exclude: list[str] = Field(default_factory=list, description="Glob patterns of files to skip.")
     allow_pickle: bool = Field(False, description="Allow pickle weights (.bin .pt .pth .ckpt .pkl).")
