@@ -177,7 +177,7 @@ class Runner:
     # ---- seq2seq generation --------------------------------------------------------------------------------
     def generate(self, items: list[str], key: Any) -> list[dict[str, str]]:
         kwargs_items, src_lang, tgt_lang, clean_up, truncation = key
-        kwargs = dict((self.config.task_specific_params or {}).get(self.task, {}))
+        kwargs = dict((getattr(self.config, "task_specific_params", None) or {}).get(self.task, {}))
         prefix = kwargs.pop("prefix", None) or getattr(self.config, "prefix", None) or ""
         kwargs |= dict(kwargs_items)
         seed = kwargs.pop("seed", None)
