@@ -26,7 +26,7 @@ from sync.store import Store
 from tests.e2e.conftest import API_KEY, READY_TIMEOUT_S, REPO_ROOT, HubserveServer, _free_port, _stop, _wait_ready
 from tests.fixtures import task_models as tm
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 TOL = 1e-3
 
 # served name → (repo, fixture builder, extra manifest lines)
@@ -159,6 +159,14 @@ def test_token_classification_ignore_labels(tasks_server: HubserveServer, pipeli
     want = pipelines("token-classification", "ner")(NER_TEXT, aggregation_strategy="simple",
                                                     ignore_labels=["PER", "O"])
     same([e.__dict__ for e in got], want, ("entity_group", "word", "start", "end"))
+
+
+def test_token_classification_long_text_in_windows(tasks_server: HubserveServer, pipelines: Any) -> None:
+    text = " ".join([NER_TEXT] * 40)  # ~700 tokens: more than the model's 512
+    got = client(tasks_server, "ner").token_classification(text, aggregation_strategy="first", stride=64)
+    want = pipelines("token-classification", "ner")(text, aggregation_strategy="first", stride=64)
+    same([e.__dict__ for e in got], want, ("entity_group", "word", "start", "end"))
+    assert max(e.end for e in got) > len(text) - 20  # the end of the text was read too
 
 
 # ---- fill-mask -----------------------------------------------------------------------------------------------

@@ -59,7 +59,13 @@ class Worker:
     async def _token_classification(self, r: protocol.TokenClassificationRequest) -> Any:
         texts = [r.inputs] if isinstance(r.inputs, str) else r.inputs
         ignore = tuple(r.parameters.ignore_labels) if r.parameters.ignore_labels is not None else None
-        out = await self.entities.submit(texts, (r.parameters.aggregation_strategy or "simple", ignore))
+        strategy = r.parameters.aggregation_strategy or "simple"
+        stride = r.parameters.stride or 0
+        if stride and strategy == "none":
+            raise InvalidRequest("`stride` needs an aggregation_strategy other than none (as in transformers).")
+        if stride >= self.runner.max_len // 2:
+            raise InvalidRequest(f"`stride` must be < {self.runner.max_len // 2} for this model.", param="stride")
+        out = await self.entities.submit(texts, (strategy, ignore, stride))
         return out[0] if isinstance(r.inputs, str) else out
 
     async def _fill_mask(self, r: protocol.FillMaskRequest) -> Any:

@@ -81,24 +81,27 @@ class Runner:
 
     # ---- token classification ---------------------------------------------------------------------------
     def entities(self, items: list[str], key: Any) -> list[list[dict[str, Any]]]:
-        strategy, ignore = key
+        """Entities per text; with ``stride`` a long text is read in overlapping windows, merged after."""
+        strategy, ignore, stride = key
+        windows = {"stride": stride, "return_overflowing_tokens": True} if stride else {}
         enc = self.tokenizer(items, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt",
-                             return_offsets_mapping=True, return_special_tokens_mask=True)
+                             return_offsets_mapping=True, return_special_tokens_mask=True, **windows)
+        sample_of = enc.pop("overflow_to_sample_mapping").tolist() if stride else list(range(len(items)))
         offsets = enc.pop("offset_mapping").numpy()
         special = enc.pop("special_tokens_mask").numpy()
         scores = tasks.softmax(self._forward(**enc).logits.float().cpu().numpy())
         ids = enc["input_ids"].numpy()
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         word_aware = bool(getattr(getattr(backend, "model", None), "continuing_subword_prefix", None))
-        out = []
-        for i, text in enumerate(items):
-            row_ids = [int(t) for t in ids[i]]
-            pre = tasks.pre_entities(text, self.tokenizer.convert_ids_to_tokens(row_ids), row_ids, scores[i],
-                                     [tuple(o) for o in offsets[i]], special[i], self.tokenizer.unk_token_id,
+        out: list[list[dict[str, Any]]] = [[] for _ in items]
+        for j, i in enumerate(sample_of):
+            row_ids = [int(t) for t in ids[j]]
+            pre = tasks.pre_entities(items[i], self.tokenizer.convert_ids_to_tokens(row_ids), row_ids, scores[j],
+                                     [tuple(o) for o in offsets[j]], special[j], self.tokenizer.unk_token_id,
                                      word_aware)
-            out.append(tasks.token_entities(pre, self.id2label, strategy, ignore,
-                                            self.tokenizer.convert_tokens_to_string))
-        return out
+            out[i] += tasks.token_entities(pre, self.id2label, strategy, ignore,
+                                           self.tokenizer.convert_tokens_to_string)
+        return [tasks.merge_overlapping(e) if sample_of.count(i) > 1 else e for i, e in enumerate(out)]
 
     # ---- fill-mask ----------------------------------------------------------------------------------------
     def target_ids(self, targets: list[str]) -> list[int]:
