@@ -72,6 +72,9 @@ async def proxy_openai(
         model = None  # it means the default model (added with the TGI/Hub families)
     engine = registry.get(model)
     request.state.model = engine.info.name
+    if tasks is None and engine.backend == "transformers":
+        raise InvalidRequest(f"Model `{engine.info.name}` ({engine.info.task}) is served on the Inference API "
+                             f"routes: POST /models/{engine.info.repo}.", param="model")
     if tasks is not None and engine.info.task not in tasks:
         raise InvalidRequest(f"Model `{engine.info.name}` serves {engine.info.task}; {path} needs a model of "
                              f"{', '.join(sorted(tasks))}.", param="model")

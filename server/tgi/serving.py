@@ -151,7 +151,7 @@ class TGIService:
 
     @staticmethod
     def _require_generative(engine: Engine) -> None:
-        if engine.info.task not in GENERATIVE_TASKS:
+        if engine.info.task not in GENERATIVE_TASKS or engine.backend == "transformers":
             raise InvalidRequest(
                 f"Model `{engine.info.name}` ({engine.info.task}) does not generate text; "
                 "name a text-generation model (e.g. POST /models/{repo_id})."

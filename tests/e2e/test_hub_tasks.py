@@ -333,6 +333,9 @@ def test_root_pipeline_route_and_legacy_options(tasks_server: HubserveServer) ->
     assert r.status_code == 200 and r.json()[0][0]["label"] == "POSITIVE"
     r = httpx.post(f"{tasks_server.url}/models/ner/pipeline/fill-mask", json=body, headers=tasks_server.headers)
     assert r.status_code == 400 and "token-classification" in r.json()["error"]
+    chat = {"model": "t5", "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(f"{tasks_server.url}/v1/chat/completions", json=chat, headers=tasks_server.headers)
+    assert r.status_code == 400 and "POST /models/hubserve-test/tiny-t5" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(("name", "body", "expect"), [
