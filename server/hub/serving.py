@@ -78,13 +78,19 @@ async def run_task(registry: Registry, engine: Engine, task: str, payload: objec
         if engine.backend == "vllm":
             assert isinstance(parsed, TextClassificationRequest)  # engines/select.py routes only this task to vLLM
             return JSONResponse(await classify_on_vllm(engine, parsed))
-        try:
-            response = await engine.client().post("/run", json=parsed.model_dump(exclude_none=True))
-        except httpx.TransportError as e:
-            raise lost(engine, e) from e
+        response = await post_engine(engine, "/run", parsed.model_dump(exclude_none=True))
+    return Response(response.content, media_type="application/json")
+
+
+async def post_engine(engine: Engine, path: str, body: dict[str, Any]) -> httpx.Response:
+    """POST a JSON body to the engine; a lost connection is EngineUnavailable, an error answer its ServerError."""
+    try:
+        response = await engine.client().post(path, json=body)
+    except httpx.TransportError as e:
+        raise lost(engine, e) from e
     if response.status_code >= 400:
         raise engine_error(response.status_code, response.content)
-    return Response(response.content, media_type="application/json")
+    return response
 
 
 @functools.lru_cache(maxsize=64)
@@ -103,12 +109,7 @@ async def classify_on_vllm(engine: Engine, request: TextClassificationRequest) -
     """vLLM's /classify with raw logits (no activation), then labels, function_to_apply and top_k here."""
     texts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
     body = {"model": engine.info.name, "input": texts, "use_activation": False}
-    try:
-        response = await engine.client().post("/classify", json=body)
-    except httpx.TransportError as e:
-        raise lost(engine, e) from e
-    if response.status_code >= 400:
-        raise engine_error(response.status_code, response.content)
+    response = await post_engine(engine, "/classify", body)
     data = sorted(response.json().get("data") or [], key=lambda d: d.get("index", 0))
     if len(data) != len(texts):
         raise GenerationError("The engine answered an unexpected classification payload.")
@@ -152,12 +153,7 @@ async def embed(registry: Registry, engine: Engine, request: EmbedRequest) -> li
     async with registry.using(engine) as engine:
         prompt = sentence_prompt(engine.info.snapshot, request.prompt_name)
         body = embeddings_body(request, engine.info.name, prompt)
-        try:
-            response = await engine.client().post("/v1/embeddings", json=body)
-        except httpx.TransportError as e:
-            raise lost(engine, e) from e
-    if response.status_code >= 400:
-        raise engine_error(response.status_code, response.content)
+        response = await post_engine(engine, "/v1/embeddings", body)
     data = response.json().get("data") or []
     vectors = [item.get("embedding") for item in sorted(data, key=lambda d: d.get("index", 0))]
     if len(vectors) != len(request.texts) or not all(isinstance(v, list) for v in vectors):

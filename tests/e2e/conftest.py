@@ -191,9 +191,17 @@ def hubserve_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hubser
     lock = read_lock(config.with_suffix(".lock"))
     commits = {name: m.commit for name, m in lock.models.items()}
     assert commits == seed_commits
-    store = Store(root / "store")
+    with running_server(config, Store(root / "store"), commits,
+                        {"smollm2": SMOLLM2_REPO, "minilm": MINILM_REPO}) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_server(config: Path, store: Store, commits: dict[str, str], repos: dict[str, str],
+                   ready_timeout: float = READY_TIMEOUT_S) -> Iterator[HubserveServer]:
+    """``hubserve serve --config <config>`` with an API key, ready; stopped after, no engine may outlive it."""
     port = _free_port()
-    log_path = root / "serve.log"
+    log_path = config.parent / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUBSERVE_")}
     env["HUBSERVE_API_KEYS"] = API_KEY
     started = time.monotonic()
@@ -213,10 +221,10 @@ def hubserve_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hubser
         store=store.root,
         config=config,
         commits=commits,
-        repos={"smollm2": SMOLLM2_REPO, "minilm": MINILM_REPO},
+        repos=repos,
     )
     try:
-        _wait_ready(server, READY_TIMEOUT_S)
+        _wait_ready(server, ready_timeout)
         server.ready_after_s = time.monotonic() - started
         print(f"\nhubserve ready after {server.ready_after_s:.1f} s")
         yield server

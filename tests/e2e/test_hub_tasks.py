@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +19,7 @@ from huggingface_hub import AsyncInferenceClient, InferenceClient
 
 from sync.importer import import_folder
 from sync.store import Store
-from tests.e2e.conftest import API_KEY, READY_TIMEOUT_S, REPO_ROOT, HubserveServer, _free_port, _stop, _wait_ready
+from tests.e2e.conftest import READY_TIMEOUT_S, HubserveServer, running_server
 from tests.fixtures import task_models as tm
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
@@ -57,26 +53,8 @@ def tasks_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubserveS
         entries.append(f'[[models]]\nname = "{name}"\nrepo = "{repo}"\nrevision = "{commits[name]}"\n{extra}\n')
     config = root / "models.toml"
     config.write_text('[store]\npath = "store"\n\n' + "\n".join(entries), encoding="utf-8")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HUBSERVE_")} | {"HUBSERVE_API_KEYS": API_KEY}
-    log_path = root / "serve.log"
-    started = time.monotonic()
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--config", str(config), "--port", str(port)],
-            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-    server = HubserveServer(url=f"http://127.0.0.1:{port}", api_key=API_KEY, proc=proc, log_path=log_path,
-                            store=store.root, config=config, commits=commits,
-                            repos={n: m[0] for n, m in MODELS.items()})
-    try:
-        _wait_ready(server, READY_TIMEOUT_S)
-        server.ready_after_s = time.monotonic() - started
-        print(f"\nhubserve (tasks) ready after {server.ready_after_s:.1f} s")
+    with running_server(config, store, commits, {n: m[0] for n, m in MODELS.items()}, READY_TIMEOUT_S) as server:
         yield server
-    finally:
-        survivors = _stop(server)
-    assert not survivors, f"engine processes outlived the server: {survivors}\n{server.log_tail()}"
 
 
 def client(server: HubserveServer, name: str) -> InferenceClient:
