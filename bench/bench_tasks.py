@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,32")
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
+    parser.add_argument("--backends", default="vllm,transformers", help="hubserve engines to measure")
     args = parser.parse_args()
     folder = sentiment_dir()
     inputs = texts(args.requests)
@@ -91,10 +92,11 @@ def main() -> None:
         root = Path(tmp)
         commit = import_folder(Store(root / "store"), folder, REPO).record.commit
         config = root / "models.toml"
-        config.write_text(
-            f'[store]\npath = "store"\n\n[[models]]\nname = "vllm"\nrepo = "{REPO}"\nrevision = "{commit}"\n'
-            f'backend = "vllm"\n\n[[models]]\nname = "transformers"\nrepo = "{REPO}"\nrevision = "{commit}"\n'
-            f'backend = "transformers"\n[models.engine]\nbatch_wait_ms = {args.batch_wait_ms}\n', encoding="utf-8")
+        backends = args.backends.split(",")
+        engine = {"vllm": "", "transformers": f"[models.engine]\nbatch_wait_ms = {args.batch_wait_ms}\n"}
+        config.write_text('[store]\npath = "store"\n\n' + "\n".join(
+            f'[[models]]\nname = "{b}"\nrepo = "{REPO}"\nrevision = "{commit}"\nbackend = "{b}"\n{engine[b]}'
+            for b in backends), encoding="utf-8")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "server.cli", "serve", "--config", str(config), "--port", str(port)]
@@ -102,7 +104,7 @@ def main() -> None:
         with process(cmd, env, root / "serve.log"):
             wait_ready(url, "/ready", timeout=900)
             for concurrency in (int(c) for c in args.concurrency.split(",")):
-                for model in ("vllm", "transformers"):
+                for model in backends:
                     row = asyncio.run(drive(url, model, inputs, concurrency))
                     rows.append(row | {"name": f"{row['name']} c={concurrency}"})
     base = float(rows[0]["rps"])
