@@ -16,6 +16,7 @@ import enum
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -99,6 +100,11 @@ class Engine(ABC):
     @property
     def pid(self) -> int | None:
         """Process id of the engine's main process, if it runs in one."""
+        return None
+
+    @property
+    def uds(self) -> Path | None:
+        """The private Unix socket of a ready engine's HTTP API, when it has one (the relay's fast path)."""
         return None
 
     @abstractmethod

@@ -151,6 +151,16 @@ def _cause(lines: list[str]) -> str:
     return f"; last output: {tail[:500]}" if tail else ""
 
 
+def engine_client(socket_path: Path, max_in_flight: int) -> httpx.AsyncClient:
+    """The gateway's client for one engine's private socket: no read timeout (streams), a pool per slot."""
+    return httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
+        base_url="http://engine",
+        timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=30.0),
+        limits=httpx.Limits(max_connections=max_in_flight + 16, max_keepalive_connections=64),
+    )
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -191,6 +201,11 @@ class VLLMEngine(Engine):
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
+
+    @property
+    def uds(self) -> Path | None:
+        ready = self._state is EngineState.READY and self._socket_dir is not None
+        return self._socket_dir / "vllm.sock" if ready and self._socket_dir is not None else None
 
     def client(self) -> httpx.AsyncClient:
         if self._state is not EngineState.READY or self._client is None:
@@ -333,12 +348,7 @@ class VLLMEngine(Engine):
         self._state = EngineState.STARTING
         await self._spawn()
         assert self._proc is not None
-        client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(self.socket_path)),
-            base_url="http://engine",
-            timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=30.0),
-            limits=httpx.Limits(max_connections=self.max_in_flight + 16, max_keepalive_connections=64),
-        )
+        client = engine_client(self.socket_path, self.max_in_flight)
         deadline = time.monotonic() + self.settings.engine_start_timeout_s
         try:
             while True:
