@@ -110,6 +110,14 @@ def world_size(args: dict[str, Any]) -> int:
     return max(1, int(args.get("tensor_parallel_size") or 1)) * max(1, int(args.get("pipeline_parallel_size") or 1))
 
 
+def cpu_binding(cpus: list[int], workers: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``workers`` CPU workers: the cores split in contiguous groups, "0,1|2,3"."""
+    if len(cpus) < workers:
+        return "|".join(str(cpus[i % len(cpus)]) for i in range(workers))
+    size = len(cpus) // workers
+    return "|".join(",".join(map(str, cpus[i * size : (i + 1) * size])) for i in range(workers))
+
+
 def engine_flags(args: dict[str, Any]) -> list[str]:
     """``{"max_model_len": 2048, "enforce_eager": True}`` → ``["--max-model-len", "2048", "--enforce-eager"]``."""
     flags: list[str] = []
@@ -314,6 +322,9 @@ class VLLMEngine(Engine):
         }
         if self.device is Device.CPU:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_gib))
+            if world_size(self.args) > 1:  # vLLM's CPU workers need their cores named on a single NUMA node
+                cpus = sorted(os.sched_getaffinity(0))
+                env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(cpus, world_size(self.args)))
         return env
 
     async def _spawn(self) -> None:

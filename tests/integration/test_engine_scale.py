@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from server.engines.base import EngineState, ModelInfo
-from server.engines.vllm import GIB, VLLMEngine
+from server.engines.vllm import GIB, VLLMEngine, cpu_binding
 from server.settings import Device, Settings
 
 pytestmark = pytest.mark.integration
@@ -84,6 +84,14 @@ def test_parallel_flags_memory_and_ray_address_reach_the_engine(
     single = VLLMEngine(_info(tmp_path / "one", {}), _settings())
     # four workers (one per GPU), each with its own runtime; the weights are counted once
     assert engine.memory_estimate() - single.memory_estimate() == 3 * int(1.5 * GIB)
+
+
+def test_cpu_workers_get_their_own_cores(tmp_path: Path) -> None:
+    assert cpu_binding([0, 1, 2, 3, 4], 2) == "0,1|2,3"
+    assert cpu_binding([0], 2) == "0|0"
+    cpu = VLLMEngine(_info(tmp_path, {"tensor_parallel_size": 2}), Settings(device=Device.CPU))
+    assert cpu.environment()["VLLM_CPU_OMP_THREADS_BIND"].count("|") == 1
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in VLLMEngine(_info(tmp_path / "1", {}), Settings(device=Device.CPU)).environment()
 
 
 async def test_stop_ends_every_engine_process_but_not_the_ray_cluster(
