@@ -91,7 +91,8 @@ def test_cpu_workers_get_their_own_cores(tmp_path: Path) -> None:
     assert cpu_binding([0], 2) == "0|0"
     cpu = VLLMEngine(_info(tmp_path, {"tensor_parallel_size": 2}), Settings(device=Device.CPU))
     assert cpu.environment()["VLLM_CPU_OMP_THREADS_BIND"].count("|") == 1
-    assert "VLLM_CPU_OMP_THREADS_BIND" not in VLLMEngine(_info(tmp_path / "1", {}), Settings(device=Device.CPU)).environment()
+    single = VLLMEngine(_info(tmp_path / "1", {}), Settings(device=Device.CPU))
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in single.environment()
 
 
 async def test_stop_ends_every_engine_process_but_not_the_ray_cluster(
