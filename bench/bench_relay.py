@@ -48,7 +48,7 @@ def serve_gateway(path: str, port: int, fast_path: bool) -> None:
     from server.registry import Registry
     from server.settings import Settings
 
-    settings = Settings(api_keys=API_KEY, max_concurrent_requests=4096, log_level="warning")  # type: ignore[arg-type]
+    settings = Settings(api_keys=API_KEY, max_concurrent_requests=4096, log_level="warning", watch=False)  # type: ignore[arg-type]
     app = create_app(settings, Registry([SocketEngine(Path(path), 4096, fast_path)]))
     uvicorn.run(app, host="127.0.0.1", port=port, log_config=None, log_level="warning", backlog=2048)
 

@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httptools
 import httpx
@@ -24,6 +24,9 @@ from starlette.types import Receive, Scope, Send
 
 from server.engines.base import Admission, Engine
 from server.errors import EngineUnavailable, Family, sse_error_event
+
+if TYPE_CHECKING:
+    from server.registry import Registry
 
 log = logging.getLogger("hubserve.proxy")
 
@@ -46,6 +49,7 @@ def _lost(engine: Engine, error: Exception) -> EngineUnavailable:
 
 
 async def forward(
+    registry: Registry,
     engine: Engine,
     path: str,
     body: bytes,
@@ -53,12 +57,14 @@ async def forward(
     family: Family = Family.OPENAI,
     method: str = "POST",
 ) -> Response:
-    """Send ``body`` to ``path`` on the engine, holding one in-flight slot until the answer is fully sent.
+    """Send ``body`` to ``path`` on the engine serving ``engine``'s model now (after a swap: the new one),
+    holding one in-flight slot until the answer is fully sent.
 
     JSON answers come back whole with vLLM's status; ``text/event-stream`` answers are streamed chunk by
     chunk as they arrive. If the engine dies mid-stream, one SSE error event in ``family``'s shape ends it.
     """
-    slot = engine.admit()
+    slot = await registry.admit(engine)
+    engine = slot.engine
     uds = engine.uds
     if uds is not None:
         return await _forward_socket(engine, uds, slot, method, path, body, request_headers, family)

@@ -32,6 +32,7 @@ class ModelResult:
     downloaded_bytes: int = 0
     downloaded_files: int = 0
     up_to_date: bool = False
+    held_by_rollback: bool = False  # following found the commit that `hubserve rollback` moved away from
     skipped_pickle: tuple[str, ...] = ()
     error: HubserveError | None = None
 
@@ -66,8 +67,18 @@ class Syncer:
             )
         return self._upstream
 
-    def run(self, update: set[str] | None = None, update_all: bool = False, only: set[str] | None = None) -> SyncReport:
-        """Sync every model (or ``only`` those); ``update``/``update_all`` re-resolve branch/tag pins."""
+    def run(
+        self,
+        update: set[str] | None = None,
+        update_all: bool = False,
+        only: set[str] | None = None,
+        follow: set[str] | None = None,
+    ) -> SyncReport:
+        """Sync every model (or ``only`` those); ``update``/``update_all`` re-resolve branch/tag pins.
+
+        ``follow``: models whose branch/tag is re-resolved too (the daemon's ``follow = true``), except that a
+        commit ``hubserve rollback`` moved away from is not taken again.
+        """
         report = SyncReport()
         self.store.ensure()
         with self.store.locked():
@@ -78,8 +89,10 @@ class Syncer:
                         continue
                     result = ModelResult(spec.name)
                     report.models.append(result)
+                    explicit = update_all or spec.name in (update or set())
+                    following = not explicit and spec.name in (follow or set())
                     try:
-                        self._sync_model(spec, lock, update_all or spec.name in (update or set()), result)
+                        self._sync_model(spec, lock, explicit or following, result, following)
                     except HubserveError as e:
                         result.error = e
             finally:
@@ -95,13 +108,17 @@ class Syncer:
             if name not in names:
                 del lock.models[name]
 
-    def _sync_model(self, spec: ModelSpec, lock: Lock, update: bool, result: ModelResult) -> None:
+    def _sync_model(
+        self, spec: ModelSpec, lock: Lock, update: bool, result: ModelResult, following: bool = False
+    ) -> None:
         locked = lock.get(spec.name)
         pin = choose_pin(spec, locked, update)
         commit, pipeline_tag = pin.commit, None
         if commit is None:
             info = self.upstream.resolve(spec.repo, spec.revision)
             commit, pipeline_tag = info.commit, info.pipeline_tag
+            if following and locked is not None and locked.rolled_back_from == commit:
+                commit, pipeline_tag, result.held_by_rollback = locked.commit, None, True
             if locked and locked.commit != commit:
                 result.old_commit = locked.commit
         result.commit = commit
@@ -136,9 +153,7 @@ class Syncer:
             )
             self.store.promote(record)
         self._write_refs(spec, commit)
-        lock.models[spec.name] = LockedModel(
-            spec.name, spec.repo, spec.revision, commit, selection.files, spec.selection_key()
-        )
+        lock.put(LockedModel(spec.name, spec.repo, spec.revision, commit, selection.files, spec.selection_key()))
 
     def _pipeline_tag(self, spec: ModelSpec, commit: str) -> str | None:
         try:
@@ -187,6 +202,8 @@ def describe(result: ModelResult) -> str:
         parts = [f"{result.name}: {result.old_commit[:12]} -> {commit}"]
     if result.up_to_date:
         parts.append("up to date")
+    if result.held_by_rollback:
+        parts.append("held by rollback (upstream still points at the commit rolled back from)")
     else:
         parts.append(f"verified, {result.downloaded_files} file(s) / {human_bytes(result.downloaded_bytes)} downloaded")
     if result.skipped_pickle:
