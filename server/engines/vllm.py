@@ -212,8 +212,9 @@ class VLLMEngine(Engine):
 
     @property
     def uds(self) -> Path | None:
-        ready = self._state is EngineState.READY and self._socket_dir is not None
-        return self._socket_dir / "vllm.sock" if ready and self._socket_dir is not None else None
+        if self._state is not EngineState.READY or self._socket_dir is None:
+            return None
+        return self._socket_dir / "vllm.sock"
 
     def client(self) -> httpx.AsyncClient:
         if self._state is not EngineState.READY or self._client is None:
