@@ -212,7 +212,7 @@ class Registry:
         self.waiting: dict[str, str] = {}  # manifest models not servable yet, with the reason
         self.pending: dict[str, str] = {}  # served models whose new pin is not verified yet
         self._apply_lock = asyncio.Lock()
-        self._background: set[asyncio.Task[Any]] = set()
+        self._retiring: set[Engine] = set()  # old engines draining after a swap or removal
 
     @classmethod
     def from_models(
@@ -345,9 +345,7 @@ class Registry:
                     log.error("model %s did not start: %s", engines[i].info.name, result)
 
     async def stop_all(self) -> None:
-        for task in list(self._background):
-            task.cancel()
-        engines = [s.engine for s in self._served.values()]
+        engines = [s.engine for s in self._served.values()] + list(self._retiring)
         await asyncio.gather(*(e.stop() for e in engines), return_exceptions=True)
 
     # ---- rollout ------------------------------------------------------------------------------------
@@ -416,6 +414,7 @@ class Registry:
         log.info("model %s: unloaded", name)
 
     async def _drain_and_stop(self, engine: Engine) -> None:
+        self._retiring.add(engine)  # cancelled half-way (shutdown), stop_all still stops it
         deadline = time.monotonic() + self.settings.drain_timeout_s
         while engine.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
@@ -423,6 +422,7 @@ class Registry:
             log.warning("model %s: %d request(s) still in flight after %.0f s; stopping the engine",
                         engine.info.name, engine.in_flight, self.settings.drain_timeout_s)
         await engine.stop()
+        self._retiring.discard(engine)
 
     def _fits_beside(self, served: ServedModel, info: ModelInfo) -> bool:
         """Whether the new revision's engine fits in memory beside every running engine (blue/green)."""
@@ -475,6 +475,7 @@ class Registry:
             "start_s": round(ready - started, 2), "switch_s": round(switch, 4),
         }
         await self._drain_and_stop(old)
+        log.info("model %s: previous revision %s drained and stopped", info.name, old.info.commit[:12])
 
     async def _swap_in_place(self, served: ServedModel, info: ModelInfo) -> None:
         old = served.engine
