@@ -11,7 +11,7 @@ the CUDA build). So:
   else from ``$HUBSERVE_TORCH_INDEX`` (a mirror of PyTorch's CPU index), else from PyTorch's CPU index
   (``--torch-backend cpu``); the overrides that drop PyPI's CUDA torchvision/torchaudio/torchcodec apply;
 - extra ``gpu``: vLLM's CUDA build resolves from the index the normal way, with its matching torchvision
-  and friends (vLLM's multimodal models need them): no overrides, no torch pin.
+  and friends (vLLM's multimodal models need them): no overrides, and never the local CPU torch wheel.
 
 Usage: ``scripts/install_plan.py cpu,test`` (the install) or ``scripts/install_plan.py --sources`` (only
 the index flags, for other installs). Standard library only: it runs before the virtualenv exists.
@@ -126,6 +126,8 @@ def plan(
             args += ["--index", env["HUBSERVE_TORCH_INDEX"], f"torch=={CPU_TORCH}"]
         else:
             args += ["--torch-backend", "cpu"]
+    elif "gpu" in wanted and has_torch(sources):
+        args.append(f"torch!={CPU_TORCH}")  # pip's local CPU wheel would otherwise win over PyPI's CUDA build
     return [*args, "-e", f".[{','.join(sorted(wanted))}]" if wanted else "."]
 
 

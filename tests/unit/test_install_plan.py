@@ -77,9 +77,11 @@ def test_cpu_without_a_local_wheel_uses_pytorch_cpu_index_or_the_named_mirror() 
     assert "--torch-backend" not in mirrored
 
 
-def test_gpu_installs_vllm_cuda_build_without_overrides_or_torch_pin() -> None:
-    args = _plan("gpu,test", ip.PipSources(index_url="https://pypi.corp/simple"), has_torch=True)
+def test_gpu_installs_vllm_cuda_build_without_overrides_and_never_the_local_cpu_torch() -> None:
+    args = _plan("gpu,test", ip.PipSources(index_url="https://pypi.corp/simple"), has_torch=False)
     assert args == ["--index-url", "https://pypi.corp/simple", "-e", ".[gpu,test]"]
+    local = _plan("gpu", ip.PipSources(find_links=["/wheels"]), has_torch=True)
+    assert local == ["--find-links", "/wheels", "torch!=2.13.0+cpu", "-e", ".[gpu]"]
 
 
 def test_cpu_and_gpu_together_is_refused() -> None:
