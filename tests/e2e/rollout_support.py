@@ -225,7 +225,7 @@ class Traffic:
 
     server: Server
     concurrency: int = 4
-    pause_s: float = 0.1  # between two requests of one client: leaves the CPU room to start the new engine
+    pause_s: float = 0.3  # between two requests of one client: leaves the CPU room to start the new engine
     outcomes: list[Outcome] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
