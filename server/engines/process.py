@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from server.engines.base import Engine, EngineState, ModelInfo
+from server.engines.proctree import Proc, kill_all, refresh
 from server.errors import EngineStartError
 
 from ..settings import Settings
@@ -81,6 +82,16 @@ def offline_environment(snapshot: str) -> dict[str, str]:
     return env
 
 
+def engine_client(socket_path: Path, max_in_flight: int) -> httpx.AsyncClient:
+    """The gateway's client for one engine's private socket: no read timeout (streams), a pool per slot."""
+    return httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
+        base_url="http://engine",
+        timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=30.0),
+        limits=httpx.Limits(max_connections=max_in_flight + 16, max_keepalive_connections=64),
+    )
+
+
 class ProcessEngine(Engine):
     """One model revision served by a child process on a private Unix socket, restarted with backoff if it dies."""
 
@@ -96,6 +107,7 @@ class ProcessEngine(Engine):
         self._supervisor: asyncio.Task[None] | None = None
         self._log_reader: asyncio.Task[None] | None = None
         self._log_tail: deque[str] = deque(maxlen=300)
+        self._started_procs: list[Proc] = []  # the engine's descendants, last seen (see proctree.py)
         self._stopping = False
         self._log = logging.getLogger(f"hubserve.engine.{info.name}")
 
@@ -119,6 +131,12 @@ class ProcessEngine(Engine):
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
+
+    @property
+    def uds(self) -> Path | None:
+        if self._state is not EngineState.READY or self._socket_dir is None:
+            return None
+        return self._socket_dir / self.socket_name
 
     def client(self) -> httpx.AsyncClient:
         if self._state is not EngineState.READY or self._client is None:
@@ -213,12 +231,7 @@ class ProcessEngine(Engine):
         self._state = EngineState.STARTING
         await self._spawn()
         assert self._proc is not None
-        client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(self.socket_path)),
-            base_url="http://engine",
-            timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=30.0),
-            limits=httpx.Limits(max_connections=self.max_in_flight + 16, max_keepalive_connections=64),
-        )
+        client = engine_client(self.socket_path, self.max_in_flight)
         deadline = time.monotonic() + self.settings.engine_start_timeout_s
         try:
             while True:
@@ -241,6 +254,7 @@ class ProcessEngine(Engine):
         if old is not None:
             await old.aclose()
         self._state = EngineState.READY
+        self._started_procs = refresh([], self._proc.pid)
         self.ready_since = time.monotonic()
         self.last_error = None
         self._log.info("ready (pid %s, max_model_len %s)", self._proc.pid, self.max_model_len)
@@ -250,6 +264,8 @@ class ProcessEngine(Engine):
         proc = self._proc
         if proc is None:
             return
+        started = refresh(self._started_procs, proc.pid)  # before they are orphaned by the signal
+        self._started_procs = []
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -260,6 +276,7 @@ class ProcessEngine(Engine):
             # The engine's workers share the group; whatever outlived the main process goes now.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            kill_all(started)  # what left the group (a local Ray head's daemons, ...) but the engine started
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(proc.wait())
         if self._log_reader is not None:
@@ -303,6 +320,7 @@ class ProcessEngine(Engine):
                 return await asyncio.wait_for(asyncio.shield(proc.wait()), PROBE_INTERVAL_S)
             except TimeoutError:
                 pass
+            self._started_procs = refresh(self._started_procs, proc.pid)  # for a crash, after which they are orphans
             if self._stopping or self._state is not EngineState.READY:
                 continue
             misses = 0 if await self.check_health() else misses + 1

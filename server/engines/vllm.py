@@ -3,6 +3,11 @@
 The process runs ``python -m vllm.entrypoints.openai.api_server`` offline against the store
 (``--model <repo> --revision <commit>``); supervision, offline environment and process group are
 ``ProcessEngine``'s (engines/process.py). vLLM itself is never imported here: the gateway stays light.
+
+One model may span several GPUs and nodes: ``tensor_parallel_size``, ``pipeline_parallel_size`` and
+``distributed_executor_backend = "ray"`` in ``[models.engine]`` pass through as vLLM flags, and ``RAY_ADDRESS``
+from the gateway's environment reaches the engine (a Ray cluster to join; without it vLLM starts a local one,
+which then belongs to the engine and stops with it: see proctree.py).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import contextlib
 import importlib.metadata
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,6 +91,19 @@ def effective_engine_args(info: ModelInfo, device: Device, settings: Settings) -
     return args
 
 
+def world_size(args: dict[str, Any]) -> int:
+    """Worker processes (one per GPU on GPU builds) of one engine: tensor x pipeline parallel size."""
+    return max(1, int(args.get("tensor_parallel_size") or 1)) * max(1, int(args.get("pipeline_parallel_size") or 1))
+
+
+def cpu_binding(cpus: list[int], workers: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``workers`` CPU workers: the cores split in contiguous groups, "0,1|2,3"."""
+    if len(cpus) < workers:
+        return "|".join(str(cpus[i % len(cpus)]) for i in range(workers))
+    size = len(cpus) // workers
+    return "|".join(",".join(map(str, cpus[i * size : (i + 1) * size])) for i in range(workers))
+
+
 def engine_flags(args: dict[str, Any]) -> list[str]:
     """``{"max_model_len": 2048, "enforce_eager": True}`` → ``["--max-model-len", "2048", "--enforce-eager"]``."""
     flags: list[str] = []
@@ -120,10 +139,15 @@ class VLLMEngine(ProcessEngine):
         return self._max_model_len
 
     def memory_estimate(self) -> int:
-        """Host memory while starting: weights (fp32 may double a bf16 checkpoint), KV cache, runtime."""
+        """Host memory while starting: weights (fp32 may double a bf16 checkpoint), KV cache, runtime.
+
+        Every worker of a tensor/pipeline-parallel engine (one per GPU) has its own runtime (and, on CPU, its
+        own KV cache); the weights are split between them.
+        """
+        workers = world_size(self.args)
         if self.device is Device.GPU:
-            return int(1.5 * GIB) + self.info.weights_bytes  # host side only; GPU memory is vLLM's business
-        return 2 * self.info.weights_bytes + self.settings.cpu_kvcache_gib * GIB + int(1.5 * GIB)
+            return workers * int(1.5 * GIB) + self.info.weights_bytes  # host side; GPU memory is vLLM's business
+        return 2 * self.info.weights_bytes + workers * (self.settings.cpu_kvcache_gib * GIB + int(1.5 * GIB))
 
     # ---- process --------------------------------------------------------------------------------------
     def command(self) -> list[str]:
@@ -151,6 +175,9 @@ class VLLMEngine(ProcessEngine):
         env = super().environment() | {"VLLM_NO_USAGE_STATS": "1"}
         if self.device is Device.CPU:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_gib))
+            if world_size(self.args) > 1:  # vLLM's CPU workers need their cores named on a single NUMA node
+                cpus = sorted(os.sched_getaffinity(0))
+                env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(cpus, world_size(self.args)))
         return env
 
     async def _read_max_model_len(self, client: httpx.AsyncClient) -> int | None:
