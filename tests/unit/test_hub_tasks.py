@@ -119,7 +119,7 @@ def test_decode_spans_and_qa_answers() -> None:
     # token 0: CLS; tokens 1-2 question; tokens 3-6 context
     allowed = np.array([True, False, False, True, True, True, True])
     start = np.array([0.0, 9.0, 0.0, 1.0, 5.0, 0.0, 0.0])
-    end = np.array([0.0, 0.0, 9.0, 0.0, 1.0, 6.0, 0.0])
+    end = np.array([0.0, 0.0, 9.0, 0.0, 1.0, 8.0, 0.0])
     spans = [(0, 0), (0, 0), (0, 0), (0, 3), (4, 9), (10, 12), (13, 20)]
     feature = tasks.QAFeature(start, end, allowed, spans)
     context = "the quick brown foxes"
@@ -127,7 +127,7 @@ def test_decode_spans_and_qa_answers() -> None:
     assert (best["start"], best["end"], best["answer"]) == (4, 12, "quick br")
     two = tasks.qa_answers([feature], context, 2, 1, False)  # spans of one token only
     assert [(a["start"], a["end"]) for a in two] == [(10, 12), (4, 9)]
-    with_null = tasks.qa_answers([feature], context, 3, 15, True)
+    with_null = tasks.qa_answers([feature], context, 20, 15, True)
     assert {"score", "start", "end", "answer"} <= with_null[-1].keys()
     assert any(a["answer"] == "" and a["start"] == 0 for a in with_null)
     assert all(a["score"] <= b["score"] for a, b in zip(with_null[1:], with_null, strict=False))
