@@ -16,7 +16,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import httpx
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
@@ -35,7 +34,7 @@ from server.hub.protocol import (
 from server.proxy import forward
 from server.registry import Registry
 from server.tgi.protocol import parse_generate
-from server.tgi.serving import GENERATIVE_TASKS, dump_generate, engine_error, lost, read_json, tgi_service
+from server.tgi.serving import GENERATIVE_TASKS, dump_generate, post_engine, read_json, tgi_service
 
 log = logging.getLogger("hubserve.hub")
 
@@ -81,16 +80,6 @@ async def run_task(registry: Registry, engine: Engine, task: str, payload: objec
         response = await post_engine(engine, "/run", parsed.model_dump(exclude_none=True))
     return Response(response.content, media_type="application/json")
 
-
-async def post_engine(engine: Engine, path: str, body: dict[str, Any]) -> httpx.Response:
-    """POST a JSON body to the engine; a lost connection is EngineUnavailable, an error answer its ServerError."""
-    try:
-        response = await engine.client().post(path, json=body)
-    except httpx.TransportError as e:
-        raise lost(engine, e) from e
-    if response.status_code >= 400:
-        raise engine_error(response.status_code, response.content)
-    return response
 
 
 @functools.lru_cache(maxsize=64)

@@ -69,6 +69,17 @@ def _error_message(body: bytes) -> str | None:
     return str(data.get("message") or "") or None if isinstance(data, dict) else None
 
 
+async def post_engine(engine: Engine, path: str, body: dict[str, Any]) -> httpx.Response:
+    """POST a JSON body to the engine; a lost connection is EngineUnavailable, an error answer its ServerError."""
+    try:
+        response = await engine.client().post(path, json=body)
+    except httpx.TransportError as e:
+        raise lost(engine, e) from e
+    if response.status_code >= 400:
+        raise engine_error(response.status_code, response.content)
+    return response
+
+
 def lost(engine: Engine, error: Exception) -> EngineUnavailable:
     return EngineUnavailable(
         f"Model `{engine.info.name}` is unavailable ({type(error).__name__}); it may be restarting, retry later.",
@@ -115,13 +126,7 @@ class TGIService:
 
     # ---- engine calls -------------------------------------------------------------------------------
     async def _post(self, engine: Engine, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            response = await engine.client().post(path, json=body)
-        except httpx.TransportError as e:
-            raise lost(engine, e) from e
-        if response.status_code >= 400:
-            raise engine_error(response.status_code, response.content)
-        data = response.json()
+        data = (await post_engine(engine, path, body)).json()
         if not isinstance(data, dict):
             raise GenerationError(f"Unexpected answer from the engine on {path}.")
         return data
