@@ -1,4 +1,5 @@
-"""The sync commands of the ``hubserve`` CLI: sync, import, mirror, status, verify, gc.
+"""The sync commands of the ``hubserve`` CLI: sync, import, mirror, status, verify, gc (export and
+import-bundle live in cli_bundle).
 
 Every command turns a HubserveError into one line on stderr and its exit code (1 failure, 2 bad
 config or usage); ``--verbose`` adds the traceback.
@@ -85,6 +86,10 @@ def register_sync_commands(app: typer.Typer) -> None:
     app.command("status")(status_cmd)
     app.command("verify")(verify_cmd)
     app.command("gc")(gc_cmd)
+    from sync.cli_bundle import export_cmd, import_bundle_cmd  # imports this module: registered late
+
+    app.command("export")(export_cmd)
+    app.command("import-bundle")(import_bundle_cmd)
 
 
 @cli_errors
