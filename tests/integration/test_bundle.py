@@ -24,11 +24,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sync.bundle import MANIFEST_NAME, export_bundle, import_bundle, plan_export
 from sync.bundle_parts import BundleError, part_path
 from sync.bundle_sign import load_public_key
+from sync.hashing import FileHasher
 from sync.importer import import_folder
-from sync.lock import read_lock
+from sync.lock import Lock, LockedModel, read_lock
 from sync.manifest import load_config
 from sync.mirror import make_mirror
-from sync.store import Store
+from sync.store import FileEntry, RevisionRecord, Store, now_iso
 from sync.syncer import Syncer
 from tests.conftest import MINILM_REPO, TINY_REPO, hubserve
 
@@ -333,3 +334,41 @@ def test_plain_bundle_is_a_tar_that_tar_lists(tiny_bundle: Path) -> None:
     names = res.stdout.split()
     assert names[0] == MANIFEST_NAME
     assert all(n.startswith("blobs/models--hubserve-test--tiny-llama/") for n in names[1:])
+
+
+# ---- memory: a >= 1 GiB bundle imports in constant memory --------------------------------------------
+def _big_store(root: Path, size: int) -> tuple[Store, Lock]:
+    """A store with one revision of ``size`` random bytes, written straight into blobs/ by the store's code."""
+    store = Store(root)
+    store.ensure()
+    tmp, chunk = store.new_tmp_file("big"), os.urandom(8 << 20)
+    hasher = FileHasher(True, size)
+    with tmp.open("wb") as f:
+        for i in range(0, size, len(chunk)):
+            block = (i.to_bytes(8, "little") + chunk[8:])[: size - i]  # no two blocks alike: nothing dedups
+            hasher.update(block)
+            f.write(block)
+    big = FileEntry("model.safetensors", size, sha256=hasher.hexdigest())
+    store.add_blob("acme/big", big, tmp)
+    record = RevisionRecord("acme/big", "b" * 40, (big,), now_iso(), refs=("main",))
+    store.promote(record, refs=("main",))
+    return store, Lock({"big": LockedModel("big", "acme/big", "main", record.commit, record.files)})
+
+
+def test_importing_a_1gib_bundle_stays_under_200mib_rss(tmp_path: Path) -> None:
+    size = (1 << 30) + 12345
+    store, lock = _big_store(tmp_path / "outside", size)
+    parts = export_bundle(store, plan_export(store, lock, None, None), tmp_path / "big.tar", split=300 << 20).paths
+    shutil.rmtree(store.root)  # only the bundle and the import's own copy stay on disk
+    assert sum(p.stat().st_size for p in parts) > size
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "import-bundle", *map(str, parts),
+                             "--store", str(tmp_path / "inside")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+    peak_mib = usage.ru_maxrss / 1024  # KiB on Linux
+    assert peak_mib < 200, f"import peaked at {peak_mib:.0f} MiB RSS"
+    inside = Store(tmp_path / "inside")
+    record = inside.get_revision("acme/big", "b" * 40)
+    assert record is not None and inside.blob_path("acme/big", record.files[0].etag).stat().st_size == size
+    print(f"import of a {size / 2**30:.2f} GiB bundle: peak RSS {peak_mib:.0f} MiB")
