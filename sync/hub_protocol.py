@@ -6,10 +6,12 @@ raises HttpError carrying the status and ``X-Error-Code`` the Hub would use.
 
 from __future__ import annotations
 
+import json
 import re
 from functools import lru_cache
 from hashlib import sha1
 from typing import Any
+from urllib.parse import parse_qs
 
 from sync.errors import ConfigError
 from sync.paths import check_repo_id, is_commit
@@ -71,7 +73,7 @@ def newest_main(store: Store, repo: str) -> RevisionRecord | None:
 
 
 # ---- JSON shapes -----------------------------------------------------------------------------
-def _hub_time(iso: str) -> str:
+def hub_time(iso: str) -> str:
     """The Hub's timestamp shape (milliseconds, ``Z``), which old clients parse strictly."""
     return iso[:-1] + ".000Z" if iso.endswith("Z") and "." not in iso else iso
 
@@ -101,34 +103,6 @@ def sibling(entry: FileEntry, blobs: bool) -> dict[str, Any]:
         if entry.sha256:
             out["lfs"] = {"size": entry.size, "sha256": entry.sha256, "pointerSize": entry.pointer_size}
     return out
-
-
-def model_info(store: Store, record: RevisionRecord, blobs: bool) -> dict[str, Any]:
-    card = card_data(store, record)
-    tags = card.get("tags")
-    info: dict[str, Any] = {
-        "_id": record.commit[:24],
-        "id": record.repo,
-        "modelId": record.repo,
-        "author": record.repo.split("/")[0],
-        "sha": record.commit,
-        "lastModified": _hub_time(record.verified_at),
-        "createdAt": _hub_time(record.verified_at),
-        "private": False,
-        "disabled": False,
-        "gated": False,
-        "downloads": 0,
-        "likes": 0,
-        "tags": [str(t) for t in tags] if isinstance(tags, list) else [],
-        "siblings": [sibling(f, blobs) for f in sorted(record.files, key=lambda f: f.path)],
-        "usedStorage": record.size,
-    }
-    pipeline_tag = record.pipeline_tag or card.get("pipeline_tag")
-    if isinstance(pipeline_tag, str):
-        info["pipeline_tag"] = pipeline_tag
-    if isinstance(card.get("library_name"), str):
-        info["library_name"] = card["library_name"]
-    return info
 
 
 def _git_tree_sha(children: dict[str, Any]) -> str:
@@ -210,6 +184,21 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 def _unsatisfiable(size: int) -> HttpError:
     return HttpError(416, f"Range not satisfiable (file size {size})", headers={"Content-Range": f"bytes */{size}"})
+
+
+def parse_paths_body(body: bytes, content_type: str) -> list[str]:
+    """``paths`` of a paths-info request: a form (what huggingface_hub sends) or a JSON object."""
+    if content_type.startswith("application/json"):
+        try:
+            paths = json.loads(body).get("paths", [])
+        except (ValueError, AttributeError):
+            raise HttpError(400, "paths-info: body is not a JSON object") from None
+    else:
+        paths = parse_qs(body.decode("utf-8", "replace")).get("paths", [])
+    paths = [paths] if isinstance(paths, str) else paths
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise HttpError(400, "paths-info: 'paths' must be a list of strings")
+    return paths
 
 
 def header_safe(text: str) -> str:
