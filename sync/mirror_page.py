@@ -17,9 +17,11 @@ th{background:#1f3a5f;color:#fff;text-align:left;padding:.5rem .6rem;font-weight
 td{border-bottom:1px solid #d9dee6;padding:.5rem .6rem;vertical-align:top}
 tr:nth-child(even) td{background:#f4f6f9}
 code{font:12px/1.4 ui-monospace,monospace}
-td.snippet code{display:block;white-space:pre;background:#0f1720;color:#e6edf3;padding:.45rem .6rem;
-border-radius:4px;user-select:all}
-.tag{display:inline-block;background:#e7eef8;color:#1f3a5f;border-radius:3px;padding:0 .35rem;margin:0 .2rem .2rem 0}
+td.repo{min-width:16rem}td.verified,td.size,td.commit,td.task{white-space:nowrap}
+td.snippet code{display:block;white-space:pre-wrap;word-break:break-all;background:#0f1720;color:#e6edf3;
+padding:.45rem .6rem;margin-bottom:.35rem;border-radius:4px;user-select:all}
+.tags{display:flex;flex-wrap:wrap;gap:.2rem;margin-top:.3rem}
+.tag{white-space:nowrap;background:#e7eef8;color:#1f3a5f;border-radius:3px;padding:0 .35rem;font-size:12px}
 .empty{padding:2rem;text-align:center;color:#5b6473}
 """
 
@@ -29,17 +31,17 @@ def _row(store: Store, record: RevisionRecord, endpoint: str) -> str:
     refs = revision_label(store, record)
     snippet = f"HF_ENDPOINT={endpoint} hf download {record.repo} --revision {record.commit}"
     python = (f"# HF_ENDPOINT={endpoint}\nfrom transformers import AutoModel\n"
-              f"AutoModel.from_pretrained({record.repo!r}, revision={record.commit[:12]!r})")
+              f"AutoModel.from_pretrained({record.repo!r}, revision={record.commit!r})")
     tags = "".join(f'<span class="tag">{escape(t)}</span>' for t in facts.tags[:8])
     return (
         "<tr>"
-        f'<td class="repo"><strong>{escape(record.repo)}</strong><br>{tags}</td>'
+        f'<td class="repo"><strong>{escape(record.repo)}</strong><div class="tags">{tags}</div></td>'
         f'<td class="commit"><code title="{escape(record.commit)}">{escape(record.commit[:12])}</code>'
         f"<br>{escape(refs)}</td>"
         f'<td class="task">{escape(facts.pipeline_tag or "-")}<br>'
         f'<small>{escape(facts.library_name or "")}</small></td>'
         f'<td class="size">{escape(human_bytes(record.size))}<br><small>{len(record.files)} files</small></td>'
-        f'<td class="verified">{escape(record.verified_at)}</td>'
+        f'<td class="verified">{escape(record.verified_at.replace("T", " "))}</td>'
         f'<td class="snippet"><code>{escape(snippet)}</code><code>{escape(python)}</code></td>'
         "</tr>"
     )

@@ -168,13 +168,6 @@ def test_round_trip_signed_then_served_byte_identical(outside: Outside, tmp_path
         server.shutdown()
         server.server_close()
 
-    # ... and loads offline with transformers, as the vLLM engine does from HF_HUB_CACHE.
-    script = (f"import transformers; transformers.AutoModelForCausalLM.from_pretrained('{TINY_REPO}', "
-              f"revision='{outside.commits['tiny']}'); print('OK')")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(inside / "store")}
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]
-
 
 def test_incremental_since_carries_only_new_blobs(outside: Outside, tmp_path: Path, tiny_llama: Path) -> None:
     base = tmp_path / "outside"
