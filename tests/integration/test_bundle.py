@@ -21,6 +21,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from server.registry import resolve_models
 from sync.bundle import MANIFEST_NAME, export_bundle, import_bundle, plan_export
 from sync.bundle_parts import BundleError, part_path
 from sync.bundle_sign import load_public_key
@@ -143,6 +144,10 @@ def test_round_trip_signed_then_served_byte_identical(outside: Outside, tmp_path
     assert read_lock(inside / "models.lock").models == read_lock(outside.config.with_suffix(".lock")).models
     res = hubserve("verify", "--store", str(inside / "store"))
     assert res.returncode == 0 and "2 revision(s) verified" in res.stdout, res.stdout + res.stderr
+    # `hubserve serve` resolves the same models at the same commits from the imported store.
+    served = {m.name: (m.repo, m.commit, m.task, m.weights_bytes) for m in resolve_models(load_config(cfg))}
+    assert served == {m.name: (m.repo, m.commit, m.task, m.weights_bytes)
+                      for m in resolve_models(load_config(outside.config))}
     # `hubserve sync` inside is a no-op: the imported store is exactly a synced one (the upstream is unreachable).
     res = hubserve("sync", "--config", str(cfg))
     assert res.returncode == 0 and res.stdout.count("up to date") == 2, res.stdout + res.stderr
