@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from sync.bundle_parts import ZSTD_MAGIC, BundleError, PartReader, PartWriter
 from sync.bundle_sign import check_signature, sign
-from sync.bundle_tar import TarReader, TarWriter
+from sync.bundle_tar import Readable, TarReader, TarWriter
 from sync.errors import HubserveError
 from sync.hashing import FileHasher
 from sync.lock import Lock, LockedModel, read_lock, write_lock
@@ -73,7 +73,7 @@ def locked_model(d: dict[str, Any]) -> LockedModel:
 
 
 @dataclass(frozen=True)
-class Manifest:
+class BundleManifest:
     """What a bundle says it carries; parsed and checked before any blob is read."""
 
     bundle_id: str
@@ -96,7 +96,7 @@ class Manifest:
         return json.dumps(doc, indent=1).encode() + b"\n"
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Manifest:
+    def from_bytes(cls, data: bytes) -> BundleManifest:
         try:
             doc = json.loads(data)
             if doc.get("format") != FORMAT:
@@ -130,15 +130,11 @@ class Manifest:
 @dataclass
 class ExportResult:
     paths: list[Path]
-    manifest: Manifest
+    manifest: BundleManifest
     bytes_written: int = 0
 
-    @property
-    def blob_bytes(self) -> int:
-        return sum(e.size for _, e in self.manifest.blobs)
 
-
-def plan_export(store: Store, lock: Lock, names: Iterable[str] | None, since: Lock | None) -> Manifest:
+def plan_export(store: Store, lock: Lock, names: Iterable[str] | None, since: Lock | None) -> BundleManifest:
     """Which revisions and blobs to carry: the pinned ones named (default all), minus what ``since`` has."""
     wanted = list(names) if names else sorted(lock.models)
     models = []
@@ -163,7 +159,7 @@ def plan_export(store: Store, lock: Lock, names: Iterable[str] | None, since: Lo
         for f in sorted(record.files, key=lambda f: f.path):
             if (repo, f.etag) not in have_blobs:
                 blobs.setdefault((repo, f.etag), (repo, f))
-    return Manifest(
+    return BundleManifest(
         bundle_id=uuid.uuid4().hex, created_at=now_iso(), hubserve_version=hubserve_version(),
         models=tuple(models), revisions=tuple(revisions.values()), blobs=tuple(blobs.values()),
         since=tuple(sorted(have)),
@@ -171,7 +167,7 @@ def plan_export(store: Store, lock: Lock, names: Iterable[str] | None, since: Lo
 
 
 def export_bundle(
-    store: Store, manifest: Manifest, out: Path, *, split: int | None = None, zstd: bool = False,
+    store: Store, manifest: BundleManifest, out: Path, *, split: int | None = None, zstd: bool = False,
     key: Ed25519PrivateKey | None = None, verify: bool = True, progress: Progress = _no_progress,
 ) -> ExportResult:
     """Stream the manifest's blobs from the store into ``out`` (or its parts); constant memory.
@@ -227,7 +223,7 @@ def _export_blob(store: Store, tar: TarWriter, repo: str, entry: FileEntry, veri
 # ---- import ---------------------------------------------------------------------------------------
 @dataclass
 class ImportResult:
-    manifest: Manifest
+    manifest: BundleManifest
     signer: str | None
     promoted: list[RevisionRecord] = field(default_factory=list)
     already: list[RevisionRecord] = field(default_factory=list)
@@ -235,14 +231,14 @@ class ImportResult:
     bytes_read: int = 0
 
 
-def open_stream(reader: PartReader) -> IO[bytes]:
+def open_stream(reader: PartReader) -> Readable:
     """The tar stream inside the parts: decompressed when it starts with zstd's magic number."""
     if reader.peek_magic() == ZSTD_MAGIC:
         import zstandard
 
         zd = zstandard.ZstdDecompressor()
-        return cast(IO[bytes], zd.stream_reader(cast(IO[bytes], reader), read_across_frames=True))
-    return cast(IO[bytes], reader)
+        return cast(Readable, zd.stream_reader(cast(IO[bytes], reader), read_size=1 << 20, read_across_frames=True))
+    return reader
 
 
 def import_bundle(
@@ -270,7 +266,7 @@ def import_bundle(
 
 def _read_head(
     tar: TarReader, trusted: list[Ed25519PublicKey],
-) -> tuple[Manifest, str | None, tarfile.TarInfo | None]:
+) -> tuple[BundleManifest, str | None, tarfile.TarInfo | None]:
     """The manifest and its signature, checked; and the entry after them (the first blob)."""
     first = tar.next()
     if first is None or first.name != MANIFEST_NAME:
@@ -283,11 +279,11 @@ def _read_head(
         signature = tar.read_small(tar_next, 64 << 10)
         tar_next = tar.next()
     signer = check_signature(body, signature, trusted)
-    return Manifest.from_bytes(body), signer, tar_next
+    return BundleManifest.from_bytes(body), signer, tar_next
 
 
 def _stage_blobs(
-    store: Store, tar: TarReader, member: tarfile.TarInfo | None, manifest: Manifest, staging: Path,
+    store: Store, tar: TarReader, member: tarfile.TarInfo | None, manifest: BundleManifest, staging: Path,
     progress: Progress,
 ) -> dict[tuple[str, str], Path]:
     """Stream every blob into ``staging``, hashing it; refuse anything out of place."""
@@ -317,7 +313,7 @@ def _stage_blobs(
     return staged
 
 
-def _check_base(store: Store, manifest: Manifest, staged: dict[tuple[str, str], Path]) -> None:
+def _check_base(store: Store, manifest: BundleManifest, staged: dict[tuple[str, str], Path]) -> None:
     """An incremental bundle needs the blobs and revisions the earlier one brought."""
     for record in manifest.revisions:
         for f in record.files:
@@ -333,7 +329,7 @@ def _check_base(store: Store, manifest: Manifest, staged: dict[tuple[str, str], 
                               "store; import the earlier bundle(s) first")
 
 
-def _commit(store: Store, manifest: Manifest, staged: dict[tuple[str, str], Path], result: ImportResult) -> None:
+def _commit(store: Store, manifest: BundleManifest, staged: dict[tuple[str, str], Path], result: ImportResult) -> None:
     entries = {(repo, e.etag): e for repo, e in manifest.blobs}
     for key, tmp in staged.items():
         repo, entry = key[0], entries[key]
@@ -355,7 +351,7 @@ def _commit(store: Store, manifest: Manifest, staged: dict[tuple[str, str], Path
         result.promoted.append(fresh)
 
 
-def _merge_lock(lock_path: Path, manifest: Manifest) -> None:
+def _merge_lock(lock_path: Path, manifest: BundleManifest) -> None:
     lock = read_lock(lock_path)
     for m in manifest.models:
         lock.models[m.name] = m

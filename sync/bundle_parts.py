@@ -8,6 +8,7 @@ part is refused by name before any byte is trusted.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -181,7 +182,7 @@ class PartReader:
         self.split = check_parts(paths)
         self.paths = paths
         self.index = -1
-        self._f: BinaryIO | None = None
+        self._f: io.BufferedReader | None = None
         self._open_next()
 
     @property
@@ -215,6 +216,16 @@ class PartReader:
             chunks.append(data)
             want -= len(data)
         return b"".join(chunks)
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        """Up to ``len(buffer)`` bytes from the current part (0 only at the end of the last part)."""
+        while self._f is not None:
+            n = self._f.readinto(buffer)
+            if n:
+                return n
+            if not self._open_next():
+                break
+        return 0
 
     def peek_magic(self) -> bytes:
         """The first 4 payload bytes (to tell zstd from plain tar) without consuming them."""

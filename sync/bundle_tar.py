@@ -1,12 +1,12 @@
-"""Tar streams for bundles: written entry by entry with tarfile's own header encoder, read with tarfile in
-stream mode, so neither side ever seeks, holds a whole file in memory or needs a second copy on disk."""
+"""Tar streams for bundles: written and read entry by entry with tarfile's own header encoder and parser, so
+neither side ever seeks, holds a whole file in memory or needs a second copy on disk."""
 
 from __future__ import annotations
 
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Protocol
+from typing import Protocol
 
 from sync.bundle_parts import BundleError
 
@@ -77,47 +77,117 @@ def refuse_unsafe(member: tarfile.TarInfo) -> None:
         raise BundleError(f"bundle carries a special entry {name!r} (type {member.type!r}); refusing it")
 
 
+class Readable(Protocol):
+    def readinto(self, buffer: bytearray | memoryview, /) -> int | None: ...
+
+
 class TarReader:
-    """Entries of a tar stream, one at a time, with every tarfile failure turned into one BundleError."""
+    """Entries of a tar stream, one at a time, never seeking and never holding more than one buffer.
 
-    def __init__(self, stream: IO[bytes], where: Callable[[], str]) -> None:
-        self.where = where
-        try:
-            self._tar = tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20)  # noqa: SIM115 (closed by close())
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise self.damaged(e) from None
+    Headers are parsed by tarfile's own ``TarInfo.frombuf`` (checksums included) and pax ``path``/``size``
+    records are honoured; bodies are read with ``readinto`` into one reused buffer (tarfile's stream mode
+    copies every byte several times). Anything unexpected becomes one BundleError naming where it happened.
+    """
 
-    def damaged(self, e: BaseException) -> BundleError:
-        return BundleError(f"bundle truncated or damaged in {self.where()}: {type(e).__name__}: {e}")
+    def __init__(self, stream: Readable, where: Callable[[], str]) -> None:
+        self.stream, self.where = stream, where
+        self._buf = bytearray(COPY_CHUNK)
+        self._left = 0  # unread body + padding bytes of the current entry
+
+    def damaged(self, why: str) -> BundleError:
+        return BundleError(f"bundle truncated or damaged in {self.where()}: {why}")
+
+    def _fill(self, view: memoryview) -> int:
+        got = 0
+        while got < len(view):
+            try:
+                n = self.stream.readinto(view[got:])
+            except (OSError, ValueError, EOFError) as e:  # zstd frames report damage as ZstdError (a ValueError)
+                raise self.damaged(f"{type(e).__name__}: {e}") from None
+            if not n:
+                break
+            got += n
+        return got
+
+    def _exact(self, n: int) -> bytes:
+        data = bytearray(n)
+        if self._fill(memoryview(data)) != n:
+            raise self.damaged("unexpected end of data")
+        return bytes(data)
+
+    def _skip(self) -> None:
+        while self._left:
+            n = self._fill(memoryview(self._buf)[: min(self._left, len(self._buf))])
+            if not n:
+                raise self.damaged("unexpected end of data")
+            self._left -= n
 
     def next(self) -> tarfile.TarInfo | None:
-        try:
-            member = self._tar.next()
-        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-            raise self.damaged(e) from None
-        if member is not None:
-            refuse_unsafe(member)
-        return member
+        """The next entry (links, traversal and special entries refused), or None at the end of the archive."""
+        self._skip()
+        pax: dict[str, str] = {}
+        while True:
+            block = bytearray(BLOCK)
+            got = self._fill(memoryview(block))
+            if got == 0 or block == bytes(BLOCK):
+                return None  # end of archive (a stream cut at an entry boundary shows as missing entries)
+            if got != BLOCK:
+                raise self.damaged("unexpected end of data in an entry header")
+            try:
+                info = tarfile.TarInfo.frombuf(bytes(block), "utf-8", "surrogateescape")
+            except tarfile.HeaderError as e:
+                raise self.damaged(f"bad entry header ({e})") from None
+            if info.type not in (tarfile.XHDTYPE, tarfile.XGLTYPE):
+                break
+            if info.size > 1 << 16:
+                raise self.damaged(f"pax header of {info.size} bytes")
+            body = self._exact(info.size + (-info.size % BLOCK))[: info.size]
+            if info.type == tarfile.XHDTYPE:
+                pax = _pax_records(body, self.damaged)
+        if "path" in pax:
+            info.name = pax["path"]
+        if "linkpath" in pax:
+            info.linkname = pax["linkpath"]
+        if "size" in pax:
+            info.size = int(pax["size"]) if pax["size"].isdigit() else -1
+        refuse_unsafe(info)
+        if info.size < 0:
+            raise self.damaged(f"entry {info.name!r} has an invalid size")
+        self._left = info.size
+        return info
 
-    def chunks(self, member: tarfile.TarInfo) -> Iterator[bytes]:
-        f = self._tar.extractfile(member)
-        assert f is not None  # regular files only (refuse_unsafe)
+    def chunks(self, member: tarfile.TarInfo) -> Iterator[memoryview]:
+        """The current entry's body in order, each chunk valid until the next one is asked for."""
+        view = memoryview(self._buf)
         left = member.size
-        try:
-            while left:
-                data = f.read(min(left, COPY_CHUNK))
-                if not data:
-                    raise EOFError("unexpected end of data")
-                left -= len(data)
-                yield data
-        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-            raise self.damaged(e) from None
+        while left:
+            n = self._fill(view[: min(left, len(view))])
+            if not n:
+                raise self.damaged("unexpected end of data")
+            left -= n
+            self._left -= n
+            yield view[:n]
+        self._left = -member.size % BLOCK  # the padding, skipped by next()
 
     def read_small(self, member: tarfile.TarInfo, limit: int) -> bytes:
         if member.size > limit:
             raise BundleError(f"bundle entry {member.name!r} is {member.size} bytes, more than {limit}; refusing it")
-        return b"".join(self.chunks(member))
+        return b"".join(bytes(c) for c in self.chunks(member))
 
-    def close(self) -> None:
-        self._tar.close()
 
+def _pax_records(body: bytes, damaged: Callable[[str], BundleError]) -> dict[str, str]:
+    """``"%d %s=%s\\n"`` records of a pax extended header (POSIX.1-2001)."""
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(body):
+        space = body.find(b" ", pos)
+        try:
+            length = int(body[pos:space])
+            key, sep, value = body[space + 1 : pos + length - 1].partition(b"=")
+        except ValueError:
+            raise damaged("malformed pax header") from None
+        if length <= 0 or not sep:
+            raise damaged("malformed pax header")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from sync.cli import ConfigOpt, StoreOpt, VerboseOpt, _store_path, cli_errors, err, out
 from sync.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sync.manifest import Config
 
 
 @cli_errors
@@ -81,8 +84,9 @@ def import_bundle_cmd(
     from sync.progress import human_bytes
     from sync.store import Store
 
-    root, lock_path = _import_target(config, store)
+    root, cfg = _import_target(config, store)
     keys = [load_public_key(p) for p in trust or []]
+    lock_path = cfg.lock_path if cfg else None
     result = import_bundle(Store(root), files, keys, lock_path)
     if result.signer:
         err.print(f"signature by key {result.signer}: {'trusted' if keys else 'valid (no --trust given)'}")
@@ -91,14 +95,20 @@ def import_bundle_cmd(
     for rec in result.already:
         out.print(f"{rec.repo}@{rec.commit}: already in the store")
     err.print(f"{result.blobs_added} blob(s), {human_bytes(result.bytes_read)} verified into {root}")
-    if lock_path is not None:
-        err.print(f"models.lock merged: {lock_path}")
+    if cfg is not None:
+        err.print(f"models.lock merged: {cfg.lock_path}")
+        known = set(cfg.manifest.names())
+        for m in result.manifest.models:
+            if m.name not in known:
+                err.print(f"[yellow]warning:[/yellow] {m.name} is not in {cfg.path.name}; add it or `hubserve sync` "
+                          f"drops its lock entry: [[models]] name = \"{m.name}\" repo = \"{m.repo}\" "
+                          f"revision = \"{m.revision}\"")
     else:
         err.print("no models.toml found: models.lock not written (pass --config to merge it)")
 
 
-def _import_target(config: Path | None, store: Path | None) -> tuple[Path, Path | None]:
-    """The store and the lock to merge: from --config (or ./models.toml) when there is one."""
+def _import_target(config: Path | None, store: Path | None) -> tuple[Path, Config | None]:
+    """The store, and the config whose lock to merge: --config (or ./models.toml) when there is one."""
     from sync.manifest import find_config, load_config
 
     try:
@@ -108,4 +118,4 @@ def _import_target(config: Path | None, store: Path | None) -> tuple[Path, Path 
             raise
         return _store_path(store), None
     cfg = load_config(path, store)
-    return cfg.store_path, cfg.lock_path
+    return cfg.store_path, cfg
