@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="mirror processes (nginx: one per CPU)")
     args = ap.parse_args()
     for tool in ("nginx", "wrk"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
@@ -119,9 +120,9 @@ def main() -> None:
                 os.chmod(p, 0o755 if p.is_dir() else 0o644)
 
         m_port, n_port = free_port(), free_port()
-        procs.append(subprocess.Popen([sys.executable, "-m", "server.cli", "mirror", "--store", str(store.root),
-                                       "--port", str(m_port)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
+        mirror_cmd = [sys.executable, "-m", "server.cli", "mirror", "--store", str(store.root), "--port", str(m_port),
+                      "--workers", str(args.workers)]
+        procs.append(subprocess.Popen(mirror_cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         (work / "nginx-tmp").mkdir()
         conf = work / "nginx.conf"
         user = "root" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
@@ -150,7 +151,7 @@ def main() -> None:
             med = {k: (statistics.median(b for b, _ in v), statistics.median(r for _, r in v)) for k, v in got.items()}
             rows.append((label, med))
         print(f"\n{args.connections} keep-alive clients (wrk), {args.seconds}s per run, median of {args.repeats}, "
-              f"{os.cpu_count()} CPUs\n")
+              f"{os.cpu_count()} CPUs, mirror --workers {args.workers}, nginx worker_processes auto\n")
         print("| files | hubserve mirror | nginx (sendfile) | mirror / nginx |")
         print("|---|---|---|---|")
         for label, med in rows:

@@ -177,6 +177,7 @@ def mirror_cmd(
     token_env: Annotated[
         str, typer.Option(help="Env var holding a bearer token clients must send (unset: no auth).")
     ] = "HUBSERVE_MIRROR_TOKEN",
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Processes serving the one port (one per core).")] = 1,
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve the store read-only as a Hub endpoint (HF_ENDPOINT=http://HOST:PORT for clients).
@@ -191,7 +192,7 @@ def mirror_cmd(
         raise ConfigError(f"store {root} does not exist; run `hubserve sync` or `hubserve import` first")
     token = os.environ.get(token_env) or None
     err.print(f"mirror of {root} on http://{host}:{port} ({'token required' if token else 'no auth'})")
-    serve_mirror(Store(root), host, port, token)
+    serve_mirror(Store(root), host, port, token, workers)
 
 
 @cli_errors

@@ -38,6 +38,7 @@ from sync.hub_protocol import (
 )
 from sync.mirror_catalog import list_refs, model_info, paths_info, search_models
 from sync.mirror_page import render_index
+from sync.mirror_runtime import RecordCache, run_workers
 from sync.paths import safe_relpath
 from sync.store import FileEntry, RevisionRecord, Store
 
@@ -378,7 +379,8 @@ class MirrorServer(ThreadingHTTPServer):
     ) -> None:
         if ":" in host:
             self.address_family = socket.AF_INET6
-        self.store, self.token, self.page_size = store, token, max(1, page_size)
+        self.store: Store = RecordCache(store.root)
+        self.token, self.page_size = token, max(1, page_size)
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
         super().__init__((host, port), MirrorHandler)
@@ -417,15 +419,11 @@ def make_mirror(
     return MirrorServer(store, host, port, token, page_size)
 
 
-def serve_mirror(store: Store, host: str = "127.0.0.1", port: int = 8090, token: str | None = None) -> None:
-    """Serve until interrupted, logging one line per request to stderr."""
+def serve_mirror(
+    store: Store, host: str = "127.0.0.1", port: int = 8090, token: str | None = None, workers: int = 1,
+) -> None:
+    """Serve until interrupted or terminated, logging one line per request to stderr."""
     if not logging.getLogger().handlers and not logger.handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     logger.setLevel(logging.INFO)
-    server = make_mirror(store, host, port, token)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    run_workers(make_mirror(store, host, port, token), workers)

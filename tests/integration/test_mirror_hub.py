@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,3 +234,34 @@ def test_hf_cache_ls_and_scan_read_the_store(sites: Sites) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     expected = sorted((r, [c]) for r, c in sites.commits.items())
     assert res.stdout.strip() == str(expected)
+
+
+def test_mirror_workers_share_the_port_and_stop_together(sites: Sites) -> None:
+    import psutil
+
+    from bench.bench_sync import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "mirror", "--store", str(sites.imported.root),
+                             "--port", str(port), "--workers", "3"], cwd=Path(__file__).resolve().parents[2],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            children = psutil.Process(proc.pid).children()
+            try:
+                with urllib.request.urlopen(url + "/api/models", timeout=2) as r:
+                    listed = json.load(r)
+                if len(children) == 2:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        assert len(children) == 2 and [m["id"] for m in listed] == sorted(sites.commits)
+        for _ in range(20):  # connections land on any of the three processes; all answer the same
+            with urllib.request.urlopen(f"{url}/{TINY_REPO}/resolve/main/config.json", timeout=5) as r:
+                assert r.headers["X-Repo-Commit"] == sites.commits[TINY_REPO]
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
