@@ -36,6 +36,15 @@ def serve_cmd(
     store: StoreOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
+    wait_for_sync: Annotated[
+        bool | None,
+        typer.Option(
+            "--wait-for-sync/--no-wait-for-sync",
+            help="Start even if some models are not synced yet and serve each once it is "
+            "(with `hubserve daemon`; default: $HUBSERVE_WAIT_FOR_SYNC, else off).",
+            show_default=False,
+        ),
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve every model of models.toml from the store: OpenAI, TGI and Hub Inference API routes.
@@ -43,25 +52,26 @@ def serve_cmd(
     Each model runs in its own supervised vLLM process, started offline from its verified revision.
     API keys: $HUBSERVE_API_KEYS (comma-separated) or $HUBSERVE_API_KEYS_FILE (sha256 digests).
 
+    While it runs it follows models.toml, models.lock and the store (file events, SIGHUP, POST /admin/reload):
+    a new verified revision is swapped in without failing a request, added models load, removed ones unload.
+
     Example: HUBSERVE_API_KEYS=secret hubserve serve --config models.toml --port 8080
     """
     import uvicorn
     from pydantic import ValidationError
 
-    from server.app import create_app
-    from server.registry import Registry, resolve_models
+    from server.app import build_registry, create_app
     from server.settings import Settings
     from sync.errors import ConfigError
-    from sync.manifest import load_config
 
-    given = {"config": config, "store": store, "host": host, "port": port}
+    given = {"config": config, "store": store, "host": host, "port": port, "wait_for_sync": wait_for_sync}
     try:
         settings = Settings.model_validate({k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
         first = e.errors()[0]
         where = "HUBSERVE_" + "_".join(str(p) for p in first["loc"]).upper()
         raise ConfigError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
-    registry = Registry.from_models(resolve_models(load_config(settings.config, settings.store)), settings)
+    registry = build_registry(settings)
     try:
         uvicorn.run(
             create_app(settings, registry),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from fastapi import Response
@@ -16,6 +16,9 @@ from starlette.types import Receive, Scope, Send
 
 from server.engines.base import Admission, Engine
 from server.errors import EngineUnavailable, Family, sse_error_event
+
+if TYPE_CHECKING:
+    from server.registry import Registry
 
 log = logging.getLogger("hubserve.proxy")
 
@@ -38,6 +41,7 @@ def _lost(engine: Engine, error: Exception) -> EngineUnavailable:
 
 
 async def forward(
+    registry: Registry,
     engine: Engine,
     path: str,
     body: bytes,
@@ -45,12 +49,14 @@ async def forward(
     family: Family = Family.OPENAI,
     method: str = "POST",
 ) -> Response:
-    """Send ``body`` to ``path`` on the engine, holding one in-flight slot until the answer is fully sent.
+    """Send ``body`` to ``path`` on the engine serving ``engine``'s model now (after a swap: the new one),
+    holding one in-flight slot until the answer is fully sent.
 
     JSON answers come back whole with vLLM's status; ``text/event-stream`` answers are streamed chunk by
     chunk as they arrive. If the engine dies mid-stream, one SSE error event in ``family``'s shape ends it.
     """
-    slot = engine.admit()
+    slot = await registry.admit(engine)
+    engine = slot.engine
     try:
         client = engine.client()
         headers = {"content-type": "application/json"}

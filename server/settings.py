@@ -17,6 +17,12 @@ class Device(enum.StrEnum):
     GPU = "gpu"
 
 
+class RolloutStrategy(enum.StrEnum):
+    AUTO = "auto"  # blue/green when memory holds both engines, else in place
+    BLUE_GREEN = "blue-green"
+    IN_PLACE = "in-place"
+
+
 def hash_key(key: str) -> str:
     """sha256 hex digest of an API key: the only form in which keys are kept in memory."""
     return hashlib.sha256(key.encode()).hexdigest()
@@ -46,6 +52,37 @@ class Settings(BaseSettings):
     # ---- limits -----------------------------------------------------------------------------------------
     max_concurrent_requests: int = Field(default=128, ge=1, description="In-flight requests per model before 429.")
     retry_after_s: int = Field(default=5, ge=1, description="Retry-After sent with 429 and 503 answers.")
+
+    max_queued_requests: int = Field(
+        default=256, ge=0, description="Requests per model that may wait for a slot or a swap before 429."
+    )
+    queue_timeout_s: float = Field(
+        default=0.0, ge=0, description="How long a request waits for a slot at the in-flight limit (0: 429 at once)."
+    )
+
+    # ---- rollout ----------------------------------------------------------------------------------------
+    rollout: RolloutStrategy = Field(
+        default=RolloutStrategy.AUTO, description="How a new revision replaces the old: auto, blue-green, in-place."
+    )
+    memory_budget_gib: float | None = Field(
+        default=None, gt=0, description="Host memory for all engines (GiB); else what /proc/meminfo says is free."
+    )
+    swap_wait_timeout_s: float = Field(
+        default=300.0, ge=0, description="How long a request waits for an in-place swap before 429."
+    )
+    drain_timeout_s: float = Field(
+        default=600.0, gt=0, description="How long an old engine may finish its requests before it is stopped."
+    )
+    watch: bool = Field(default=True, description="Follow models.toml, models.lock and the store while serving.")
+    reload_poll_s: float = Field(
+        default=30.0, gt=0, description="Re-read the manifest, lock and store this often even without a file event."
+    )
+    wait_for_sync: bool = Field(
+        default=False, description="Start even if models are not verified yet, and serve each once it is."
+    )
+    admin_token: str | None = Field(
+        default=None, repr=False, description="Bearer token for /admin/* (unset: the admin routes answer 404)."
+    )
 
     # ---- engines ----------------------------------------------------------------------------------------
     device: Device = Field(default=Device.AUTO, description="auto: GPU if vLLM's GPU build and a GPU are present.")

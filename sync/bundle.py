@@ -59,6 +59,7 @@ def hubserve_version() -> str:
 
 # ---- the manifest ---------------------------------------------------------------------------------
 def lock_entry(m: LockedModel) -> dict[str, Any]:
+    """A models.lock entry as the bundle carries it: the pin, not the sender's rollback history."""
     return {
         "name": m.name, "repo": m.repo, "revision": m.revision, "commit": m.commit, "selection": m.selection,
         "files": [f.to_dict() for f in sorted(m.files, key=lambda f: f.path)],
@@ -354,7 +355,7 @@ def _commit(store: Store, manifest: BundleManifest, staged: dict[tuple[str, str]
 def _merge_lock(lock_path: Path, manifest: BundleManifest) -> None:
     lock = read_lock(lock_path)
     for m in manifest.models:
-        lock.models[m.name] = m
+        lock.put(m)  # a moved pin keeps this side's history, as sync does
     write_lock(lock_path, lock)
 
 

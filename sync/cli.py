@@ -1,5 +1,5 @@
-"""The sync commands of the ``hubserve`` CLI: sync, import, mirror, status, verify, gc (export and
-import-bundle live in cli_bundle).
+"""The sync commands of the ``hubserve`` CLI: sync, daemon, import, mirror, status, verify, gc, rollback
+(export and import-bundle live in cli_bundle).
 
 Every command turns a HubserveError into one line on stderr and its exit code (1 failure, 2 bad
 config or usage); ``--verbose`` adds the traceback.
@@ -13,13 +13,16 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from sync.errors import ConfigError, HubserveError
+
+if TYPE_CHECKING:
+    from sync.store import FileEntry
 
 F = TypeVar("F", bound=Callable[..., Any])
 # soft_wrap: an error stays one line however narrow the terminal; piped output is not cut at 80 columns.
@@ -86,6 +89,8 @@ def register_sync_commands(app: typer.Typer) -> None:
     app.command("status")(status_cmd)
     app.command("verify")(verify_cmd)
     app.command("gc")(gc_cmd)
+    app.command("rollback")(rollback_cmd)
+    app.command("daemon")(daemon_cmd)
     from sync.cli_bundle import export_cmd, import_bundle_cmd  # imports this module: registered late
 
     app.command("export")(export_cmd)
@@ -270,3 +275,72 @@ def gc_cmd(
             out.print(f"removed {len(doomed)} path(s), freed {human_bytes(freed)}")
         else:
             out.print(f"dry run: {len(doomed)} path(s), {human_bytes(size)}; pass --yes to delete")
+
+
+@cli_errors
+def rollback_cmd(
+    name: Annotated[str, typer.Argument(help="Served name of the model (as in models.toml).")],
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Pin a model back to its previous verified revision (models.lock keeps the history).
+
+    A running `hubserve serve` swaps back to it without dropping requests. A model that follows its branch
+    is not moved forward to the rolled-back-from commit again.
+
+    Example: hubserve rollback smollm2 --config models.toml
+    """
+    from sync.lock import read_lock, rollback, write_lock
+    from sync.manifest import load_config
+    from sync.store import Store
+
+    cfg = load_config(config, store)
+    spec = cfg.manifest.model(name)  # unknown name -> ConfigError
+    st = Store(cfg.store_path)
+
+    def verified_files(commit: str) -> tuple[FileEntry, ...] | None:
+        record = st.get_revision(spec.repo, commit)
+        return record.files if record is not None else None
+
+    with st.locked():
+        lock = read_lock(cfg.lock_path)
+        locked = lock.get(name)
+        if locked is not None and locked.repo != spec.repo:
+            raise ConfigError(f"model {name!r}: models.lock pins {locked.repo}, models.toml says {spec.repo}")
+        old, new = rollback(lock, name, verified_files)
+        write_lock(cfg.lock_path, lock)
+    out.print(f"{name}: {old[:12]} -> {new[:12]} (rolled back)")
+
+
+@cli_errors
+def daemon_cmd(
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+    interval: Annotated[
+        float | None,
+        typer.Option(help="Seconds between reconciles (default: \\[daemon] interval, else 300).", min=0.1),
+    ] = None,
+    listen: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST:PORT for /webhooks/hub, /health, /metrics (default: \\[daemon] listen, else 127.0.0.1:8091)."
+        ),
+    ] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            help="URL of a running `hubserve serve`, polled for the served-commit metric (default: \\[daemon] server)."
+        ),
+    ] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Keep the store in step with models.toml and the Hub: sync at start, on every change of models.toml,
+    on SIGHUP, every interval and on Hub webhooks; models with `follow = true` move with their branch or tag.
+
+    Example: HUBSERVE_WEBHOOK_SECRET=... hubserve daemon --config models.toml --interval 300 --listen 0.0.0.0:8091
+    """
+    from sync.daemon import Daemon, DaemonOptions
+
+    options = DaemonOptions(config=config, store=store, interval=interval, listen=listen, server=server)
+    raise typer.Exit(Daemon(options, err).run())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sync.lock import pinned_commit, read_lock
+from sync.lock import kept_commits, pinned_commit, read_lock
 from sync.manifest import Config
 from sync.store import Store
 
@@ -53,4 +53,9 @@ def gc_keep(cfg: Config) -> tuple[set[tuple[str, str]], list[str]]:
             keep |= {(r.repo, r.commit) for r in store.revisions(spec.repo)}
         else:
             keep.add((spec.repo, commit))
+            locked = lock.get(spec.name)
+            if locked is not None and locked.repo == spec.repo:
+                keep |= {(spec.repo, c) for c in kept_commits(lock, spec.name, cfg.manifest.store.keep_revisions)}
+                if locked.rolled_back_from:
+                    keep.add((spec.repo, locked.rolled_back_from))
     return keep, warnings

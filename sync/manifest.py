@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sync.errors import ConfigError
-from sync.paths import REPO_ID_RE, is_pickle
+from sync.paths import REPO_ID_RE, is_commit, is_pickle
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -32,6 +32,9 @@ class _Strict(BaseModel):
 
 class StoreConfig(_Strict):
     path: str = Field("store", description="Store directory, relative to the config file.")
+    keep_revisions: int = Field(
+        2, ge=1, le=100, description="Verified revisions kept per model (the pinned one and those before it)."
+    )
 
 
 class UpstreamConfig(_Strict):
@@ -48,6 +51,18 @@ class UpstreamConfig(_Strict):
         return v.rstrip("/") if v else v
 
 
+class DaemonConfig(_Strict):
+    interval: float | None = Field(None, gt=0, description="Seconds between reconciles (default: --interval, 300).")
+    listen: str | None = Field(None, description="host:port of the daemon's listener (default: --listen).")
+    webhook_secret_env: str | None = Field(
+        None, description="Env var holding the Hub webhook secret; unset: POST /webhooks/hub answers 401."
+    )
+    backoff_max: float = Field(600.0, gt=0, description="Longest wait between retries after upstream failures (s).")
+    server: str | None = Field(
+        None, description="URL of a `hubserve serve` whose /health gives the commit served (a metric); optional."
+    )
+
+
 class ModelSpec(_Strict):
     name: str = Field(description="Served name: the OpenAI `model`, an alias on Hub routes.")
     repo: str = Field(description="Hub repo id, org/name.")
@@ -58,6 +73,7 @@ class ModelSpec(_Strict):
     allow_pickle: bool = Field(False, description="Allow pickle weights (.bin .pt .pth .ckpt .pkl).")
     trust_remote_code: bool = Field(False, description="Let the engine run code shipped in the repo.")
     default: bool = Field(False, description="Serve this model on routes that name no model (TGI, /).")
+    follow: bool = Field(False, description="The daemon re-resolves the branch/tag and moves the pin when it moves.")
     engine: dict[str, Any] = Field(default_factory=dict, description="Engine arguments (vLLM), passed through.")
 
     @field_validator("name")
@@ -88,6 +104,12 @@ class ModelSpec(_Strict):
             raise ValueError(f"{v!r} is not a supported task; accepted: {', '.join(TASKS)}")
         return v
 
+    @model_validator(mode="after")
+    def _follow_needs_ref(self) -> ModelSpec:
+        if self.follow and is_commit(self.revision):
+            raise ValueError(f"follow = true needs a branch or tag to follow, not the commit {self.revision!r}")
+        return self
+
     def wants(self, path: str) -> bool:
         """Whether include/exclude select ``path`` (pickle refusal is checked separately)."""
         if self.include is not None and not any(_match(path, p) for p in self.include):
@@ -111,6 +133,7 @@ def _match(path: str, pattern: str) -> bool:
 class Manifest(_Strict):
     store: StoreConfig = Field(default_factory=StoreConfig)  # type: ignore[arg-type]
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)  # type: ignore[arg-type]
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)  # type: ignore[arg-type]
     models: list[ModelSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")

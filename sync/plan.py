@@ -20,10 +20,14 @@ class Pin:
 
 
 def choose_pin(spec: ModelSpec, locked: LockedModel | None, update: bool) -> Pin:
-    """A 40-hex revision is used as is; a branch/tag uses the lock unless ``--update`` asks to re-resolve."""
+    """A rolled-back pin holds until ``--update``; a 40-hex revision is used as is; a branch/tag uses the lock
+    unless ``--update`` asks to re-resolve."""
+    same = locked is not None and locked.repo == spec.repo and locked.revision == spec.revision
+    if same and not update and locked is not None and locked.rolled_back_from:
+        return Pin(locked.commit, "rollback")
     if is_commit(spec.revision):
         return Pin(spec.revision, "manifest")
-    if locked and not update and locked.repo == spec.repo and locked.revision == spec.revision:
+    if same and not update and locked is not None:
         return Pin(locked.commit, "lock")
     return Pin(None, "resolve")
 

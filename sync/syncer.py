@@ -8,6 +8,7 @@ download the missing blobs concurrently (hashed as they stream), promote atomica
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -32,6 +33,8 @@ class ModelResult:
     downloaded_bytes: int = 0
     downloaded_files: int = 0
     up_to_date: bool = False
+    held_by_rollback: bool = False  # following found the commit that `hubserve rollback` moved away from
+    promoted: bool = False  # a new verified record was written
     skipped_pickle: tuple[str, ...] = ()
     error: HubserveError | None = None
 
@@ -49,12 +52,22 @@ class SyncReport:
         return sum(m.downloaded_bytes for m in self.models)
 
 
+class Cancelled(Exception):
+    """The sync was asked to stop (the daemon's SIGTERM): the file in flight stays in the temp area."""
+
+
 class Syncer:
-    def __init__(self, config: Config, console: Console | None = None) -> None:
+    def __init__(self, config: Config, console: Console | None = None, cancel: threading.Event | None = None) -> None:
         self.config = config
         self.store = Store(config.store_path)
         self.console = console or Console(stderr=True)
         self._upstream: Upstream | None = None
+        # Checked between chunks and before each promotion; a cancelled run raises Cancelled.
+        self._cancel = cancel or threading.Event()
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise Cancelled("sync cancelled")
 
     @property
     def upstream(self) -> Upstream:
@@ -66,8 +79,18 @@ class Syncer:
             )
         return self._upstream
 
-    def run(self, update: set[str] | None = None, update_all: bool = False, only: set[str] | None = None) -> SyncReport:
-        """Sync every model (or ``only`` those); ``update``/``update_all`` re-resolve branch/tag pins."""
+    def run(
+        self,
+        update: set[str] | None = None,
+        update_all: bool = False,
+        only: set[str] | None = None,
+        follow: set[str] | None = None,
+    ) -> SyncReport:
+        """Sync every model (or ``only`` those); ``update``/``update_all`` re-resolve branch/tag pins.
+
+        ``follow``: models whose branch/tag is re-resolved too (the daemon's ``follow = true``), except that a
+        commit ``hubserve rollback`` moved away from is not taken again.
+        """
         report = SyncReport()
         self.store.ensure()
         with self.store.locked():
@@ -76,10 +99,13 @@ class Syncer:
                 for spec in self.config.manifest.models:
                     if only and spec.name not in only:
                         continue
+                    self._check_cancel()
                     result = ModelResult(spec.name)
                     report.models.append(result)
+                    explicit = update_all or spec.name in (update or set())
+                    following = not explicit and spec.name in (follow or set())
                     try:
-                        self._sync_model(spec, lock, update_all or spec.name in (update or set()), result)
+                        self._sync_model(spec, lock, explicit or following, result, following)
                     except HubserveError as e:
                         result.error = e
             finally:
@@ -95,13 +121,17 @@ class Syncer:
             if name not in names:
                 del lock.models[name]
 
-    def _sync_model(self, spec: ModelSpec, lock: Lock, update: bool, result: ModelResult) -> None:
+    def _sync_model(
+        self, spec: ModelSpec, lock: Lock, update: bool, result: ModelResult, following: bool = False
+    ) -> None:
         locked = lock.get(spec.name)
         pin = choose_pin(spec, locked, update)
         commit, pipeline_tag = pin.commit, None
         if commit is None:
             info = self.upstream.resolve(spec.repo, spec.revision)
             commit, pipeline_tag = info.commit, info.pipeline_tag
+            if following and locked is not None and locked.rolled_back_from == commit:
+                commit, pipeline_tag, result.held_by_rollback = locked.commit, None, True
             if locked and locked.commit != commit:
                 result.old_commit = locked.commit
         result.commit = commit
@@ -134,11 +164,11 @@ class Syncer:
                 pipeline_tag=pipeline_tag or (record.pipeline_tag if record else None) or spec.task,
                 refs=() if spec.revision == commit else (spec.revision,),
             )
+            self._check_cancel()
             self.store.promote(record)
+            result.promoted = True
         self._write_refs(spec, commit)
-        lock.models[spec.name] = LockedModel(
-            spec.name, spec.repo, spec.revision, commit, selection.files, spec.selection_key()
-        )
+        lock.put(LockedModel(spec.name, spec.repo, spec.revision, commit, selection.files, spec.selection_key()))
 
     def _pipeline_tag(self, spec: ModelSpec, commit: str) -> str | None:
         try:
@@ -173,7 +203,12 @@ class Syncer:
 
     def _fetch_one(self, repo: str, commit: str, entry: FileEntry, progress: DownloadProgress) -> None:
         part = self.store.tmp_dir / f"{entry.etag}.part"
-        self.upstream.download(repo, commit, entry, part, progress.advance)
+
+        def on_bytes(n: int) -> None:
+            self._check_cancel()  # between chunks: what arrived stays in the .part, resumed next run
+            progress.advance(n)
+
+        self.upstream.download(repo, commit, entry, part, on_bytes)
         self.store.add_blob(repo, entry, part)
         progress.file_done(entry.path, entry.size)
 
@@ -185,6 +220,8 @@ def describe(result: ModelResult) -> str:
     parts = [f"{result.name}: {commit}"]
     if result.old_commit:
         parts = [f"{result.name}: {result.old_commit[:12]} -> {commit}"]
+    if result.held_by_rollback:
+        parts.append("held by rollback (upstream still points at the commit rolled back from)")
     if result.up_to_date:
         parts.append("up to date")
     else:

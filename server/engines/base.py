@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -53,15 +54,22 @@ class ModelInfo:
 
 
 class Admission:
-    """One admitted request: holds a slot of the model's in-flight limit until released."""
+    """One admitted request: holds a slot of ``engine``'s in-flight limit until released.
+
+    ``engine`` is the engine the request must use: after a revision swap it may differ from the one a route
+    looked up before it was admitted.
+    """
 
     def __init__(self, engine: Engine) -> None:
-        self._engine: Engine | None = engine
+        self.engine = engine
+        self._held = True
 
     def release(self) -> None:
-        if self._engine is not None:
-            self._engine._in_flight -= 1
-            self._engine = None
+        if self._held:
+            self._held = False
+            self.engine._in_flight -= 1
+            if self.engine.on_release is not None:
+                self.engine.on_release()
 
     def __enter__(self) -> Admission:
         return self
@@ -82,6 +90,7 @@ class Engine(ABC):
         self.max_in_flight = max_in_flight
         self.retry_after_s = retry_after_s
         self._in_flight = 0
+        self.on_release: Callable[[], None] | None = None  # the registry wakes requests waiting for a slot
         self.restarts = 0
         self.last_error: str | None = None
         self.ready_since: float | None = None

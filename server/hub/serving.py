@@ -21,6 +21,7 @@ from server.engines.base import Engine
 from server.errors import Family, GenerationError, InvalidRequest
 from server.hub.protocol import EmbedRequest, SimilarityRequest, parse_embed, parse_similarity
 from server.proxy import forward
+from server.registry import Registry
 from server.tgi.protocol import parse_generate
 from server.tgi.serving import GENERATIVE_TASKS, dump_generate, engine_error, lost, read_json, tgi_service
 
@@ -41,10 +42,11 @@ async def infer(request: Request, engine: Engine) -> Response:
             return await service.open_stream(engine, generate)
         return JSONResponse([dump_generate(await service.generate(engine, generate))])
     if task in EMBEDDING:
+        registry = request.app.state.registry
         payload = await read_json(request)
         if isinstance(payload, dict) and isinstance(payload.get("inputs"), dict):  # sentence-similarity
-            return JSONResponse(await similarity(engine, parse_similarity(payload)))
-        return JSONResponse(await embed(engine, parse_embed(payload)))
+            return JSONResponse(await similarity(registry, engine, parse_similarity(payload)))
+        return JSONResponse(await embed(registry, engine, parse_embed(payload)))
     raise InvalidRequest(
         f"Model `{engine.info.name}` has the task `{task}`; this server answers text-generation and "
         "feature-extraction models on the Inference API routes."
@@ -82,9 +84,10 @@ def sentence_prompt(snapshot: str, name: str | None) -> str:
     return str(prompts[name])
 
 
-async def embed(engine: Engine, request: EmbedRequest) -> list[list[float]]:
-    body = embeddings_body(request, engine.info.name, sentence_prompt(engine.info.snapshot, request.prompt_name))
-    with engine.admit():
+async def embed(registry: Registry, engine: Engine, request: EmbedRequest) -> list[list[float]]:
+    async with registry.using(engine) as engine:
+        prompt = sentence_prompt(engine.info.snapshot, request.prompt_name)
+        body = embeddings_body(request, engine.info.name, prompt)
         try:
             response = await engine.client().post("/v1/embeddings", json=body)
         except httpx.TransportError as e:
@@ -98,10 +101,10 @@ async def embed(engine: Engine, request: EmbedRequest) -> list[list[float]]:
     return vectors
 
 
-async def similarity(engine: Engine, request: SimilarityRequest) -> list[float]:
+async def similarity(registry: Registry, engine: Engine, request: SimilarityRequest) -> list[float]:
     """Cosine similarity of the source sentence with each sentence (normalized vectors: a dot product)."""
     texts = [request.inputs.source_sentence, *request.inputs.sentences]
-    source, *others = await embed(engine, EmbedRequest.model_validate({"inputs": texts}))
+    source, *others = await embed(registry, engine, EmbedRequest.model_validate({"inputs": texts}))
     return [cosine(source, other) for other in others]
 
 
@@ -127,4 +130,4 @@ async def chat(request: Request, engine: Engine) -> Response:
         raise InvalidRequest("The request body must be a JSON object.")
     request.state.model = engine.info.name
     body = json.dumps(chat_payload(payload, engine.info.name)).encode()
-    return await forward(engine, "/v1/chat/completions", body, request.headers, Family.TGI)
+    return await forward(request.app.state.registry, engine, "/v1/chat/completions", body, request.headers, Family.TGI)

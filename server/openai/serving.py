@@ -74,4 +74,4 @@ async def proxy_openai(request: Request, registry: Registry, path: str, log_prom
         body = json.dumps(payload).encode()
     if log_prompts:
         log.info("%s %s: %s", path, engine.info.name, body[:4000].decode(errors="replace"))
-    return await forward(engine, path, body, request.headers, Family.OPENAI)
+    return await forward(registry, engine, path, body, request.headers, Family.OPENAI)

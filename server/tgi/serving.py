@@ -13,7 +13,7 @@ import importlib.metadata
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from fastapi import Request
@@ -34,6 +34,9 @@ from server.proxy import RelayResponse
 from server.tgi.protocol import GenerateRequest, GenerateResponse, Info, SimpleToken, StreamResponse, TokenizeRequest
 from server.tgi.tokens import TokenTexts
 from server.tgi.translate import StreamTranslator, completion_body, generate_response
+
+if TYPE_CHECKING:
+    from server.registry import Registry
 
 log = logging.getLogger("hubserve.tgi")
 
@@ -98,7 +101,8 @@ def dump_event(event: StreamResponse) -> bytes:
 class TGIService:
     """Runs TGI requests against engines; caches per-model token tables (special ids, tokenizer)."""
 
-    def __init__(self, version: str | None = None) -> None:
+    def __init__(self, registry: Registry, version: str | None = None) -> None:
+        self.registry = registry
         self.version = version or _version()
         self._vocab: dict[str, TokenTexts] = {}
 
@@ -156,7 +160,7 @@ class TGIService:
     # ---- generate -----------------------------------------------------------------------------------
     async def generate(self, engine: Engine, request: GenerateRequest) -> GenerateResponse:
         self._require_generative(engine)
-        with engine.admit():
+        async with self.registry.using(engine) as engine:
             max_new = await self._max_new_tokens(engine, request)
             body = completion_body(request, engine.info.name, max_new, stream=False)
             completion = await self._post(engine, "/v1/completions", body)
@@ -174,9 +178,10 @@ class TGIService:
             raise InvalidRequest("`best_of` != 1 is not allowed for this endpoint")
         if params.decoder_input_details:
             raise InvalidRequest("`decoder_input_details` == true is not supported when streaming tokens")
-        translator = StreamTranslator(request, await self.vocab(engine))
-        slot = engine.admit()
+        slot = await self.registry.admit(engine)
+        engine = slot.engine  # after a swap: the new revision's engine, with its own token table
         try:
+            translator = StreamTranslator(request, await self.vocab(engine))
             max_new = await self._max_new_tokens(engine, request)
             body = completion_body(request, engine.info.name, max_new, stream=True)
             client = engine.client()
@@ -234,7 +239,7 @@ class TGIService:
         spans = vocab.offsets(request.inputs)
         if spans is not None:
             return [SimpleToken(id=i, text=request.inputs[s:e], start=s, stop=e) for i, s, e in spans]
-        with engine.admit():  # no local tokenizer: vLLM's ids and token strings, spans accumulated
+        async with self.registry.using(engine) as engine:  # no local tokenizer: vLLM's ids and strings
             data = await self._post(
                 engine, "/tokenize", {"model": engine.info.name, "prompt": request.inputs, "return_token_strs": True}
             )
@@ -274,7 +279,7 @@ def tgi_service(request: Request) -> TGIService:
     """The app's TGIService, made on first use (it holds nothing but per-model token tables)."""
     service = getattr(request.app.state, "tgi", None)
     if service is None:
-        service = request.app.state.tgi = TGIService(request.app.version)
+        service = request.app.state.tgi = TGIService(request.app.state.registry, request.app.version)
     return service
 
 

@@ -356,6 +356,12 @@ def test_verify_reports_corruption_and_gc_removes_unpinned(
     ok = hubserve("verify", "--config", str(cfg_path))
     assert ok.returncode == 0 and "2 revision(s) verified" in ok.stdout
 
+    kept = hubserve("gc", "--config", str(cfg_path), "--yes")  # keep_revisions = 2: the previous one stays
+    assert kept.returncode == 0 and f"snapshots/{old}" not in kept.stdout
+    assert store.get_revision(TINY_REPO, old) is not None
+    assert read_lock(tmp_path / "models.lock").models["tiny"].history == (old,)
+
+    cfg_path.write_text(cfg_path.read_text().replace('path = "store"', 'path = "store"\nkeep_revisions = 1'))
     dry = hubserve("gc", "--config", str(cfg_path))
     assert dry.returncode == 0 and f"would remove models--hubserve-test--tiny-llama/snapshots/{old}" in dry.stdout
     assert store.get_revision(TINY_REPO, old) is not None

@@ -15,6 +15,7 @@ from server.engines.base import ModelInfo
 from server.errors import EngineUnavailable, GenerationError, InvalidRequest, Overloaded
 from server.hub.protocol import parse_embed, parse_similarity
 from server.hub.serving import chat_payload, embed, embeddings_body, similarity
+from server.registry import Registry
 from server.tgi.protocol import GenerateRequest, parse_generate, parse_tokenize
 from server.tgi.serving import TGIService, dump_event, dump_generate, engine_error
 from server.tgi.tokens import TokenTexts
@@ -368,6 +369,11 @@ def engine_with(answers: dict[str, httpx.Response], task: str = "text-generation
     return engine
 
 
+def service_for(engine: ScriptedEngine) -> TGIService:
+    """A TGIService over a registry that serves just ``engine``."""
+    return TGIService(Registry([engine]))
+
+
 async def collect(response: StreamingResponse) -> list[dict[str, Any]]:
     return [json.loads(cast(bytes, part)[len(b"data:") :]) async for part in response.body_iterator]
 
@@ -377,7 +383,7 @@ async def test_stream_error_after_start_is_one_event_and_the_slot_is_released() 
     engine = engine_with(
         {"/v1/completions": httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})}
     )
-    events = await collect(await TGIService().open_stream(engine, req(max_new_tokens=5)))
+    events = await collect(await service_for(engine).open_stream(engine, req(max_new_tokens=5)))
     assert events[0]["token"]["text"] == "Hi"
     assert events[-1] == {"error": "engine blew up", "error_type": "generation"}
     assert engine.in_flight == 0
@@ -386,7 +392,7 @@ async def test_stream_error_after_start_is_one_event_and_the_slot_is_released() 
 async def test_stream_cut_before_the_finish_is_an_error_event() -> None:
     body = sse_body(chunk("Hi", [5]), b"[DONE]")
     engine = engine_with({"/v1/completions": httpx.Response(200, content=body)})
-    events = await collect(await TGIService().open_stream(engine, req(max_new_tokens=5)))
+    events = await collect(await service_for(engine).open_stream(engine, req(max_new_tokens=5)))
     assert events[-1]["error_type"] == "incomplete_generation"
     assert "before the generation finished" in events[-1]["error"]
 
@@ -395,12 +401,12 @@ async def test_stream_refusals_are_http_errors_before_the_stream() -> None:
     refusal = httpx.Response(400, json={"error": {"message": "bad prompt"}})
     engine = engine_with({"/v1/completions": refusal})
     with pytest.raises(InvalidRequest, match="bad prompt"):
-        await TGIService().open_stream(engine, req(max_new_tokens=5))
+        await service_for(engine).open_stream(engine, req(max_new_tokens=5))
     assert engine.in_flight == 0
     with pytest.raises(InvalidRequest, match="not allowed for this endpoint"):
-        await TGIService().open_stream(engine, req(best_of=2, do_sample=True))
+        await service_for(engine).open_stream(engine, req(best_of=2, do_sample=True))
     with pytest.raises(InvalidRequest, match="not supported when streaming"):
-        await TGIService().open_stream(engine, req(decoder_input_details=True))
+        await service_for(engine).open_stream(engine, req(decoder_input_details=True))
 
 
 async def test_generate_fills_the_context_when_max_new_tokens_is_unset() -> None:
@@ -410,7 +416,7 @@ async def test_generate_fills_the_context_when_max_new_tokens_is_unset() -> None
             "/v1/completions": httpx.Response(200, json=COMPLETION),
         }
     )
-    out = await TGIService().generate(engine, req())
+    out = await service_for(engine).generate(engine, req())
     assert out.generated_text == "Paris."
     assert engine.requests[-1]["max_tokens"] == 54 and engine.requests[-1]["model"] == "m"
 
@@ -419,20 +425,20 @@ async def test_generate_too_long_and_engine_failures() -> None:
     tokenize = httpx.Response(200, json={"count": 10, "max_model_len": 64})
     engine = engine_with({"/tokenize": tokenize, "/v1/completions": httpx.Response(500, json={"error": "oom"})})
     with pytest.raises(InvalidRequest) as err:
-        await TGIService().generate(engine, req(max_new_tokens=64))
+        await service_for(engine).generate(engine, req(max_new_tokens=64))
     assert (
         err.value.message
         == "`inputs` tokens + `max_new_tokens` must be <= 64. Given: 10 `inputs` tokens and 64 `max_new_tokens`"
     )
     with pytest.raises(GenerationError, match="oom"):
-        await TGIService().generate(engine, req(max_new_tokens=5))
+        await service_for(engine).generate(engine, req(max_new_tokens=5))
     assert engine.in_flight == 0
 
 
 async def test_generate_on_an_embedding_model_is_refused() -> None:
     engine = engine_with({}, task="feature-extraction")
     with pytest.raises(InvalidRequest, match="does not generate text"):
-        await TGIService().generate(engine, req(max_new_tokens=5))
+        await service_for(engine).generate(engine, req(max_new_tokens=5))
 
 
 async def test_embed_and_sentence_similarity() -> None:
@@ -443,8 +449,8 @@ async def test_embed_and_sentence_similarity() -> None:
         return httpx.Response(200, json={"data": [{"index": i, "embedding": vectors[t]} for i, t in enumerate(texts)]})
 
     engine = fake_engine(answer, task="feature-extraction")
-    assert await embed(engine, parse_embed({"inputs": "c"})) == [[1.0, 1.0]]
+    assert await embed(Registry([engine]), engine, parse_embed({"inputs": "c"})) == [[1.0, 1.0]]
     scores = await similarity(
-        engine, parse_similarity({"inputs": {"source_sentence": "a", "sentences": ["a", "b", "c"]}})
+        Registry([engine]), engine, parse_similarity({"inputs": {"source_sentence": "a", "sentences": ["a", "b", "c"]}})
     )
     assert scores == pytest.approx([1.0, 0.0, 2**-0.5])
