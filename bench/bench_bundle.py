@@ -14,12 +14,10 @@ reports the median time and throughput over the blob bytes.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_sync import make_repo  # noqa: E402
+from bench.bench_sync import synthetic_repo  # noqa: E402
 from sync.importer import import_folder  # noqa: E402
 from sync.lock import Lock, LockedModel, write_lock  # noqa: E402
 from sync.store import Store, repo_folder_name  # noqa: E402
@@ -51,17 +49,7 @@ def median_of(repeats: int, fn: Callable[[], float], reset: Callable[[], None]) 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-gib", type=float, default=1.0)
-    ap.add_argument("--files", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workdir", type=Path, default=None)
-    args = ap.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="hubserve-bench-bundle-"))
-    size = int(args.size_gib * (1 << 30))
-    src = work / "repo"
-    if not src.exists():
-        make_repo(src, size, args.files)
+    args, work, src = synthetic_repo(__doc__, "hubserve-bench-bundle-")
     outside = work / "outside"
     seed = Store(outside / "store")
     record = import_folder(seed, src, REPO).record

@@ -78,22 +78,31 @@ def hub_time(iso: str) -> str:
     return iso[:-1] + ".000Z" if iso.endswith("Z") and "." not in iso else iso
 
 
+def small_file(store: Store, record: RevisionRecord, path: str, limit: int) -> bytes | None:
+    """A verified file's bytes when it exists and is at most ``limit`` bytes (cards, configs), else None."""
+    entry = record.file(path)
+    if entry is None or entry.size > limit:
+        return None
+    try:
+        return store.file_path(record, path).read_bytes()
+    except OSError:
+        return None
+
+
 @lru_cache(maxsize=64)
 def card_data(store: Store, record: RevisionRecord) -> dict[str, Any]:
-    """The README's YAML front matter (library_name, tags), read once per revision."""
-    entry = record.file("README.md")
-    if entry is None or entry.size > README_MAX:
+    """The README's YAML front matter (library_name, tags), read once per revision; JSON-safe (dates as text)."""
+    raw = small_file(store, record, "README.md", README_MAX)
+    text = raw.decode("utf-8", "replace") if raw else ""
+    if not text.startswith("---"):
         return {}
     try:
         import yaml
 
-        text = store.file_path(record, "README.md").read_text(encoding="utf-8", errors="replace")
-        if not text.startswith("---"):
-            return {}
         data = yaml.safe_load(text.split("---", 2)[1])
+        return dict(json.loads(json.dumps(data, default=str))) if isinstance(data, dict) else {}
     except Exception:  # a broken card must not break downloads
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def sibling(entry: FileEntry, blobs: bool) -> dict[str, Any]:

@@ -247,22 +247,18 @@ class MirrorHandler(BaseHTTPRequestHandler):
     # ---- responses ---------------------------------------------------------------------------
     def _send_json(self, data: Any, head: bool, headers: dict[str, str] | None = None, status: int = 200) -> None:
         body = json.dumps(data, separators=(",", ":")).encode()
-        self.send_response(status)
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if not head:
-            self.wfile.write(body)
-            self._sent += len(body)
+        self._send_body(body, "application/json; charset=utf-8", head, headers or {}, status)
 
     def _send_html(self, page: str, head: bool) -> None:
-        body = page.encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'")
-        self.send_header("X-Content-Type-Options", "nosniff")
+        headers = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+                   "X-Content-Type-Options": "nosniff"}
+        self._send_body(page.encode(), "text/html; charset=utf-8", head, headers, 200)
+
+    def _send_body(self, body: bytes, content_type: str, head: bool, headers: dict[str, str], status: int) -> None:
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if not head:

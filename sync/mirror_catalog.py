@@ -21,6 +21,7 @@ from sync.hub_protocol import (
     hub_time,
     newest_main,
     sibling,
+    small_file,
     tree_file,
     tree_listing,
 )
@@ -44,12 +45,9 @@ class RepoFacts:
 
 @lru_cache(maxsize=256)
 def config_json(store: Store, record: RevisionRecord) -> dict[str, Any]:
-    entry = record.file("config.json")
-    if entry is None or entry.size > CONFIG_MAX:
-        return {}
     try:
-        data = json.loads(store.file_path(record, "config.json").read_bytes())
-    except (OSError, ValueError):
+        data = json.loads(small_file(store, record, "config.json", CONFIG_MAX) or b"{}")
+    except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -36,7 +36,7 @@ HF = str(Path(sys.executable).with_name("hf"))
 
 def write_small(folder: Path) -> Path:
     files = {
-        "README.md": "---\npipeline_tag: text-classification\nlibrary_name: acme-lib\nlicense: mit\n"
+        "README.md": "---\npipeline_tag: text-classification\nlibrary_name: acme-lib\nlicense: mit\ndate: 2024-01-02\n"
                      "language: [en, fr]\ntags: [sentiment, tiny]\n---\n# Small cards\nA model card.\n",
         "config.json": '{"model_type": "bert", "architectures": ["BertForSequenceClassification"]}\n',
         "weights/model.safetensors": "x" * 1000,
