@@ -16,10 +16,8 @@ if TYPE_CHECKING:
 
 @cli_errors
 def export_cmd(
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="Bundle file to write (.zst: zstd-compressed).")],
     names: Annotated[list[str] | None, typer.Argument(help="Models (served names) to export; default: all.")] = None,
-    out_file: Annotated[Path, typer.Option("--out", "-o", help="Bundle file to write (.zst: zstd-compressed).")] = Path(
-        "bundle.tar"
-    ),
     config: ConfigOpt = None,
     store: StoreOpt = None,
     since: Annotated[
