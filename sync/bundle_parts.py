@@ -89,6 +89,25 @@ class PartWriter:
         self.written += len(data)
         return len(data)
 
+    def copy_from(self, fd: int, offset: int, count: int) -> int:
+        """Copy ``count`` bytes of file ``fd`` from ``offset`` in the kernel (``os.sendfile``), across parts."""
+        done = 0
+        while done < count:
+            if self.split is not None and (self._f is None or not self._left):
+                self._next_part()
+            assert self._f is not None
+            self._f.flush()
+            want = count - done if self.split is None else min(count - done, self._left)
+            n = os.sendfile(self._f.fileno(), fd, offset + done, want)
+            if n == 0:
+                raise BundleError(f"source file ended {count - done} bytes early while exporting")
+            self._f.seek(0, os.SEEK_END)  # sendfile moved the fd's offset; parts are only ever appended to
+            done += n
+            if self.split is not None:
+                self._left -= n
+        self.written += count
+        return count
+
     def flush(self) -> None:
         if self._f is not None:
             self._f.flush()

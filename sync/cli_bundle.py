@@ -29,7 +29,9 @@ def export_cmd(
     zstd: Annotated[bool | None, typer.Option("--zstd/--no-zstd", help="Compress (default: when FILE ends in .zst).")]
     = None,
     sign: Annotated[Path | None, typer.Option("--sign", help="ed25519 private key (PEM) to sign with.")] = None,
-    verify: Annotated[bool, typer.Option(help="Re-hash every blob while exporting.")] = True,
+    verify: Annotated[
+        bool, typer.Option(help="Re-hash every blob while exporting (import always re-hashes every byte).")
+    ] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Write the pinned, verified revisions of models.lock into one bundle (streamed: constant memory).

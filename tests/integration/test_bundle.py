@@ -319,6 +319,25 @@ def _load_key(path: Path) -> Ed25519PrivateKey:
     return load_private_key(path)
 
 
+def test_rotten_blob_is_refused_by_export_verify_and_by_import(outside: Outside, tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    shutil.copytree(outside.store.root, store.root, symlinks=True)
+    record = store.get_revision(TINY_REPO, outside.commits["tiny"])
+    assert record is not None
+    weights = next(f for f in record.files if f.path == "model.safetensors")
+    blob = store.blob_path(TINY_REPO, weights.etag)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 3] ^= 0x40  # same size: only a re-hash sees it
+    blob.write_bytes(data)
+    manifest = plan_export(store, read_lock(outside.config.with_suffix(".lock")), ["tiny"], None)
+    with pytest.raises(BundleError, match="blob in the store does not match its sha256"):
+        export_bundle(store, manifest, tmp_path / "v.tar", verify=True)
+    assert not (tmp_path / "v.tar").exists()
+    shipped = export_bundle(store, manifest, tmp_path / "fast.tar").paths  # kernel copy, no re-hash
+    with pytest.raises(BundleError, match=r"model\.safetensors failed verification"):
+        import_bundle(Store(tmp_path / "inside"), shipped)
+
+
 def test_cli_refusal_is_one_line_exit_1(outside: Outside, tiny_bundle: Path, tmp_path: Path) -> None:
     bad = _tampered(tiny_bundle, tmp_path)[0]
     res = hubserve("import-bundle", str(bad), "--store", str(tmp_path / "store"))
