@@ -4,10 +4,11 @@ A synthetic repo of --size-gib GiB (random bytes in --files safetensors files pl
 into a seed store. Each contender runs --repeats times as its own process (start-up included); the table
 reports the median time and throughput over the blob bytes.
 
-- export: `hubserve export` (re-hashes every blob while it streams, fsyncs the bundle) vs
-  `tar cf` of the repo's blobs/ followed by `sync` of the archive (the same durability).
+- export: `hubserve export` (blobs copied with os.sendfile, the bundle fsynced) vs `tar cf` of the repo's
+  blobs/ followed by `sync` of the archive (the same durability).
 - import: `hubserve import-bundle` (hashes every byte, stages, fsyncs and promotes) vs `tar xf` into an
-  empty folder followed by `sync` of the extracted files.
+  empty folder followed by `sync` of the extracted files, and the same with `sha256sum` of every file
+  in between (the guarantee import gives, in C tools).
 
     .venv/bin/python bench/bench_bundle.py --size-gib 1 --files 4 --repeats 3
 """
@@ -78,22 +79,29 @@ def main() -> None:
         "hubserve import-bundle": median_of(args.repeats, lambda: run(
             [*CLI, "import-bundle", str(bundle), "--store", str(inside)], cwd=work), clear(inside)),
         "tar xf + sync": median_of(args.repeats, lambda: _untar(tarball, untar), clear(untar)),
+        "tar xf + sha256sum + sync": median_of(args.repeats, lambda: _untar(tarball, untar, hashed=True),
+                                               clear(untar)),
     }
     print(f"\n{blob_bytes / 2**30:.2f} GiB in {args.files} files + config, median of {args.repeats}\n")
     print("| contender | seconds | GiB/s |")
     print("|---|---|---|")
     for name, secs in results.items():
         print(f"| {name} | {secs:.2f} | {blob_bytes / 2**30 / secs:.2f} |")
+    imp = results["hubserve import-bundle"]
     print(f"\nexport vs tar: {results['tar cf + sync'] / results['hubserve export']:.2f}x; "
-          f"import vs tar: {results['tar xf + sync'] / results['hubserve import-bundle']:.2f}x")
+          f"import vs tar: {results['tar xf + sync'] / imp:.2f}x; "
+          f"import vs tar + sha256sum: {results['tar xf + sha256sum + sync'] / imp:.2f}x")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _untar(tarball: Path, dest: Path) -> float:
+def _untar(tarball: Path, dest: Path, hashed: bool = False) -> float:
+    """tar xf, then (``hashed``: what import guarantees, in C tools) sha256sum of every file, then sync."""
     dest.mkdir(parents=True)
     took = run(["tar", "-C", str(dest), "-xf", str(tarball)])
     files = [str(p) for p in dest.rglob("*") if p.is_file()]
+    if hashed:
+        took += run(["sha256sum", *files])
     return took + run(["sync", *files])
 
 
