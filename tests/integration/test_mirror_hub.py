@@ -134,7 +134,7 @@ for repo in a["repos"]:
 info = api.get_paths_info(a["small"], ["config.json", "nested", "weights/model.safetensors", "missing.txt"])
 out["paths_info"] = [(type(i).__name__, i.path, getattr(i, "size", None), getattr(i, "lfs", None) is not None)
                      for i in info]
-print(json.dumps(out))
+print(json.dumps(out, default=str))  # card data may hold YAML dates
 """
 
 
