@@ -202,7 +202,10 @@ def mirror_cmd(
 
 @cli_errors
 def status_cmd(config: ConfigOpt = None, store: StoreOpt = None, verbose: VerboseOpt = False) -> None:
-    """Show each model's pinned commit, state (missing / partial / verified), size and last sync."""
+    """Show each model's pinned commit, state (missing / partial / verified), size and last sync.
+
+    Example: hubserve status --config models.toml
+    """
     from sync.inspect import model_status
     from sync.manifest import load_config
     from sync.progress import human_bytes
@@ -221,7 +224,10 @@ def status_cmd(config: ConfigOpt = None, store: StoreOpt = None, verbose: Verbos
 
 @cli_errors
 def verify_cmd(config: ConfigOpt = None, store: StoreOpt = None, verbose: VerboseOpt = False) -> None:
-    """Re-hash every verified revision in the store and report corruption (exit 1 if any)."""
+    """Re-hash every verified revision in the store and report corruption (exit 1 if any).
+
+    Example: hubserve verify --config models.toml
+    """
     from sync.store import Store
 
     root = store.absolute() if store else _config_store(config)
@@ -254,7 +260,10 @@ def gc_cmd(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Really delete (default: dry run).")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Remove revisions, blobs and temp files that no pin of models.toml references (dry run unless --yes)."""
+    """Remove revisions, blobs and temp files that no pin of models.toml references (dry run unless --yes).
+
+    Example: hubserve gc --config models.toml --yes
+    """
     from sync.inspect import gc_keep
     from sync.manifest import load_config
     from sync.progress import human_bytes
