@@ -1,4 +1,5 @@
-"""The sync commands of the ``hubserve`` CLI: sync, daemon, import, mirror, status, verify, gc, rollback.
+"""The sync commands of the ``hubserve`` CLI: sync, daemon, import, mirror, status, verify, gc, rollback
+(export and import-bundle live in cli_bundle).
 
 Every command turns a HubserveError into one line on stderr and its exit code (1 failure, 2 bad
 config or usage); ``--verbose`` adds the traceback.
@@ -90,6 +91,10 @@ def register_sync_commands(app: typer.Typer) -> None:
     app.command("gc")(gc_cmd)
     app.command("rollback")(rollback_cmd)
     app.command("daemon")(daemon_cmd)
+    from sync.cli_bundle import export_cmd, import_bundle_cmd  # imports this module: registered late
+
+    app.command("export")(export_cmd)
+    app.command("import-bundle")(import_bundle_cmd)
 
 
 @cli_errors
@@ -177,6 +182,7 @@ def mirror_cmd(
     token_env: Annotated[
         str, typer.Option(help="Env var holding a bearer token clients must send (unset: no auth).")
     ] = "HUBSERVE_MIRROR_TOKEN",
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Processes serving the one port (one per core).")] = 1,
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve the store read-only as a Hub endpoint (HF_ENDPOINT=http://HOST:PORT for clients).
@@ -191,7 +197,7 @@ def mirror_cmd(
         raise ConfigError(f"store {root} does not exist; run `hubserve sync` or `hubserve import` first")
     token = os.environ.get(token_env) or None
     err.print(f"mirror of {root} on http://{host}:{port} ({'token required' if token else 'no auth'})")
-    serve_mirror(Store(root), host, port, token)
+    serve_mirror(Store(root), host, port, token, workers)
 
 
 @cli_errors
