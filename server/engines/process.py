@@ -260,14 +260,19 @@ class ProcessEngine(Engine):
         self._log.info("ready (pid %s, max_model_len %s)", self._proc.pid, self.max_model_len)
 
     async def _terminate(self) -> None:
-        """SIGTERM the process group, SIGKILL it after the grace period; reap the main process."""
+        """SIGTERM the main process (it stops its own workers in order: vLLM's API server its engine core, which
+        stops its workers; signalling them all at once makes the API server log its core's death as an error),
+        or the whole group if the main process is already gone; SIGKILL the group after the grace period."""
         proc = self._proc
         if proc is None:
             return
         started = refresh(self._started_procs, proc.pid)  # before they are orphaned by the signal
         self._started_procs = []
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGTERM)
+            if proc.returncode is None:
+                proc.terminate()
+            else:
+                os.killpg(proc.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), self.settings.engine_stop_timeout_s)
         except TimeoutError:
