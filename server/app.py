@@ -12,7 +12,9 @@ from fastapi import FastAPI
 
 from server.errors import install_error_handlers
 from server.ops.auth import KeyChecker
-from server.ops.metrics import Metrics, MetricsMiddleware
+from server.ops.gateway import GatewayMiddleware
+from server.ops.keys import KeyRing
+from server.ops.metrics import Metrics
 from server.registry import Registry, resolve_models
 from server.settings import Settings
 
@@ -46,11 +48,11 @@ def create_app(settings: Settings, registry: Registry | None = None, start_engin
     app.state.settings = settings
     app.state.registry = registry
     app.state.started = time.time()
-    app.state.key_checker = KeyChecker(settings.all_key_digests())
+    app.state.key_checker = KeyChecker(settings.all_key_digests(), KeyRing(settings.keys_path()))
     metrics = Metrics()
     metrics.watch_engines(lambda: app.state.registry)
     app.state.metrics = metrics
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(GatewayMiddleware, settings=settings, metrics=metrics)
     install_error_handlers(app)
     _include_routers(app)
     return app

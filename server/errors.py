@@ -58,7 +58,7 @@ class ServerError(HubserveError):
 
 
 class InvalidRequest(ServerError):
-    """The request is malformed: not JSON, a missing or mistyped field, a value out of range."""
+    """The request is malformed: not JSON, a missing or mistyped field, a value out of range, over a cap."""
 
     status = 400
     code = "invalid_request"
@@ -82,6 +82,31 @@ class Unauthorized(ServerError):
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(ServerError):
+    """A valid key that may not use this model (or route)."""
+
+    status = 403
+    code = "model_not_allowed"
+    openai_type = "permission_error"
+    tgi_type = "authorization"
+    hub_code = "Forbidden"
+
+
+class RequestTooLarge(ServerError):
+    status = 413
+    code = "request_too_large"
+    openai_type = "invalid_request_error"
+    tgi_type = "request_too_large"
+
+
+class RequestTimeout(ServerError):
+    """The request ran past HUBSERVE_REQUEST_TIMEOUT_S (queue and stream included)."""
+
+    status = 504
+    code = "timeout"
+    tgi_type = "timeout"
 
 
 class NotFound(ServerError):
@@ -113,13 +138,20 @@ class MethodNotAllowed(ServerError):
 
 
 class Overloaded(ServerError):
-    """Too many requests in flight for a model: answered at once with 429 and Retry-After, never queued."""
+    """Too many requests for a model (in flight and queued): 429 with Retry-After."""
 
     status = 429
     code = "overloaded"
     openai_type = "rate_limit_error"
     tgi_type = "overloaded"
     hub_code = "Overloaded"
+
+
+class RateLimited(Overloaded):
+    """A key over its requests/min or tokens/min."""
+
+    code = "rate_limit_exceeded"
+    hub_code = "RateLimited"
 
 
 class EngineUnavailable(ServerError):

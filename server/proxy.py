@@ -5,6 +5,7 @@ Used by the OpenAI routes as is; other families may use it for routes whose answ
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,9 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server.engines.base import Admission, Engine
-from server.errors import EngineUnavailable, Family, sse_error_event
+from server.errors import EngineUnavailable, Family, InvalidRequest, sse_error_event
+from server.ops.context import StreamUsage, engine_headers, note_usage
+from server.ops.limits import cap_max_tokens
 
 if TYPE_CHECKING:
     from server.registry import Registry
@@ -26,7 +29,8 @@ log = logging.getLogger("hubserve.proxy")
 DROP_RESPONSE_HEADERS = frozenset(
     {"content-length", "transfer-encoding", "connection", "keep-alive", "server", "date", "content-encoding"}
 )
-FORWARD_REQUEST_HEADERS = ("accept", "x-request-id", "traceparent", "tracestate")
+FORWARD_REQUEST_HEADERS = ("accept", "traceparent", "tracestate")  # X-Request-Id: the gateway's, validated
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 def _response_headers(upstream: httpx.Response) -> dict[str, str]:
@@ -55,11 +59,13 @@ async def forward(
     JSON answers come back whole with vLLM's status; ``text/event-stream`` answers are streamed chunk by
     chunk as they arrive. If the engine dies mid-stream, one SSE error event in ``family``'s shape ends it.
     """
+    if path in GENERATION_PATHS and registry.settings.max_new_tokens is not None:
+        body = _capped(body, registry.settings.max_new_tokens)
     slot = await registry.admit(engine)
     engine = slot.engine
     try:
         client = engine.client()
-        headers = {"content-type": "application/json"}
+        headers = {"content-type": "application/json", **engine_headers()}
         headers |= {h: request_headers[h] for h in FORWARD_REQUEST_HEADERS if h in request_headers}
         upstream_request = client.build_request(method, path, content=body, headers=headers)
         try:
@@ -74,6 +80,7 @@ async def forward(
             finally:
                 await upstream.aclose()
                 slot.release()  # a whole answer is done with its slot here (found by the TGI/Hub work)
+            _note_json_usage(content)
             return Response(content, status_code=upstream.status_code, headers=_response_headers(upstream))
     except BaseException:
         slot.release()
@@ -105,9 +112,35 @@ class RelayResponse(StreamingResponse):
 
 
 async def _relay(engine: Engine, upstream: httpx.Response, family: Family) -> AsyncIterator[bytes]:
+    usage = StreamUsage()
     try:
         async for chunk in upstream.aiter_raw():
+            usage.feed(chunk)
             yield chunk
     except httpx.TransportError as e:
         log.warning("model %s: stream broken: %s", engine.info.name, type(e).__name__)
         yield sse_error_event(_lost(engine, e), family)
+    finally:
+        usage.close()
+
+
+def _capped(body: bytes, cap: int) -> bytes:
+    """The body with max_tokens capped (HUBSERVE_MAX_NEW_TOKENS); InvalidRequest when it asks for more."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"The request body is not valid JSON: {e}.") from e
+    if not isinstance(payload, dict):
+        return body
+    capped = cap_max_tokens(payload, cap, ("max_tokens", "max_completion_tokens"))
+    return body if capped is None else json.dumps(capped).encode()
+
+
+def _note_json_usage(content: bytes) -> None:
+    if b'"usage"' in content:
+        try:
+            data = json.loads(content)
+        except (ValueError, UnicodeDecodeError):
+            return
+        if isinstance(data, dict):
+            note_usage(data.get("usage"))

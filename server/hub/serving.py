@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from server.engines.base import Engine
 from server.errors import Family, GenerationError, InvalidRequest
 from server.hub.protocol import EmbedRequest, SimilarityRequest, parse_embed, parse_similarity
+from server.ops.context import engine_headers, note_usage
 from server.proxy import forward
 from server.registry import Registry
 from server.tgi.protocol import parse_generate
@@ -89,11 +90,12 @@ async def embed(registry: Registry, engine: Engine, request: EmbedRequest) -> li
         prompt = sentence_prompt(engine.info.snapshot, request.prompt_name)
         body = embeddings_body(request, engine.info.name, prompt)
         try:
-            response = await engine.client().post("/v1/embeddings", json=body)
+            response = await engine.client().post("/v1/embeddings", json=body, headers=engine_headers())
         except httpx.TransportError as e:
             raise lost(engine, e) from e
     if response.status_code >= 400:
         raise engine_error(response.status_code, response.content)
+    note_usage(response.json().get("usage"))
     data = response.json().get("data") or []
     vectors = [item.get("embedding") for item in sorted(data, key=lambda d: d.get("index", 0))]
     if len(vectors) != len(request.texts) or not all(isinstance(v, list) for v in vectors):

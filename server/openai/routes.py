@@ -18,6 +18,7 @@ router = APIRouter(
 
 @router.get("/models")
 async def models(request: Request) -> ModelList:
+    """The models this request's API key may use."""
     return list_models(request.app.state.registry, request.app.state.started)
 
 
@@ -29,18 +30,14 @@ async def model(request: Request, model: str) -> ModelCard:
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
-    return await proxy_openai(request, request.app.state.registry, "/v1/chat/completions", _log_prompts(request))
+    return await proxy_openai(request, request.app.state.registry, "/v1/chat/completions")
 
 
 @router.post("/completions")
 async def completions(request: Request) -> Response:
-    return await proxy_openai(request, request.app.state.registry, "/v1/completions", _log_prompts(request))
+    return await proxy_openai(request, request.app.state.registry, "/v1/completions")
 
 
 @router.post("/embeddings")
 async def embeddings(request: Request) -> Response:
-    return await proxy_openai(request, request.app.state.registry, "/v1/embeddings", _log_prompts(request))
-
-
-def _log_prompts(request: Request) -> bool:
-    return bool(request.app.state.settings.log_prompts)
+    return await proxy_openai(request, request.app.state.registry, "/v1/embeddings")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 
 from fastapi import Request, Response
 from pydantic import ValidationError
@@ -12,10 +11,9 @@ from server.engines.base import Engine
 from server.errors import Family, InvalidRequest
 from server.hub.serving import chat_payload
 from server.openai.protocol import ModelCard, ModelList, RoutingFields
+from server.ops.auth import may_see
 from server.proxy import forward
 from server.registry import Registry
-
-log = logging.getLogger("hubserve.openai")
 
 
 def model_card(engine: Engine, started: float) -> ModelCard:
@@ -34,7 +32,8 @@ def model_card(engine: Engine, started: float) -> ModelCard:
 
 
 def list_models(registry: Registry, started: float) -> ModelList:
-    return ModelList(data=[model_card(e, started) for e in registry.engines.values()])
+    """Every served model the current request's key may use (the others are hidden)."""
+    return ModelList(data=[model_card(e, started) for e in registry.engines.values() if may_see(e.info)])
 
 
 def parse_body(body: bytes) -> tuple[dict[str, object], RoutingFields]:
@@ -58,7 +57,7 @@ def _is_tgi_response_format(fmt: object) -> bool:
     return isinstance(fmt, dict) and fmt.get("type") == "json_object" and isinstance(fmt.get("value"), dict)
 
 
-async def proxy_openai(request: Request, registry: Registry, path: str, log_prompts: bool = False) -> Response:
+async def proxy_openai(request: Request, registry: Registry, path: str) -> Response:
     """Forward one OpenAI request to the engine its `model` names; vLLM's answer comes back unchanged."""
     body = await request.body()
     payload, fields = parse_body(body)
@@ -66,12 +65,9 @@ async def proxy_openai(request: Request, registry: Registry, path: str, log_prom
     if model == "dummy" and model not in registry.engines:  # InferenceClient(base_url=...) sends "dummy":
         model = None  # it means the default model (added with the TGI/Hub families)
     engine = registry.get(model)
-    request.state.model = engine.info.name
     tgi_format = _is_tgi_response_format(payload.get("response_format"))
     if fields.model not in engine.info.served_names or tgi_format:  # omitted/"dummy": name the model
         # InferenceClient(base_url=...).chat_completion sends json schemas TGI's way; vLLM wants json_schema.
         payload = chat_payload(payload, engine.info.name) if tgi_format else {**payload, "model": engine.info.name}
         body = json.dumps(payload).encode()
-    if log_prompts:
-        log.info("%s %s: %s", path, engine.info.name, body[:4000].decode(errors="replace"))
     return await forward(registry, engine, path, body, request.headers, Family.OPENAI)
