@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from server.errors import install_error_handlers
+from server.errors import document_errors, install_error_handlers
 from server.ops.auth import KeyChecker
 from server.ops.gateway import GatewayMiddleware
 from server.ops.keys import KeyRing
@@ -55,6 +55,7 @@ def create_app(settings: Settings, registry: Registry | None = None, start_engin
     app.add_middleware(GatewayMiddleware, settings=settings, metrics=metrics)
     install_error_handlers(app)
     _include_routers(app)
+    document_errors(app)
     return app
 
 

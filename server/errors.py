@@ -281,6 +281,55 @@ def sse_error_event(exc: ServerError, family: Family) -> bytes:
     return f"{sep}{json.dumps(body)}\n\n".encode()
 
 
+# ---- OpenAPI -----------------------------------------------------------------------------------------------
+
+_ERROR_SCHEMA: dict[str, Any] = {
+    "title": "Error",
+    "anyOf": [
+        {
+            "title": "OpenAIError",
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["message", "type"],
+                    "properties": {
+                        "message": {"type": "string"},
+                        "type": {"type": "string"},
+                        "param": {"type": ["string", "null"]},
+                        "code": {"type": ["string", "null"]},
+                    },
+                }
+            },
+        },
+        {
+            "title": "TGIError",
+            "type": "object",
+            "required": ["error", "error_type"],
+            "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}},
+        },
+        {"title": "HubError", "type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+    ],
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"description": text, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+    for code, text in (
+        ("4XX", "A client error in the route family's shape (401 no or bad key, 403 model not allowed, 429 ...)."),
+        ("5XX", "A server or engine error in the route family's shape."),
+    )
+}
+
+
+def document_errors(app: FastAPI) -> None:
+    """Declare every route's error answers (FastAPI would document a 422 in its own shape, which we never send)."""
+    from fastapi.routing import APIRoute
+
+    for route in app.routes:
+        if isinstance(route, APIRoute):
+            route.responses = {**ERROR_RESPONSES, **route.responses}
+
+
 # ---- handlers ----------------------------------------------------------------------------------------------
 
 
