@@ -101,6 +101,11 @@ class RequestTooLarge(ServerError):
     tgi_type = "request_too_large"
 
 
+class HeadersTooLarge(RequestTooLarge):
+    status = 431
+    code = "headers_too_large"
+
+
 class RequestTimeout(ServerError):
     """The request ran past HUBSERVE_REQUEST_TIMEOUT_S (queue and stream included)."""
 

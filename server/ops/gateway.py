@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import (
     Family,
+    HeadersTooLarge,
     InvalidRequest,
     RequestTimeout,
     RequestTooLarge,
@@ -34,6 +35,7 @@ from server.settings import Settings
 
 access_log = logging.getLogger("hubserve.access")
 
+MAX_HEADER_BYTES = 32 * 1024  # nginx's default for large headers; far above what any client sends
 QUIET_PATHS = frozenset({"/metrics", "/health", "/ready"})  # probes: no log line, no request metrics
 PROMPT_LOG_BYTES = 4000
 
@@ -63,7 +65,9 @@ class GatewayMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        raw_headers = scope.get("headers", [])
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}
+        header_bytes = sum(len(k) + len(v) + 4 for k, v in raw_headers)
         given = headers.get("x-request-id")
         rid, engine_rid = context.new_request_id(given if given and REQUEST_ID_RE.match(given) else None)
         ctx = RequestContext(rid, engine_rid)
@@ -71,7 +75,7 @@ class GatewayMiddleware:
         ex = _Exchange()
         token = context.begin(ctx)
         try:
-            early = self._refuse(headers, given)
+            early = self._refuse(headers, given, header_bytes)
             if early is not None:
                 await self._send_error(scope, send, ex, rid, early)
             else:
@@ -80,7 +84,9 @@ class GatewayMiddleware:
             context.end(token)
             self._finish(scope, ctx, ex)
 
-    def _refuse(self, headers: dict[str, str], given: str | None) -> ServerError | None:
+    def _refuse(self, headers: dict[str, str], given: str | None, header_bytes: int) -> ServerError | None:
+        if header_bytes > MAX_HEADER_BYTES:
+            return HeadersTooLarge(f"The request headers are over the limit of {MAX_HEADER_BYTES} bytes.")
         if given is not None and not REQUEST_ID_RE.match(given):
             return InvalidRequest("X-Request-Id: use 1-128 of A-Z a-z 0-9 . _ : -", param="X-Request-Id")
         length = headers.get("content-length", "")
@@ -189,7 +195,7 @@ class GatewayMiddleware:
         # 499 (nginx's "client closed request"): the answer never finished, e.g. the client left mid-stream
         status = (ex.status or 500) if ex.complete else 499
         latency = time.perf_counter() - ex.started
-        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        route = getattr(scope.get("route"), "path_format", None) or "unmatched"
         who = ctx.principal
         ttft = ex.first if ex.stream else None
         self.metrics.observe_request(
