@@ -263,7 +263,10 @@ def status_for(exc: ServerError, family: Family) -> int:
 
 
 def _header_safe(text: str) -> str:
-    return " ".join(text.encode("ascii", "replace").decode().split())[:1000]
+    """Printable ASCII only: the message may quote a path from the network (control bytes would break the
+    answer's headers, CR/LF would split them)."""
+    printable = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return " ".join(printable.split())[:1000]
 
 
 def error_response(exc: ServerError, family: Family) -> JSONResponse:

@@ -123,6 +123,7 @@ def test_hostile_headers_and_paths_get_clean_4xx(tmp_path: Path) -> None:
                 "/models/..%2F..%2Fetc%2Fpasswd/info",
                 "/models/%2e%2e/%2e%2e/etc/passwd",
                 "/models/org%0d%0aSet-Cookie:%20x=1/info",
+                "/models/%08%1b%F0%B4%B8%8C/info",  # control bytes in a repo id quoted in X-Error-Message
                 "/v1/models/..%2f..%2fetc%2fpasswd",
             ):
                 r = client.request("POST" if path.endswith("passwd") else "GET", path)

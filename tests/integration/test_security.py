@@ -4,6 +4,7 @@ hot reload of the keys file through the real ``hubserve keys`` CLI."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -177,6 +178,19 @@ async def test_keys_cli_changes_reach_the_running_server(tmp_path: Path, script:
         assert (await client.get("/v1/models")).status_code == 401  # deleting the file does not open it
     gone = hubserve("keys", "revoke", "team-a", "--keys-file", str(keys_file))
     assert gone.returncode == 2 and gone.stderr.count("\n") == 1 and "no key named" in gone.stderr
+
+
+@pytest.mark.parametrize("command", [["serve"], ["mirror"]])
+def test_no_public_bind_without_keys(tmp_path: Path, command: list[str]) -> None:
+    (tmp_path / "store").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUBSERVE_")}
+    args = [sys.executable, "-m", "server.cli", *command, "--host", "0.0.0.0", "--store", str(tmp_path / "store")]
+    if command == ["serve"]:
+        args += ["--config", str(tmp_path / "models.toml")]
+    run = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert "refusing to listen on 0.0.0.0 with no API key configured" in run.stderr
+    assert "--insecure-public" in run.stderr
 
 
 async def test_requests_per_minute(app_client: httpx.AsyncClient, keys: Keys) -> None:
