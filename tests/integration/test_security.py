@@ -4,6 +4,7 @@ hot reload of the keys file through the real ``hubserve keys`` CLI."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -277,3 +278,16 @@ async def test_request_timeout_frees_the_slot(tmp_path: Path, keys: Keys, script
 
 def _in_flight(registry: Registry) -> int:
     return sum(e.in_flight for e in registry.engines.values())
+
+
+async def test_grafana_dashboard_uses_only_exposed_metrics(app_client: httpx.AsyncClient, keys: Keys) -> None:
+    dashboard = json.loads((REPO_ROOT / "docker" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    names = {re.sub(r"_bucket$", "", n) for e in exprs for n in re.findall(r"hubserve_[a-z_]+", e)}
+    assert (await app_client.post("/generate", json=GEN, headers=bearer(keys.all))).status_code == 200
+    text = (await app_client.get("/metrics", headers=bearer(keys.all))).text
+    missing = sorted(n for n in names if f"# TYPE {n} " not in text)
+    assert len(names) >= 12 and not missing, missing
+    assert 'hubserve_requests_total{model="gen",route="/generate",status="200"} 1.0' in text
+    assert 'hubserve_key_requests_total{key="all",model="gen",status="200"} 1.0' in text
+    assert 'hubserve_tokens_out_total{model="gen"} 4.0' in text
