@@ -62,7 +62,7 @@ class KeyChecker:
         digest = self._flat(key)
         if digest is not None:
             return Principal(f"key-{digest[:8]}")
-        record = self.ring.find(key) if self.ring is not None else None
+        record = self.ring.lookup(key) if self.ring is not None else None
         if record is None:
             raise Unauthorized()
         models = frozenset(record.models) if record.models is not None else None

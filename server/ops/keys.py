@@ -167,8 +167,12 @@ class KeyRing:
         log.info("keys file %s: %d key(s) loaded", self.path, len(records))
 
     def find(self, key: str) -> KeyRecord | None:
-        """The record of a well-formed, unrevoked key; one HMAC per call whatever the outcome."""
+        """The record of a well-formed, unrevoked key, after a refresh."""
         self.refresh()
+        return self.lookup(key)
+
+    def lookup(self, key: str) -> KeyRecord | None:
+        """``find`` without the refresh; one HMAC per call whatever the outcome."""
         m = KEY_RE.match(key)
         record = self._records.get(m.group(1)) if m else None
         ok = (record or _DUMMY).matches(m.group(2) if m else "")
