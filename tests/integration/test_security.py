@@ -4,6 +4,7 @@ hot reload of the keys file through the real ``hubserve keys`` CLI."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -291,3 +292,27 @@ async def test_grafana_dashboard_uses_only_exposed_metrics(app_client: httpx.Asy
     assert 'hubserve_requests_total{model="gen",route="/generate",status="200"} 1.0' in text
     assert 'hubserve_key_requests_total{key="all",model="gen",status="200"} 1.0' in text
     assert 'hubserve_tokens_out_total{model="gen"} 4.0' in text
+
+
+@pytest.mark.parametrize("queued", [0, 4])
+async def test_bounded_queue(tmp_path: Path, keys: Keys, queued: int) -> None:
+    """One slot: with room in the queue the second request waits for it (200); without, 429 at once."""
+    script = EngineScript(pause_s=0.3)
+    app, registry = build_app(
+        tmp_path, script, max_concurrent_requests=1, max_queued_requests=queued, queue_timeout_s=10
+    )
+    body = {"model": "gen", "prompt": "hi", "max_tokens": 2}
+    async with asgi_client(app) as client:
+        first, second = await asyncio.gather(
+            client.post("/v1/completions", json=body, headers=bearer(keys.all)),
+            client.post("/v1/completions", json=body, headers=bearer(keys.all)),
+        )
+        metrics = (await client.get("/metrics", headers=bearer(keys.all))).text
+    assert first.status_code == 200
+    if queued:
+        assert second.status_code == 200
+        assert 'hubserve_queue_seconds_bucket{le="0.1",model="gen"} 1.0' in metrics  # one waited ~0.3 s
+    else:
+        assert second.status_code == 429 and second.headers["retry-after"] == "5"
+        assert "1 requests in flight and 0 waiting" in second.json()["error"]["message"]
+    assert _in_flight(registry) == 0
