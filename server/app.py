@@ -15,8 +15,9 @@ from server.ops.auth import KeyChecker
 from server.ops.gateway import GatewayMiddleware
 from server.ops.keys import KeyRing
 from server.ops.metrics import Metrics
-from server.registry import Registry, resolve_models
+from server.registry import Registry, desired_models, resolve_models
 from server.settings import Settings
+from server.watch import ManifestWatcher
 
 log = logging.getLogger("hubserve.app")
 
@@ -28,11 +29,10 @@ def create_app(settings: Settings, registry: Registry | None = None, start_engin
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if app.state.registry is None:
-            from sync.manifest import load_config
-
-            models = resolve_models(load_config(settings.config, settings.store))
-            app.state.registry = Registry.from_models(models, settings)
-        starting = asyncio.create_task(app.state.registry.start_all(), name="start-engines") if start_engines else None
+            app.state.registry = build_registry(settings)
+        registry: Registry = app.state.registry
+        watcher = app.state.watcher = ManifestWatcher(settings, registry) if start_engines and settings.watch else None
+        starting = asyncio.create_task(_boot(registry, watcher), name="start-engines") if start_engines else None
         if starting is not None:
             starting.add_done_callback(_report_start_failure)
         try:
@@ -42,11 +42,14 @@ def create_app(settings: Settings, registry: Registry | None = None, start_engin
                 starting.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await starting
-            await app.state.registry.stop_all()
+            if watcher is not None:
+                await watcher.stop()
+            await registry.stop_all()
 
     app = FastAPI(title="hubserve", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.registry = registry
+    app.state.watcher = None
     app.state.started = time.time()
     app.state.key_checker = KeyChecker(settings.all_key_digests(), KeyRing(settings.keys_path()))
     metrics = Metrics()
@@ -59,6 +62,30 @@ def create_app(settings: Settings, registry: Registry | None = None, start_engin
     return app
 
 
+def build_registry(settings: Settings) -> Registry:
+    """The registry of every model of the manifest verified in the store. Unless ``wait_for_sync``, a model
+    that is not verified yet is an error (ModelNotVerified names it); otherwise it is served once it is."""
+    from sync.manifest import load_config
+
+    config = load_config(settings.config, settings.store)
+    if not settings.wait_for_sync:
+        return Registry.from_models(resolve_models(config), settings)
+    desired = desired_models(config)
+    registry = Registry.from_models(desired.models, settings)
+    registry.waiting = dict(desired.waiting)
+    for reason in desired.waiting.values():
+        log.warning("%s (waiting for it)", reason)
+    return registry
+
+
+async def _boot(registry: Registry, watcher: ManifestWatcher | None) -> None:
+    """Start the engines, then follow the manifest, lock and store (first reload at once: catch up)."""
+    await registry.start_all()
+    if watcher is not None:
+        watcher.start()
+        watcher.trigger()
+
+
 def _report_start_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("starting the engines failed: %s", task.exception())
@@ -66,9 +93,11 @@ def _report_start_failure(task: asyncio.Task[None]) -> None:
 
 def _include_routers(app: FastAPI) -> None:
     from server.openai.routes import router as openai_router
+    from server.ops.admin import router as admin_router
     from server.ops.routes import router as ops_router
 
     app.include_router(ops_router)
+    app.include_router(admin_router)
     app.include_router(openai_router)
     # ---- other API families (TGI, Hub Inference API): include their routers here -------------------
     # Each router lists Depends(family_dependency(Family.X)) then Depends(require_api_key).

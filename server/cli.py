@@ -47,6 +47,15 @@ def serve_cmd(
     store: StoreOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
+    wait_for_sync: Annotated[
+        bool | None,
+        typer.Option(
+            "--wait-for-sync/--no-wait-for-sync",
+            help="Start even if some models are not synced yet and serve each once it is "
+            "(with `hubserve daemon`; default: $HUBSERVE_WAIT_FOR_SYNC, else off).",
+            show_default=False,
+        ),
+    ] = None,
     insecure_public: InsecurePublicOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -56,20 +65,21 @@ def serve_cmd(
     API keys: `hubserve keys add` (named, per-model, rate-limited; picked up while running), or
     $HUBSERVE_API_KEYS (comma-separated) / $HUBSERVE_API_KEYS_FILE (sha256 digests).
 
+    While it runs it follows models.toml, models.lock and the store (file events, SIGHUP, POST /admin/reload):
+    a new verified revision is swapped in without failing a request, added models load, removed ones unload.
+
     Example: HUBSERVE_API_KEYS=secret hubserve serve --config models.toml --port 8080
     """
     import uvicorn
     from pydantic import ValidationError
 
-    from server.app import create_app
+    from server.app import build_registry, create_app
     from server.ops.keys import read_keys
     from server.ops.logs import configure_logging
-    from server.registry import Registry, resolve_models
     from server.settings import Settings
     from sync.errors import ConfigError
-    from sync.manifest import load_config
 
-    given = {"config": config, "store": store, "host": host, "port": port}
+    given = {"config": config, "store": store, "host": host, "port": port, "wait_for_sync": wait_for_sync}
     try:
         settings = Settings.model_validate({k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
@@ -80,7 +90,7 @@ def serve_cmd(
     check_bind(settings.host, has_keys, insecure_public, "add one with `hubserve keys add NAME`")
     read_keys(settings.keys_path())  # a malformed keys file fails here, named, not at the first request
     configure_logging(settings.log_format, "debug" if verbose else settings.log_level)
-    registry = Registry.from_models(resolve_models(load_config(settings.config, settings.store)), settings)
+    registry = build_registry(settings)
     try:
         uvicorn.run(
             create_app(settings, registry),

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from server.engines.base import Admission, Engine, EngineState, ModelInfo
-from server.errors import InvalidRequest, ModelNotFound, ModelNotVerified, Overloaded
+from server.errors import EngineUnavailable, InvalidRequest, ModelNotFound, ModelNotVerified, Overloaded
 from server.ops.auth import authorize
 from server.ops.context import note_queue
 from server.settings import RolloutStrategy, Settings
@@ -52,6 +52,7 @@ class Desired:
 
     models: list[ModelInfo]
     waiting: dict[str, str]  # served name → why it cannot be served yet (not pinned / not verified)
+    pending: dict[str, str]  # served name → why its new pin is not served yet (the old revision serves)
 
 
 def desired_models(config: Config, keep: dict[str, ModelInfo] | None = None) -> Desired:
@@ -66,11 +67,12 @@ def desired_models(config: Config, keep: dict[str, ModelInfo] | None = None) -> 
     keep = keep or {}
     models: list[ModelInfo] = []
     waiting: dict[str, str] = {}
+    pending: dict[str, str] = {}
     for spec in config.manifest.models:
         commit = pinned_commit(lock, spec.name, spec.repo, spec.revision)
         record = store.get_revision(spec.repo, commit) if commit else None
         if commit is None or record is None:
-            waiting[spec.name] = (
+            reason = (
                 f"model '{spec.name}' ({spec.repo}@{spec.revision}) is not pinned in {config.lock_path.name}; "
                 "run `hubserve sync`"
                 if commit is None
@@ -80,6 +82,9 @@ def desired_models(config: Config, keep: dict[str, ModelInfo] | None = None) -> 
             current = keep.get(spec.name)
             if current is not None and current.repo == spec.repo:
                 models.append(current)
+                pending[spec.name] = reason
+            else:
+                waiting[spec.name] = reason
             continue
         models.append(
             ModelInfo(
@@ -94,7 +99,7 @@ def desired_models(config: Config, keep: dict[str, ModelInfo] | None = None) -> 
                 weights_bytes=sum(f.size for f in record.files if f.path.endswith(WEIGHT_SUFFIXES)),
             )
         )
-    return Desired(models, waiting)
+    return Desired(models, waiting, pending)
 
 
 def resolve_models(config: Config) -> list[ModelInfo]:
@@ -207,8 +212,9 @@ class Registry:
         self.settings = settings or Settings()
         self._factory = factory
         self.waiting: dict[str, str] = {}  # manifest models not servable yet, with the reason
+        self.pending: dict[str, str] = {}  # served models whose new pin is not verified yet
         self._apply_lock = asyncio.Lock()
-        self._background: set[asyncio.Task[Any]] = set()
+        self._retiring: set[Engine] = set()  # old engines draining after a swap or removal
 
     @classmethod
     def from_models(
@@ -241,6 +247,11 @@ class Registry:
     def _lookup(self, name_or_repo: str | None) -> ServedModel:
         if not name_or_repo:
             return self._served[self.default().info.name]
+        if name_or_repo in self.waiting and name_or_repo not in self._served:
+            raise EngineUnavailable(
+                f"Model `{name_or_repo}` is not loaded yet: {self.waiting[name_or_repo]}; retry later.",
+                retry_after=self.settings.retry_after_s,
+            )
         served = self._served.get(name_or_repo)
         if served is None:  # a repo served twice resolves to its default, else the first
             by_repo = [s for s in self._served.values() if s.info.repo == name_or_repo]
@@ -340,22 +351,22 @@ class Registry:
                     log.error("model %s did not start: %s", engines[i].info.name, result)
 
     async def stop_all(self) -> None:
-        for task in list(self._background):
-            task.cancel()
-        engines = [s.engine for s in self._served.values()]
+        engines = [s.engine for s in self._served.values()] + list(self._retiring)
         await asyncio.gather(*(e.stop() for e in engines), return_exceptions=True)
 
     # ---- rollout ------------------------------------------------------------------------------------
-    async def apply(self, desired: list[ModelInfo], waiting: dict[str, str] | None = None) -> None:
+    async def apply(self, desired: Desired | list[ModelInfo]) -> None:
         """Bring the served models to ``desired``: start new ones, drain and stop removed ones, swap changed
         revisions (concurrently per model). One apply at a time."""
+        if not isinstance(desired, Desired):
+            desired = Desired(desired, {}, {})
         async with self._apply_lock:
-            self.waiting = dict(waiting or {})
-            wanted = {m.name: m for m in desired}
+            self.waiting, self.pending = dict(desired.waiting), dict(desired.pending)
+            wanted = {m.name: m for m in desired.models}
             jobs = []
             for name in [n for n in self._served if n not in wanted]:
                 jobs.append(self._remove(name))
-            for info in desired:
+            for info in desired.models:
                 served = self._served.get(info.name)
                 if served is None:
                     jobs.append(self._add(info))
@@ -366,7 +377,7 @@ class Registry:
                     continue  # failed before; retried when the pin changes again or on an explicit reload
                 else:
                     jobs.append(self._swap(served, info))
-            self._reorder([m.name for m in desired])
+            self._reorder([m.name for m in desired.models])
             if jobs:
                 await asyncio.gather(*jobs)
 
@@ -409,6 +420,7 @@ class Registry:
         log.info("model %s: unloaded", name)
 
     async def _drain_and_stop(self, engine: Engine) -> None:
+        self._retiring.add(engine)  # cancelled half-way (shutdown), stop_all still stops it
         deadline = time.monotonic() + self.settings.drain_timeout_s
         while engine.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
@@ -416,6 +428,7 @@ class Registry:
             log.warning("model %s: %d request(s) still in flight after %.0f s; stopping the engine",
                         engine.info.name, engine.in_flight, self.settings.drain_timeout_s)
         await engine.stop()
+        self._retiring.discard(engine)
 
     def _fits_beside(self, served: ServedModel, info: ModelInfo) -> bool:
         """Whether the new revision's engine fits in memory beside every running engine (blue/green)."""

@@ -303,7 +303,7 @@ def rollback_cmd(
 ) -> None:
     """Pin a model back to its previous verified revision (models.lock keeps the history).
 
-    A running `hubserve serve` swaps back to it without dropping requests; a model that follows its branch
+    A running `hubserve serve` swaps back to it without dropping requests. A model that follows its branch
     is not moved forward to the rolled-back-from commit again.
 
     Example: hubserve rollback smollm2 --config models.toml

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OPEN = {("GET", "/health"), ("GET", "/ready")}
+ADMIN_TOKEN = "admin-token-0123456789"  # /admin/*: its own bearer token, never an API key
 GEN = {"inputs": "hi", "parameters": {"max_new_tokens": 2}}
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 # (method, path) → (path params, body, model the route uses or None). Routes missing here are still checked
@@ -61,7 +62,7 @@ def script() -> EngineScript:
 
 @pytest.fixture
 async def app_client(tmp_path: Path, keys: Keys, script: EngineScript) -> AsyncIterator[httpx.AsyncClient]:
-    app, _ = build_app(tmp_path, script, metrics_auth=True, max_new_tokens=64)
+    app, _ = build_app(tmp_path, script, metrics_auth=True, max_new_tokens=64, admin_token=ADMIN_TOKEN)
     async with asgi_client(app) as client:
         yield client
 
@@ -91,6 +92,10 @@ async def test_auth_matrix_over_every_route_of_the_schema(app_client: httpx.Asyn
             if r.status_code != 200:
                 wrong.append(f"{method} {template} without a key: {r.status_code} (must stay open)")
             continue
+        if template.startswith("/admin/"):
+            wrong += await _check_admin(app_client, method, template, keys)
+            checked += 4
+            continue
         params, body, model = ROUTES.get((method, template), ({}, None, None))
         path = template.format(**params) if params else re.sub(r"\{[^}]+\}", "org/gen", template)
         other = {None: keys.emb_only, "gen": keys.emb_only, "emb": keys.gen_only}[model]
@@ -117,6 +122,18 @@ async def test_auth_matrix_over_every_route_of_the_schema(app_client: httpx.Asyn
                 wrong.append(f"{method} {path} with a good key: {r.status_code}")
     print(f"\nauth matrix: {len(operations)} operations, {checked} requests, {len(wrong)} wrong")
     assert not wrong, "\n".join(wrong)
+
+
+async def _check_admin(client: httpx.AsyncClient, method: str, path: str, keys: Keys) -> list[str]:
+    wrong = []
+    for what, headers in (("no key", {}), ("bad key", bearer("nope")), ("an API key", bearer(keys.all))):
+        r = await client.request(method, path, headers=headers)
+        if r.status_code != 401:
+            wrong.append(f"{method} {path} with {what}: {r.status_code}")
+    r = await client.request(method, path, headers=bearer(ADMIN_TOKEN))
+    if r.status_code in (401, 403) or r.status_code >= 500:
+        wrong.append(f"{method} {path} with the admin token: {r.status_code}")
+    return wrong
 
 
 async def test_401_and_403_in_each_family_shape(app_client: httpx.AsyncClient, keys: Keys) -> None:

