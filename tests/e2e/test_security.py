@@ -94,7 +94,7 @@ def test_request_log_and_metrics(hubserve_server: HubserveServer) -> None:
         timeout=120,
         json={"inputs": CANARY, "parameters": {"max_new_tokens": 3}, "stream": True},
     ) as s:
-        assert s.status_code == 200 and len([line for line in s.iter_lines() if line.startswith("data:")]) == 3
+        assert s.status_code == 200 and 1 <= len([ln for ln in s.iter_lines() if ln.startswith("data:")]) <= 3
     time.sleep(0.5)
     lines = [json.loads(line) for line in hubserve_server.log_path.read_text().splitlines() if line.startswith("{")]
     mine = [line for line in lines if line.get("request_id") == "e2e-log-1"]
@@ -102,7 +102,7 @@ def test_request_log_and_metrics(hubserve_server: HubserveServer) -> None:
     line = mine[0]
     assert line["logger"] == "hubserve.access" and line["route"] == "/generate" and line["status"] == 200
     assert line["model"] == "smollm2" and line["commit"] == hubserve_server.commits["smollm2"]
-    assert line["key"].startswith("key-") and line["tokens_out"] == 3 and line["tokens_in"] > 0
+    assert line["key"].startswith("key-") and 1 <= line["tokens_out"] <= 3 and line["tokens_in"] > 0
     assert line["latency_s"] > 0 and line["queue_s"] >= 0
     assert not log_leaks(hubserve_server)
     metrics = httpx.get(f"{hubserve_server.url}/metrics").text
