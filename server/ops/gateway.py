@@ -80,6 +80,9 @@ class GatewayMiddleware:
                 await self._send_error(scope, send, ex, rid, early)
             else:
                 await self._run(scope, receive, send, ctx, ex)
+        except Exception:
+            ex.status, ex.complete = 500, True  # Starlette's outermost handler answers it
+            raise
         finally:
             context.end(token)
             self._finish(scope, ctx, ex)
@@ -96,7 +99,6 @@ class GatewayMiddleware:
 
     async def _send_error(self, scope: Scope, send: Send, ex: _Exchange, rid: str, err: ServerError) -> None:
         response = error_response(err, _family(scope))
-        response.headers["X-Request-Id"] = rid
         await response(scope, _noop_receive, self._wrap_send(send, ex, rid))
 
     async def _run(self, scope: Scope, receive: Receive, send: Send, ctx: RequestContext, ex: _Exchange) -> None:
