@@ -481,6 +481,7 @@ class Registry:
             "start_s": round(ready - started, 2), "switch_s": round(switch, 4),
         }
         await self._drain_and_stop(old)
+        log.info("model %s: previous revision %s drained and stopped", info.name, old.info.commit[:12])
 
     async def _swap_in_place(self, served: ServedModel, info: ModelInfo) -> None:
         old = served.engine

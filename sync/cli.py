@@ -1,4 +1,4 @@
-"""The sync commands of the ``hubserve`` CLI: sync, import, mirror, status, verify, gc.
+"""The sync commands of the ``hubserve`` CLI: sync, daemon, import, mirror, status, verify, gc, rollback.
 
 Every command turns a HubserveError into one line on stderr and its exit code (1 failure, 2 bad
 config or usage); ``--verbose`` adds the traceback.
@@ -111,6 +111,7 @@ def register_sync_commands(app: typer.Typer) -> None:
     app.command("verify")(verify_cmd)
     app.command("gc")(gc_cmd)
     app.command("rollback")(rollback_cmd)
+    app.command("daemon")(daemon_cmd)
 
 
 @cli_errors
@@ -328,3 +329,36 @@ def rollback_cmd(
         old, new = rollback(lock, name, verified_files)
         write_lock(cfg.lock_path, lock)
     out.print(f"{name}: {old[:12]} -> {new[:12]} (rolled back)")
+
+
+@cli_errors
+def daemon_cmd(
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+    interval: Annotated[
+        float | None,
+        typer.Option(help="Seconds between reconciles (default: \\[daemon] interval, else 300).", min=0.1),
+    ] = None,
+    listen: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST:PORT for /webhooks/hub, /health, /metrics (default: \\[daemon] listen, else 127.0.0.1:8091)."
+        ),
+    ] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            help="URL of a running `hubserve serve`, polled for the served-commit metric (default: \\[daemon] server)."
+        ),
+    ] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Keep the store in step with models.toml and the Hub: sync at start, on every change of models.toml,
+    on SIGHUP, every interval and on Hub webhooks; models with `follow = true` move with their branch or tag.
+
+    Example: HUBSERVE_WEBHOOK_SECRET=... hubserve daemon --config models.toml --interval 300 --listen 0.0.0.0:8091
+    """
+    from sync.daemon import Daemon, DaemonOptions
+
+    options = DaemonOptions(config=config, store=store, interval=interval, listen=listen, server=server)
+    raise typer.Exit(Daemon(options, err).run())

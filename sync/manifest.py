@@ -58,6 +58,9 @@ class DaemonConfig(_Strict):
         None, description="Env var holding the Hub webhook secret; unset: POST /webhooks/hub answers 401."
     )
     backoff_max: float = Field(600.0, gt=0, description="Longest wait between retries after upstream failures (s).")
+    server: str | None = Field(
+        None, description="URL of a `hubserve serve` whose /health gives the commit served (a metric); optional."
+    )
 
 
 class ModelSpec(_Strict):

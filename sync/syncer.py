@@ -8,6 +8,7 @@ download the missing blobs concurrently (hashed as they stream), promote atomica
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ class ModelResult:
     downloaded_files: int = 0
     up_to_date: bool = False
     held_by_rollback: bool = False  # following found the commit that `hubserve rollback` moved away from
+    promoted: bool = False  # a new verified record was written
     skipped_pickle: tuple[str, ...] = ()
     error: HubserveError | None = None
 
@@ -50,12 +52,22 @@ class SyncReport:
         return sum(m.downloaded_bytes for m in self.models)
 
 
+class Cancelled(Exception):
+    """The sync was asked to stop (the daemon's SIGTERM): the file in flight stays in the temp area."""
+
+
 class Syncer:
-    def __init__(self, config: Config, console: Console | None = None) -> None:
+    def __init__(self, config: Config, console: Console | None = None, cancel: threading.Event | None = None) -> None:
         self.config = config
         self.store = Store(config.store_path)
         self.console = console or Console(stderr=True)
         self._upstream: Upstream | None = None
+        # Checked between chunks and before each promotion; a cancelled run raises Cancelled.
+        self._cancel = cancel or threading.Event()
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise Cancelled("sync cancelled")
 
     @property
     def upstream(self) -> Upstream:
@@ -87,6 +99,7 @@ class Syncer:
                 for spec in self.config.manifest.models:
                     if only and spec.name not in only:
                         continue
+                    self._check_cancel()
                     result = ModelResult(spec.name)
                     report.models.append(result)
                     explicit = update_all or spec.name in (update or set())
@@ -151,7 +164,9 @@ class Syncer:
                 pipeline_tag=pipeline_tag or (record.pipeline_tag if record else None) or spec.task,
                 refs=() if spec.revision == commit else (spec.revision,),
             )
+            self._check_cancel()
             self.store.promote(record)
+            result.promoted = True
         self._write_refs(spec, commit)
         lock.put(LockedModel(spec.name, spec.repo, spec.revision, commit, selection.files, spec.selection_key()))
 
@@ -188,7 +203,12 @@ class Syncer:
 
     def _fetch_one(self, repo: str, commit: str, entry: FileEntry, progress: DownloadProgress) -> None:
         part = self.store.tmp_dir / f"{entry.etag}.part"
-        self.upstream.download(repo, commit, entry, part, progress.advance)
+
+        def on_bytes(n: int) -> None:
+            self._check_cancel()  # between chunks: what arrived stays in the .part, resumed next run
+            progress.advance(n)
+
+        self.upstream.download(repo, commit, entry, part, on_bytes)
         self.store.add_blob(repo, entry, part)
         progress.file_done(entry.path, entry.size)
 
@@ -200,10 +220,10 @@ def describe(result: ModelResult) -> str:
     parts = [f"{result.name}: {commit}"]
     if result.old_commit:
         parts = [f"{result.name}: {result.old_commit[:12]} -> {commit}"]
-    if result.up_to_date:
-        parts.append("up to date")
     if result.held_by_rollback:
         parts.append("held by rollback (upstream still points at the commit rolled back from)")
+    if result.up_to_date:
+        parts.append("up to date")
     else:
         parts.append(f"verified, {result.downloaded_files} file(s) / {human_bytes(result.downloaded_bytes)} downloaded")
     if result.skipped_pickle:

@@ -185,6 +185,28 @@ def serve(site: RolloutSite, **settings: str) -> Iterator[Server]:
                 proc.wait(timeout=10)
 
 
+@contextlib.contextmanager
+def daemon(site: RolloutSite) -> Iterator[subprocess.Popen[bytes]]:
+    """``hubserve daemon`` over the site: it syncs whatever models.toml pins, as soon as the file changes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUBSERVE_")}
+    log_path = site.root / "daemon.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "daemon", "--config", str(site.config),
+             "--interval", "300", "--listen", f"127.0.0.1:{_free_port()}"],
+            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 # ---- traffic -----------------------------------------------------------------------------------------
 @dataclass
 class Outcome:
@@ -203,7 +225,7 @@ class Traffic:
 
     server: Server
     concurrency: int = 4
-    pause_s: float = 0.1  # between two requests of one client: leaves the CPU room to start the new engine
+    pause_s: float = 0.3  # between two requests of one client: leaves the CPU room to start the new engine
     outcomes: list[Outcome] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)

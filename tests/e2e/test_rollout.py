@@ -22,6 +22,7 @@ from tests.e2e.rollout_support import (
     RolloutSite,
     Server,
     Traffic,
+    daemon,
     failure_report,
     make_site,
     serve,
@@ -44,8 +45,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RolloutSite]:
 
 @pytest.fixture(scope="module")
 def server(site: RolloutSite) -> Iterator[Server]:
-    with serve(site, rollout="blue-green") as server:
+    """The server, and beside it the daemon that syncs whatever models.toml pins: an edit is all it takes."""
+    with serve(site, rollout="blue-green") as server, daemon(site) as syncer:
         yield server
+        assert syncer.poll() is None, "the daemon died during the tests"
 
 
 def _rollout(server: Server) -> dict[str, object]:
@@ -68,12 +71,10 @@ def test_swap_driven_by_a_models_toml_edit_fails_no_request(site: RolloutSite, s
     rev = site.revisions
     assert server.served_commit() == rev.v1
 
-    def edit_and_sync() -> None:
-        site.pin(rev.v2)  # the server keeps serving v1 until v2 is verified in the store
-        synced = site.cli("sync")
-        assert synced.returncode == 0, synced.stderr
+    def edit() -> None:
+        site.pin(rev.v2)  # the daemon syncs it; the server keeps serving v1 until v2 is verified and locked
 
-    traffic, poller = _swap_under_traffic(server, rev.v2, edit_and_sync)
+    traffic, poller = _swap_under_traffic(server, rev.v2, edit)
     assert not traffic.failures, failure_report(traffic)
     assert len(traffic.outcomes) >= 20, f"too little traffic to mean anything: {len(traffic.outcomes)}"
     assert poller.seen == [rev.v1, rev.v2], poller.seen
@@ -99,8 +100,9 @@ def test_rollback_swaps_back_and_fails_no_request(site: RolloutSite, server: Ser
     assert poller.seen == [rev.v2, rev.v1], poller.seen
     locked = read_lock(site.config.with_suffix(".lock")).models[NAME]
     assert locked.commit == rev.v1 and locked.rolled_back_from == rev.v2
-    # a no-op sync keeps the rollback (the pin in models.toml still names v2)
+    # a sync keeps the rollback (the pin in models.toml still names v2), and so does the daemon's reconcile
     assert site.cli("sync").returncode == 0
+    time.sleep(3)
     assert read_lock(site.config.with_suffix(".lock")).models[NAME].commit == rev.v1
 
 
@@ -108,8 +110,7 @@ def test_a_revision_that_cannot_start_leaves_the_old_one_serving(site: RolloutSi
     rev = site.revisions
     before = server.served_commit()
     with CommitPoller(server) as poller, Traffic(server) as traffic:
-        site.pin(rev.broken)
-        assert site.cli("sync").returncode == 0
+        site.pin(rev.broken)  # verified by the daemon like any other revision; vLLM cannot load it
         server.wait_for("the broken revision to fail", lambda: _rollout(server).get("state") == "failed", timeout=600)
         time.sleep(2)
     assert not traffic.failures, failure_report(traffic)
@@ -132,8 +133,7 @@ def test_model_added_then_removed_without_restart(site: RolloutSite, server: Ser
         f'\n[[models]]\nname = "tiny-two"\nrepo = "hubserve-test/tiny-llama"\nrevision = "{rev.v2}"\n'
         'task = "text-generation"\n[models.engine]\nmax_model_len = 256\n'
     )
-    site.config.write_text(added, encoding="utf-8")
-    assert site.cli("sync").returncode == 0
+    site.config.write_text(added, encoding="utf-8")  # the daemon syncs tiny-two, the server loads it
     server.wait_for(
         "tiny-two to serve",
         lambda: httpx.post(
