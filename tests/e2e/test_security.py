@@ -146,6 +146,7 @@ def test_schemathesis_fuzz_finds_no_5xx_and_no_schema_violation(
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=tmp_path,  # its cache folder goes there, not into the repo
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "No issues found" in run.stdout and "generated" in run.stdout
