@@ -124,18 +124,23 @@ def run_hubserve_warm(url: str, commit: str, out: Path) -> float:
     return float(res.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def synthetic_repo(description: str | None, prefix: str) -> tuple[argparse.Namespace, Path, Path]:
+    """Parse --size-gib/--files/--repeats/--workdir; make (or reuse) the synthetic repo: (args, workdir, repo)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gib", type=float, default=1.0)
     ap.add_argument("--files", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="hubserve-bench-"))
-    size = int(args.size_gib * (1 << 30))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix=prefix))
     src = work / "repo"
     if not src.exists():
-        make_repo(src, size, args.files)
+        make_repo(src, int(args.size_gib * (1 << 30)), args.files)
+    return args, work, src
+
+
+def main() -> None:
+    args, work, src = synthetic_repo(__doc__, "hubserve-bench-")
     seed = Store(work / "seed")
     t0 = time.perf_counter()
     rec = import_folder(seed, src, REPO).record

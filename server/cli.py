@@ -22,6 +22,7 @@ from sync.cli import (
 app = typer.Typer(
     name="hubserve",
     help="Serve pinned Hugging Face models from a verified local store.",
+    epilog="Example: hubserve sync --config models.toml && hubserve serve --config models.toml --port 8080",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},

@@ -1,15 +1,23 @@
 """Pass a request through to an engine's HTTP API and its answer back, byte for byte, streams unbuffered.
 
 Used by the OpenAI routes as is; other families may use it for routes whose answer needs no translation.
+
+Engines on a Unix socket (vLLM) take the fast path: one connection per request, the answer parsed by
+httptools (C), and each read from the engine sent on as one piece, however many SSE events it holds. A
+generic HTTP client hands a stream over event by event, and each event then costs a send to the client
+(measured with bench/bench_relay.py: ~56 µs of gateway CPU per event that way; see docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httptools
 import httpx
 from fastapi import Response
 from fastapi.responses import StreamingResponse
@@ -63,6 +71,9 @@ async def forward(
         body = _capped(body, registry.settings.max_new_tokens)
     slot = await registry.admit(engine)
     engine = slot.engine
+    uds = engine.uds
+    if uds is not None:
+        return await _forward_socket(engine, uds, slot, method, path, body, request_headers, family)
     try:
         client = engine.client()
         headers = {"content-type": "application/json", **engine_headers()}
@@ -137,6 +148,7 @@ def _capped(body: bytes, cap: int) -> bytes:
 
 
 def _note_json_usage(content: bytes) -> None:
+    """Token counts of a whole JSON answer (vLLM's carry ``usage``), for the request's log line and metrics."""
     if b'"usage"' in content:
         try:
             data = json.loads(content)
@@ -144,3 +156,147 @@ def _note_json_usage(content: bytes) -> None:
             return
         if isinstance(data, dict):
             note_usage(data.get("usage"))
+
+
+# ---- the fast path: an engine on a Unix socket -----------------------------------------------------------------
+READ_SIZE = 1 << 16
+
+
+class _Answer:
+    """httptools callbacks for one engine answer: headers, then body pieces as they are decoded."""
+
+    def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers_done = False
+        self.pieces: list[bytes] = []
+        self.complete = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self.pieces.append(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+    def take(self) -> bytes:
+        data = b"".join(self.pieces)
+        self.pieces.clear()
+        return data
+
+
+def _request_bytes(method: str, path: str, body: bytes, request_headers: Mapping[str, str]) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "host: engine", "content-type: application/json", "connection: close"]
+    lines += [f"{h}: {request_headers[h]}" for h in FORWARD_REQUEST_HEADERS if h in request_headers]
+    lines += [f"{h}: {v}" for h, v in engine_headers().items()]
+    lines.append(f"content-length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+async def _forward_socket(
+    engine: Engine,
+    uds: Path,
+    slot: Admission,
+    method: str,
+    path: str,
+    body: bytes,
+    request_headers: Mapping[str, str],
+    family: Family,
+) -> Response:
+    writer: asyncio.StreamWriter | None = None
+    try:
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(uds))
+            writer.write(_request_bytes(method, path, body, request_headers))
+            answer = _Answer()
+            parser = httptools.HttpResponseParser(answer)
+            while not answer.headers_done:
+                data = await reader.read(READ_SIZE)
+                if not data:
+                    raise ConnectionResetError("engine closed the connection")
+                parser.feed_data(data)
+            headers = [(k, v) for k, v in answer.headers if k.decode("latin-1") not in DROP_RESPONSE_HEADERS]
+            status = parser.get_status_code()
+            if not dict(answer.headers).get(b"content-type", b"").startswith(b"text/event-stream"):
+                while not answer.complete and (data := await reader.read(READ_SIZE)):
+                    parser.feed_data(data)
+                if not answer.complete:
+                    raise ConnectionResetError("engine closed the connection mid-answer")
+                writer.close()
+                slot.release()
+                content = answer.take()
+                _note_json_usage(content)
+                return Response(content, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
+        except (OSError, httptools.HttpParserError) as e:
+            raise _lost(engine, e) from e
+    except BaseException:
+        slot.release()
+        if writer is not None:
+            writer.close()
+        raise
+    return SocketRelay(engine, family, slot, status, headers, answer, parser, reader, writer)
+
+
+class SocketRelay(Response):
+    """A streamed engine answer relayed read by read; frees its slot and connection however it ends. A client
+    that leaves closes the engine connection, so vLLM aborts the request."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        family: Family,
+        slot: Admission,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        answer: _Answer,
+        parser: httptools.HttpResponseParser,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.status_code = status
+        self.raw_headers = headers
+        self.background = None
+        self._engine, self._family, self._slot = engine, family, slot
+        self._answer, self._parser, self._reader, self._writer = answer, parser, reader, writer
+        self._client_gone = False
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._client_gone = True
+        self._writer.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = asyncio.ensure_future(self._watch(receive))
+        answer, reader = self._answer, self._reader
+        usage = StreamUsage()
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            try:
+                while True:
+                    if answer.pieces:
+                        piece = answer.take()
+                        usage.feed(piece)
+                        await send({"type": "http.response.body", "body": piece, "more_body": True})
+                    if answer.complete:
+                        break
+                    data = await reader.read(READ_SIZE)
+                    if not data:
+                        raise ConnectionResetError("engine closed the stream")
+                    self._parser.feed_data(data)
+            except (OSError, httptools.HttpParserError) as e:
+                if self._client_gone:
+                    return
+                log.warning("model %s: stream broken: %s", self._engine.info.name, type(e).__name__)
+                error = sse_error_event(_lost(self._engine, e), self._family)
+                await send({"type": "http.response.body", "body": error, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            usage.close()
+            watcher.cancel()
+            self._writer.close()
+            self._slot.release()

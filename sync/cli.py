@@ -1,4 +1,5 @@
-"""The sync commands of the ``hubserve`` CLI: sync, daemon, import, mirror, status, verify, gc, rollback.
+"""The sync commands of the ``hubserve`` CLI: sync, daemon, import, mirror, status, verify, gc, rollback
+(export and import-bundle live in cli_bundle).
 
 Every command turns a HubserveError into one line on stderr and its exit code (1 failure, 2 bad
 config or usage); ``--verbose`` adds the traceback.
@@ -112,6 +113,10 @@ def register_sync_commands(app: typer.Typer) -> None:
     app.command("gc")(gc_cmd)
     app.command("rollback")(rollback_cmd)
     app.command("daemon")(daemon_cmd)
+    from sync.cli_bundle import export_cmd, import_bundle_cmd  # imports this module: registered late
+
+    app.command("export")(export_cmd)
+    app.command("import-bundle")(import_bundle_cmd)
 
 
 @cli_errors
@@ -199,12 +204,13 @@ def mirror_cmd(
     token_env: Annotated[
         str, typer.Option(help="Env var holding a bearer token clients must send (unset: no auth).")
     ] = "HUBSERVE_MIRROR_TOKEN",
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Processes serving the one port (one per core).")] = 1,
     insecure_public: InsecurePublicOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve the store read-only as a Hub endpoint (HF_ENDPOINT=http://HOST:PORT for clients).
 
-    Example: hubserve mirror --store /srv/hubserve --host 0.0.0.0 --port 8090
+    Example: HUBSERVE_MIRROR_TOKEN=secret hubserve mirror --store /srv/hubserve --host 0.0.0.0 --port 8090
     """
     from sync.mirror import serve_mirror
     from sync.store import Store
@@ -215,12 +221,15 @@ def mirror_cmd(
     token = os.environ.get(token_env) or None
     check_bind(host, token is not None, insecure_public, f"set ${token_env}")
     err.print(f"mirror of {root} on http://{host}:{port} ({'token required' if token else 'no auth'})")
-    serve_mirror(Store(root), host, port, token)
+    serve_mirror(Store(root), host, port, token, workers)
 
 
 @cli_errors
 def status_cmd(config: ConfigOpt = None, store: StoreOpt = None, verbose: VerboseOpt = False) -> None:
-    """Show each model's pinned commit, state (missing / partial / verified), size and last sync."""
+    """Show each model's pinned commit, state (missing / partial / verified), size and last sync.
+
+    Example: hubserve status --config models.toml
+    """
     from sync.inspect import model_status
     from sync.manifest import load_config
     from sync.progress import human_bytes
@@ -239,7 +248,10 @@ def status_cmd(config: ConfigOpt = None, store: StoreOpt = None, verbose: Verbos
 
 @cli_errors
 def verify_cmd(config: ConfigOpt = None, store: StoreOpt = None, verbose: VerboseOpt = False) -> None:
-    """Re-hash every verified revision in the store and report corruption (exit 1 if any)."""
+    """Re-hash every verified revision in the store and report corruption (exit 1 if any).
+
+    Example: hubserve verify --config models.toml
+    """
     from sync.store import Store
 
     root = store.absolute() if store else _config_store(config)
@@ -272,7 +284,10 @@ def gc_cmd(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Really delete (default: dry run).")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Remove revisions, blobs and temp files that no pin of models.toml references (dry run unless --yes)."""
+    """Remove revisions, blobs and temp files that no pin of models.toml references (dry run unless --yes).
+
+    Example: hubserve gc --config models.toml --yes
+    """
     from sync.inspect import gc_keep
     from sync.manifest import load_config
     from sync.progress import human_bytes

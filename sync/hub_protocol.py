@@ -6,10 +6,12 @@ raises HttpError carrying the status and ``X-Error-Code`` the Hub would use.
 
 from __future__ import annotations
 
+import json
 import re
 from functools import lru_cache
 from hashlib import sha1
 from typing import Any
+from urllib.parse import parse_qs
 
 from sync.errors import ConfigError
 from sync.paths import check_repo_id, is_commit
@@ -71,27 +73,36 @@ def newest_main(store: Store, repo: str) -> RevisionRecord | None:
 
 
 # ---- JSON shapes -----------------------------------------------------------------------------
-def _hub_time(iso: str) -> str:
+def hub_time(iso: str) -> str:
     """The Hub's timestamp shape (milliseconds, ``Z``), which old clients parse strictly."""
     return iso[:-1] + ".000Z" if iso.endswith("Z") and "." not in iso else iso
 
 
+def small_file(store: Store, record: RevisionRecord, path: str, limit: int) -> bytes | None:
+    """A verified file's bytes when it exists and is at most ``limit`` bytes (cards, configs), else None."""
+    entry = record.file(path)
+    if entry is None or entry.size > limit:
+        return None
+    try:
+        return store.file_path(record, path).read_bytes()
+    except OSError:
+        return None
+
+
 @lru_cache(maxsize=64)
 def card_data(store: Store, record: RevisionRecord) -> dict[str, Any]:
-    """The README's YAML front matter (library_name, tags), read once per revision."""
-    entry = record.file("README.md")
-    if entry is None or entry.size > README_MAX:
+    """The README's YAML front matter (library_name, tags), read once per revision; JSON-safe (dates as text)."""
+    raw = small_file(store, record, "README.md", README_MAX)
+    text = raw.decode("utf-8", "replace") if raw else ""
+    if not text.startswith("---"):
         return {}
     try:
         import yaml
 
-        text = store.file_path(record, "README.md").read_text(encoding="utf-8", errors="replace")
-        if not text.startswith("---"):
-            return {}
         data = yaml.safe_load(text.split("---", 2)[1])
+        return dict(json.loads(json.dumps(data, default=str))) if isinstance(data, dict) else {}
     except Exception:  # a broken card must not break downloads
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def sibling(entry: FileEntry, blobs: bool) -> dict[str, Any]:
@@ -101,34 +112,6 @@ def sibling(entry: FileEntry, blobs: bool) -> dict[str, Any]:
         if entry.sha256:
             out["lfs"] = {"size": entry.size, "sha256": entry.sha256, "pointerSize": entry.pointer_size}
     return out
-
-
-def model_info(store: Store, record: RevisionRecord, blobs: bool) -> dict[str, Any]:
-    card = card_data(store, record)
-    tags = card.get("tags")
-    info: dict[str, Any] = {
-        "_id": record.commit[:24],
-        "id": record.repo,
-        "modelId": record.repo,
-        "author": record.repo.split("/")[0],
-        "sha": record.commit,
-        "lastModified": _hub_time(record.verified_at),
-        "createdAt": _hub_time(record.verified_at),
-        "private": False,
-        "disabled": False,
-        "gated": False,
-        "downloads": 0,
-        "likes": 0,
-        "tags": [str(t) for t in tags] if isinstance(tags, list) else [],
-        "siblings": [sibling(f, blobs) for f in sorted(record.files, key=lambda f: f.path)],
-        "usedStorage": record.size,
-    }
-    pipeline_tag = record.pipeline_tag or card.get("pipeline_tag")
-    if isinstance(pipeline_tag, str):
-        info["pipeline_tag"] = pipeline_tag
-    if isinstance(card.get("library_name"), str):
-        info["library_name"] = card["library_name"]
-    return info
 
 
 def _git_tree_sha(children: dict[str, Any]) -> str:
@@ -210,6 +193,21 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 def _unsatisfiable(size: int) -> HttpError:
     return HttpError(416, f"Range not satisfiable (file size {size})", headers={"Content-Range": f"bytes */{size}"})
+
+
+def parse_paths_body(body: bytes, content_type: str) -> list[str]:
+    """``paths`` of a paths-info request: a form (what huggingface_hub sends) or a JSON object."""
+    if content_type.startswith("application/json"):
+        try:
+            paths = json.loads(body).get("paths", [])
+        except (ValueError, AttributeError):
+            raise HttpError(400, "paths-info: body is not a JSON object") from None
+    else:
+        paths = parse_qs(body.decode("utf-8", "replace")).get("paths", [])
+    paths = [paths] if isinstance(paths, str) else paths
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise HttpError(400, "paths-info: 'paths' must be a list of strings")
+    return paths
 
 
 def header_safe(text: str) -> str:

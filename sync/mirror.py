@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, BinaryIO
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from sync.errors import StoreError, UnsafePathError
 from sync.hub_protocol import (
@@ -32,11 +32,13 @@ from sync.hub_protocol import (
     HttpError,
     find_revision,
     header_safe,
-    model_info,
-    newest_main,
+    parse_paths_body,
     parse_range,
     tree_entries,
 )
+from sync.mirror_catalog import list_refs, model_info, paths_info, search_models
+from sync.mirror_page import render_index
+from sync.mirror_runtime import RecordCache, run_workers
 from sync.paths import safe_relpath
 from sync.store import FileEntry, RevisionRecord, Store
 
@@ -79,10 +81,14 @@ class MirrorHandler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._dispatch(head=True)
 
+    def do_POST(self) -> None:
+        """Only ``paths-info`` (a read that the client sends as a form POST)."""
+        self._dispatch(head=False, allowed="/paths-info/" in urlsplit(self.path).path)
+
     def _not_allowed(self) -> None:
         self._dispatch(head=False, allowed=False)
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """The stdlib's own refusals (bad request line, oversized headers) as JSON, and logged."""
@@ -95,9 +101,11 @@ class MirrorHandler(BaseHTTPRequestHandler):
         started = time.monotonic()
         self._status, self._sent = 0, 0
         try:
-            if self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers:
+            has_body = self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers
+            if has_body and self.command != "POST":
                 self.close_connection = True  # a request body we do not read would corrupt the next request
             if not allowed:
+                self.close_connection = True
                 raise HttpError(405, f"{self.command} not allowed: this mirror is read-only",
                                 headers={"Allow": "GET, HEAD"})
             self._route(head)
@@ -128,6 +136,8 @@ class MirrorHandler(BaseHTTPRequestHandler):
         if seg == ["api", "agent-harnesses"]:  # clients >= 1.19 ask once a day; always open
             return self._send_json({"standardEnvVars": [], "harnesses": {}}, head)
         self._check_token()
+        if not seg:
+            return self._send_html(render_index(self.server.store, self._base_url()), head)
         if seg[:2] == ["api", "models"]:
             return self._api(req, head)
         if len(seg) >= 5 and seg[2] == "resolve" and seg[0] != "api":
@@ -148,23 +158,49 @@ class MirrorHandler(BaseHTTPRequestHandler):
     def _api(self, req: Request, head: bool) -> None:
         seg = [unquote(s) for s in req.segments[2:]]
         if not seg:
-            return self._send_json(self._list_models(), head)
+            return self._list_models(req, head)
         repo = "/".join(seg[:2])
+        if self.command == "POST":
+            if len(seg) >= 4 and seg[2] == "paths-info":
+                return self._paths_info(repo, req, head)
+            raise HttpError(405, "POST not allowed: this mirror is read-only", headers={"Allow": "GET, HEAD"})
         if len(seg) == 2:
             return self._send_json(self._info(repo, "main", req), head)
+        if seg[2:] == ["refs"]:
+            return self._send_json(list_refs(self.server.store, repo, req.flag("include_prs")), head)
         if len(seg) >= 4 and seg[2] == "revision":
             return self._send_json(self._info(repo, "/".join(seg[3:]), req), head)
         if len(seg) >= 4 and seg[2] == "tree":
             return self._tree(repo, req, head)
         raise HttpError(404, f"no route for /api/models/{'/'.join(seg)}")
 
-    def _list_models(self) -> list[dict[str, Any]]:
-        out = []
-        for repo in self.server.store.repos():
-            record = newest_main(self.server.store, repo)
-            if record is not None:
-                out.append({"id": repo, "modelId": repo, "sha": record.commit, "private": False})
-        return out
+    def _list_models(self, req: Request, head: bool) -> None:
+        """``HfApi.list_models``: filtered and sorted, paged with ``Link: rel="next"`` like the Hub."""
+        items = search_models(self.server.store, req.query)
+        offset = _int_param(req, "cursor", 0)
+        limit = _int_param(req, "limit", 0)
+        page = min(limit or self.server.page_size, self.server.page_size)
+        headers = {}
+        if offset + page < len(items):
+            query = [(k, v) for k, vs in req.query.items() if k != "cursor" for v in vs] + [("cursor", offset + page)]
+            headers["Link"] = f'<{self._base_url()}/api/models?{urlencode(query)}>; rel="next"'
+        self._send_json(items[offset:offset + page], head, headers)
+
+    def _paths_info(self, repo: str, req: Request, head: bool) -> None:
+        rev, _ = split_rev(req.segments[5:])  # api models org name paths-info <rev>
+        record = find_revision(self.server.store, repo, rev)
+        self._send_json(paths_info(record, self._form_paths()), head, {"X-Repo-Commit": record.commit})
+
+    def _form_paths(self) -> list[str]:
+        """``paths`` from a form (what huggingface_hub sends) or JSON body, read whole (at most 1 MiB)."""
+        try:
+            length = int(self.headers.get("Content-Length") or "-1")
+        except ValueError:
+            length = -1
+        if not 0 <= length <= 1 << 20:
+            self.close_connection = True
+            raise HttpError(411 if length < 0 else 413, "paths-info needs a Content-Length body of at most 1 MiB")
+        return parse_paths_body(self.rfile.read(length), self.headers.get("Content-Type", ""))
 
     def _info(self, repo: str, rev: str, req: Request) -> dict[str, Any]:
         record = find_revision(self.server.store, repo, rev)
@@ -177,28 +213,27 @@ class MirrorHandler(BaseHTTPRequestHandler):
         if base:
             base = _safe_path(base)
         entries = tree_entries(record, base, req.flag("recursive"))
-        try:
-            offset = int(req.query.get("cursor", ["0"])[-1])
-        except ValueError:
-            offset = -1
-        if offset < 0:
-            raise HttpError(400, "invalid cursor")
+        offset = _int_param(req, "cursor", 0)
         page_size = self.server.page_size
         headers = {"X-Repo-Commit": record.commit}
         if offset + page_size < len(entries):
             headers["Link"] = f'<{self._next_page_url(repo, record.commit, base, req, offset + page_size)}>; rel="next"'
         self._send_json(list(entries[offset:offset + page_size]), head, headers)
 
-    def _next_page_url(self, repo: str, commit: str, base: str, req: Request, cursor: int) -> str:
-        """Absolute (the client follows it verbatim) and pinned to the commit, so pages never mix revisions."""
+    def _base_url(self) -> str:
+        """This mirror's URL as the client reached it (a checked Host header, else the bound address)."""
         host = self.headers.get("X-Forwarded-Host") or self.headers.get("Host") or ""
         if not HOST_RE.match(host):
             host = f"{self.server.server_address[0]!s}:{self.server.server_address[1]}"
         scheme = "https" if self.headers.get("X-Forwarded-Proto") == "https" else "http"
+        return f"{scheme}://{host}"
+
+    def _next_page_url(self, repo: str, commit: str, base: str, req: Request, cursor: int) -> str:
+        """Absolute (the client follows it verbatim) and pinned to the commit, so pages never mix revisions."""
         path = f"/api/models/{repo}/tree/{commit}" + (f"/{quote(base)}" if base else "")
         recursive = "true" if req.flag("recursive") else "false"
         expand = "true" if req.flag("expand") else "false"
-        return f"{scheme}://{host}{path}?recursive={recursive}&expand={expand}&cursor={cursor}"
+        return f"{self._base_url()}{path}?recursive={recursive}&expand={expand}&cursor={cursor}"
 
     def _resolve(self, org: str, name: str, segments: list[str], head: bool) -> None:
         rev, rest = split_rev(segments)
@@ -212,10 +247,18 @@ class MirrorHandler(BaseHTTPRequestHandler):
     # ---- responses ---------------------------------------------------------------------------
     def _send_json(self, data: Any, head: bool, headers: dict[str, str] | None = None, status: int = 200) -> None:
         body = json.dumps(data, separators=(",", ":")).encode()
+        self._send_body(body, "application/json; charset=utf-8", head, headers or {}, status)
+
+    def _send_html(self, page: str, head: bool) -> None:
+        headers = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+                   "X-Content-Type-Options": "nosniff"}
+        self._send_body(page.encode(), "text/html; charset=utf-8", head, headers, 200)
+
+    def _send_body(self, body: bytes, content_type: str, head: bool, headers: dict[str, str], status: int) -> None:
         self.send_response(status)
-        for k, v in (headers or {}).items():
+        for k, v in headers.items():
             self.send_header(k, v)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if not head:
@@ -276,6 +319,16 @@ class MirrorHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
+def _int_param(req: Request, name: str, default: int) -> int:
+    try:
+        value = int(req.query.get(name, [str(default)])[-1])
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise HttpError(400, f"invalid {name}")
+    return value
+
+
 def split_rev(segments: list[str]) -> tuple[str, list[str]]:
     """The revision (one %2F-encoded segment, or an unencoded ``refs/pr/1`` as the Hub allows) and the rest."""
     rev = unquote(segments[0])
@@ -322,7 +375,8 @@ class MirrorServer(ThreadingHTTPServer):
     ) -> None:
         if ":" in host:
             self.address_family = socket.AF_INET6
-        self.store, self.token, self.page_size = store, token, max(1, page_size)
+        self.store: Store = RecordCache(store.root)
+        self.token, self.page_size = token, max(1, page_size)
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
         super().__init__((host, port), MirrorHandler)
@@ -361,15 +415,11 @@ def make_mirror(
     return MirrorServer(store, host, port, token, page_size)
 
 
-def serve_mirror(store: Store, host: str = "127.0.0.1", port: int = 8090, token: str | None = None) -> None:
-    """Serve until interrupted, logging one line per request to stderr."""
+def serve_mirror(
+    store: Store, host: str = "127.0.0.1", port: int = 8090, token: str | None = None, workers: int = 1,
+) -> None:
+    """Serve until interrupted or terminated, logging one line per request to stderr."""
     if not logging.getLogger().handlers and not logger.handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     logger.setLevel(logging.INFO)
-    server = make_mirror(store, host, port, token)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    run_workers(make_mirror(store, host, port, token), workers)

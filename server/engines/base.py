@@ -17,6 +17,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -108,6 +109,11 @@ class Engine(ABC):
     @property
     def pid(self) -> int | None:
         """Process id of the engine's main process, if it runs in one."""
+        return None
+
+    @property
+    def uds(self) -> Path | None:
+        """The private Unix socket of a ready engine's HTTP API, when it has one (the relay's fast path)."""
         return None
 
     @abstractmethod

@@ -5,6 +5,11 @@ huggingface_hub cache: ``HF_HUB_OFFLINE=1``, ``HF_HUB_CACHE=<store>``, ``--model
 in its own process group (so stopping kills vLLM's worker processes too) with ``PR_SET_PDEATHSIG`` (so it
 dies with the gateway even if the gateway is SIGKILLed). A supervisor task restarts it with exponential
 backoff when it dies. vLLM itself is never imported here: the gateway stays light.
+
+One model may span several GPUs and nodes: ``tensor_parallel_size``, ``pipeline_parallel_size`` and
+``distributed_executor_backend = "ray"`` in ``[models.engine]`` pass through as vLLM flags, and ``RAY_ADDRESS``
+from the gateway's environment reaches the engine (a Ray cluster to join; without it vLLM starts a local one,
+which then belongs to the engine and stops with it: see proctree.py).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 import httpx
 
 from server.engines.base import Engine, EngineState, ModelInfo
+from server.engines.proctree import Proc, kill_all, refresh
 from server.errors import EngineStartError
 from sync.errors import ConfigError
 
@@ -99,6 +105,19 @@ def effective_engine_args(info: ModelInfo, device: Device, settings: Settings) -
     return args
 
 
+def world_size(args: dict[str, Any]) -> int:
+    """Worker processes (one per GPU on GPU builds) of one engine: tensor x pipeline parallel size."""
+    return max(1, int(args.get("tensor_parallel_size") or 1)) * max(1, int(args.get("pipeline_parallel_size") or 1))
+
+
+def cpu_binding(cpus: list[int], workers: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``workers`` CPU workers: the cores split in contiguous groups, "0,1|2,3"."""
+    if len(cpus) < workers:
+        return "|".join(str(cpus[i % len(cpus)]) for i in range(workers))
+    size = len(cpus) // workers
+    return "|".join(",".join(map(str, cpus[i * size : (i + 1) * size])) for i in range(workers))
+
+
 def engine_flags(args: dict[str, Any]) -> list[str]:
     """``{"max_model_len": 2048, "enforce_eager": True}`` → ``["--max-model-len", "2048", "--enforce-eager"]``."""
     flags: list[str] = []
@@ -140,6 +159,16 @@ def _cause(lines: list[str]) -> str:
     return f"; last output: {tail[:500]}" if tail else ""
 
 
+def engine_client(socket_path: Path, max_in_flight: int) -> httpx.AsyncClient:
+    """The gateway's client for one engine's private socket: no read timeout (streams), a pool per slot."""
+    return httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
+        base_url="http://engine",
+        timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=30.0),
+        limits=httpx.Limits(max_connections=max_in_flight + 16, max_keepalive_connections=64),
+    )
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -163,6 +192,7 @@ class VLLMEngine(Engine):
         self._supervisor: asyncio.Task[None] | None = None
         self._log_reader: asyncio.Task[None] | None = None
         self._log_tail: deque[str] = deque(maxlen=300)
+        self._started_procs: list[Proc] = []  # the engine's descendants, last seen (see proctree.py)
         self._stopping = False
         self._max_model_len: int | None = None
         self._log = logging.getLogger(f"hubserve.engine.{info.name}")
@@ -180,6 +210,12 @@ class VLLMEngine(Engine):
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
 
+    @property
+    def uds(self) -> Path | None:
+        if self._state is not EngineState.READY or self._socket_dir is None:
+            return None
+        return self._socket_dir / "vllm.sock"
+
     def client(self) -> httpx.AsyncClient:
         if self._state is not EngineState.READY or self._client is None:
             raise self.unavailable()
@@ -195,10 +231,15 @@ class VLLMEngine(Engine):
             return False
 
     def memory_estimate(self) -> int:
-        """Host memory while starting: weights (fp32 may double a bf16 checkpoint), KV cache, runtime."""
+        """Host memory while starting: weights (fp32 may double a bf16 checkpoint), KV cache, runtime.
+
+        Every worker of a tensor/pipeline-parallel engine (one per GPU) has its own runtime (and, on CPU, its
+        own KV cache); the weights are split between them.
+        """
+        workers = world_size(self.args)
         if self.device is Device.GPU:
-            return int(1.5 * GIB) + self.info.weights_bytes  # host side only; GPU memory is vLLM's business
-        return 2 * self.info.weights_bytes + self.settings.cpu_kvcache_gib * GIB + int(1.5 * GIB)
+            return workers * int(1.5 * GIB) + self.info.weights_bytes  # host side; GPU memory is vLLM's business
+        return 2 * self.info.weights_bytes + workers * (self.settings.cpu_kvcache_gib * GIB + int(1.5 * GIB))
 
     async def start(self) -> None:
         self._stopping = False
@@ -282,6 +323,9 @@ class VLLMEngine(Engine):
         }
         if self.device is Device.CPU:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_gib))
+            if world_size(self.args) > 1:  # vLLM's CPU workers need their cores named on a single NUMA node
+                cpus = sorted(os.sched_getaffinity(0))
+                env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(cpus, world_size(self.args)))
         return env
 
     async def _spawn(self) -> None:
@@ -316,12 +360,7 @@ class VLLMEngine(Engine):
         self._state = EngineState.STARTING
         await self._spawn()
         assert self._proc is not None
-        client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(self.socket_path)),
-            base_url="http://engine",
-            timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=30.0),
-            limits=httpx.Limits(max_connections=self.max_in_flight + 16, max_keepalive_connections=64),
-        )
+        client = engine_client(self.socket_path, self.max_in_flight)
         deadline = time.monotonic() + self.settings.engine_start_timeout_s
         try:
             while True:
@@ -344,6 +383,7 @@ class VLLMEngine(Engine):
         if old is not None:
             await old.aclose()
         self._state = EngineState.READY
+        self._started_procs = refresh([], self._proc.pid)
         self.ready_since = time.monotonic()
         self.last_error = None
         self._log.info("ready (pid %s, max_model_len %s)", self._proc.pid, self._max_model_len)
@@ -360,6 +400,8 @@ class VLLMEngine(Engine):
         proc = self._proc
         if proc is None:
             return
+        started = refresh(self._started_procs, proc.pid)  # before they are orphaned by the signal
+        self._started_procs = []
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -370,6 +412,7 @@ class VLLMEngine(Engine):
             # vLLM's workers share the group; whatever outlived the main process goes now.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            kill_all(started)  # what left the group (a local Ray head's daemons, ...) but the engine started
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(proc.wait())
         if self._log_reader is not None:
@@ -413,6 +456,7 @@ class VLLMEngine(Engine):
                 return await asyncio.wait_for(asyncio.shield(proc.wait()), PROBE_INTERVAL_S)
             except TimeoutError:
                 pass
+            self._started_procs = refresh(self._started_procs, proc.pid)  # for a crash, after which they are orphans
             if self._stopping or self._state is not EngineState.READY:
                 continue
             misses = 0 if await self.check_health() else misses + 1

@@ -274,7 +274,7 @@ def test_model_info(client: dict[str, Any], seeded: Seeded) -> None:
     assert info["id"] == SMALL and info["sha"] == seeded.small.commit
     assert info["siblings"] == sorted(f.path for f in seeded.small.files)
     assert info["pipeline_tag"] == "feature-extraction" and info["library_name"] == "acme-lib"
-    assert info["tags"] == ["a", "b"]
+    assert info["tags"] == ["acme-lib", "safetensors", "bert", "feature-extraction", "a", "b"]  # Hub-style
     meta = client["info_meta"]
     assert set(meta) == {f.path for f in seeded.minilm.files}
     for f in seeded.minilm.files:
