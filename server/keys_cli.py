@@ -13,7 +13,8 @@ from sync.errors import ConfigError
 
 keys_app = typer.Typer(
     name="keys",
-    help="Named API keys (salted hashes in keys.toml beside models.toml); a running server picks changes up.",
+    help="Named API keys (salted hashes in keys.toml beside models.toml); a running server picks changes up. "
+    "Example: hubserve keys add team-search --models smollm2 --rpm 60",
     no_args_is_help=True,
 )
 
