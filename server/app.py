@@ -10,9 +10,11 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from server.errors import install_error_handlers
+from server.errors import document_errors, install_error_handlers
 from server.ops.auth import KeyChecker
-from server.ops.metrics import Metrics, MetricsMiddleware
+from server.ops.gateway import GatewayMiddleware
+from server.ops.keys import KeyRing
+from server.ops.metrics import Metrics
 from server.registry import Registry, desired_models, resolve_models
 from server.settings import Settings
 from server.watch import ManifestWatcher
@@ -49,13 +51,14 @@ def create_app(settings: Settings, registry: Registry | None = None, start_engin
     app.state.registry = registry
     app.state.watcher = None
     app.state.started = time.time()
-    app.state.key_checker = KeyChecker(settings.all_key_digests())
+    app.state.key_checker = KeyChecker(settings.all_key_digests(), KeyRing(settings.keys_path()))
     metrics = Metrics()
     metrics.watch_engines(lambda: app.state.registry)
     app.state.metrics = metrics
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(GatewayMiddleware, settings=settings, metrics=metrics)
     install_error_handlers(app)
     _include_routers(app)
+    document_errors(app)
     return app
 
 

@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from sync.cli import ConfigOpt, StoreOpt, VerboseOpt, cli_errors, expand_optional_values, register_sync_commands
+from server.keys_cli import keys_app
+from sync.cli import (
+    ConfigOpt,
+    InsecurePublicOpt,
+    StoreOpt,
+    VerboseOpt,
+    check_bind,
+    cli_errors,
+    expand_optional_values,
+    register_sync_commands,
+)
 
 app = typer.Typer(
     name="hubserve",
@@ -18,6 +28,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 register_sync_commands(app)
+app.add_typer(keys_app)
 
 # ---- serve (server side) ---------------------------------------------------------------------------------
 
@@ -46,12 +57,14 @@ def serve_cmd(
             show_default=False,
         ),
     ] = None,
+    insecure_public: InsecurePublicOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve every model of models.toml from the store: OpenAI, TGI and Hub Inference API routes.
 
     Each model runs in its own supervised vLLM process, started offline from its verified revision.
-    API keys: $HUBSERVE_API_KEYS (comma-separated) or $HUBSERVE_API_KEYS_FILE (sha256 digests).
+    API keys: `hubserve keys add` (named, per-model, rate-limited; picked up while running), or
+    $HUBSERVE_API_KEYS (comma-separated) / $HUBSERVE_API_KEYS_FILE (sha256 digests).
 
     While it runs it follows models.toml, models.lock and the store (file events, SIGHUP, POST /admin/reload):
     a new verified revision is swapped in without failing a request, added models load, removed ones unload.
@@ -62,6 +75,8 @@ def serve_cmd(
     from pydantic import ValidationError
 
     from server.app import build_registry, create_app
+    from server.ops.keys import read_keys
+    from server.ops.logs import configure_logging
     from server.settings import Settings
     from sync.errors import ConfigError
 
@@ -72,6 +87,10 @@ def serve_cmd(
         first = e.errors()[0]
         where = "HUBSERVE_" + "_".join(str(p) for p in first["loc"]).upper()
         raise ConfigError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+    has_keys = bool(settings.all_key_digests()) or settings.keys_path().is_file()
+    check_bind(settings.host, has_keys, insecure_public, "add one with `hubserve keys add NAME`")
+    read_keys(settings.keys_path())  # a malformed keys file fails here, named, not at the first request
+    configure_logging(settings.log_format, "debug" if verbose else settings.log_level)
     registry = build_registry(settings)
     try:
         uvicorn.run(

@@ -58,7 +58,7 @@ class ServerError(HubserveError):
 
 
 class InvalidRequest(ServerError):
-    """The request is malformed: not JSON, a missing or mistyped field, a value out of range."""
+    """The request is malformed: not JSON, a missing or mistyped field, a value out of range, over a cap."""
 
     status = 400
     code = "invalid_request"
@@ -82,6 +82,36 @@ class Unauthorized(ServerError):
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(ServerError):
+    """A valid key that may not use this model (or route)."""
+
+    status = 403
+    code = "model_not_allowed"
+    openai_type = "permission_error"
+    tgi_type = "authorization"
+    hub_code = "Forbidden"
+
+
+class RequestTooLarge(ServerError):
+    status = 413
+    code = "request_too_large"
+    openai_type = "invalid_request_error"
+    tgi_type = "request_too_large"
+
+
+class HeadersTooLarge(RequestTooLarge):
+    status = 431
+    code = "headers_too_large"
+
+
+class RequestTimeout(ServerError):
+    """The request ran past HUBSERVE_REQUEST_TIMEOUT_S (queue and stream included)."""
+
+    status = 504
+    code = "timeout"
+    tgi_type = "timeout"
 
 
 class NotFound(ServerError):
@@ -113,13 +143,20 @@ class MethodNotAllowed(ServerError):
 
 
 class Overloaded(ServerError):
-    """Too many requests in flight for a model: answered at once with 429 and Retry-After, never queued."""
+    """Too many requests for a model (in flight and queued): 429 with Retry-After."""
 
     status = 429
     code = "overloaded"
     openai_type = "rate_limit_error"
     tgi_type = "overloaded"
     hub_code = "Overloaded"
+
+
+class RateLimited(Overloaded):
+    """A key over its requests/min or tokens/min."""
+
+    code = "rate_limit_exceeded"
+    hub_code = "RateLimited"
 
 
 class EngineUnavailable(ServerError):
@@ -226,7 +263,10 @@ def status_for(exc: ServerError, family: Family) -> int:
 
 
 def _header_safe(text: str) -> str:
-    return " ".join(text.encode("ascii", "replace").decode().split())[:1000]
+    """Printable ASCII only: the message may quote a path from the network (control bytes would break the
+    answer's headers, CR/LF would split them)."""
+    printable = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return " ".join(printable.split())[:1000]
 
 
 def error_response(exc: ServerError, family: Family) -> JSONResponse:
@@ -247,6 +287,55 @@ def sse_error_event(exc: ServerError, family: Family) -> bytes:
     body = tgi_body(exc) if family is Family.TGI else openai_body(exc)
     sep = "data:" if family is Family.TGI else "data: "
     return f"{sep}{json.dumps(body)}\n\n".encode()
+
+
+# ---- OpenAPI -----------------------------------------------------------------------------------------------
+
+_ERROR_SCHEMA: dict[str, Any] = {
+    "title": "Error",
+    "anyOf": [
+        {
+            "title": "OpenAIError",
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["message", "type"],
+                    "properties": {
+                        "message": {"type": "string"},
+                        "type": {"type": "string"},
+                        "param": {"type": ["string", "null"]},
+                        "code": {"type": ["string", "null"]},
+                    },
+                }
+            },
+        },
+        {
+            "title": "TGIError",
+            "type": "object",
+            "required": ["error", "error_type"],
+            "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}},
+        },
+        {"title": "HubError", "type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+    ],
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"description": text, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+    for code, text in (
+        ("4XX", "A client error in the route family's shape (401 no or bad key, 403 model not allowed, 429 ...)."),
+        ("5XX", "A server or engine error in the route family's shape."),
+    )
+}
+
+
+def document_errors(app: FastAPI) -> None:
+    """Declare every route's error answers (FastAPI would document a 422 in its own shape, which we never send)."""
+    from fastapi.routing import APIRoute
+
+    for route in app.routes:
+        if isinstance(route, APIRoute):
+            route.responses = {**ERROR_RESPONSES, **route.responses}
 
 
 # ---- handlers ----------------------------------------------------------------------------------------------

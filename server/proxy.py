@@ -11,6 +11,7 @@ generic HTTP client hands a stream over event by event, and each event then cost
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -23,7 +24,9 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server.engines.base import Admission, Engine
-from server.errors import EngineUnavailable, Family, sse_error_event
+from server.errors import EngineUnavailable, Family, InvalidRequest, sse_error_event
+from server.ops.context import StreamUsage, engine_headers, note_usage
+from server.ops.limits import cap_max_tokens
 
 if TYPE_CHECKING:
     from server.registry import Registry
@@ -34,7 +37,8 @@ log = logging.getLogger("hubserve.proxy")
 DROP_RESPONSE_HEADERS = frozenset(
     {"content-length", "transfer-encoding", "connection", "keep-alive", "server", "date", "content-encoding"}
 )
-FORWARD_REQUEST_HEADERS = ("accept", "x-request-id", "traceparent", "tracestate")
+FORWARD_REQUEST_HEADERS = ("accept", "traceparent", "tracestate")  # X-Request-Id: the gateway's, validated
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 def _response_headers(upstream: httpx.Response) -> dict[str, str]:
@@ -63,6 +67,8 @@ async def forward(
     JSON answers come back whole with vLLM's status; ``text/event-stream`` answers are streamed chunk by
     chunk as they arrive. If the engine dies mid-stream, one SSE error event in ``family``'s shape ends it.
     """
+    if path in GENERATION_PATHS and registry.settings.max_new_tokens is not None:
+        body = _capped(body, registry.settings.max_new_tokens)
     slot = await registry.admit(engine)
     engine = slot.engine
     uds = engine.uds
@@ -70,7 +76,7 @@ async def forward(
         return await _forward_socket(engine, uds, slot, method, path, body, request_headers, family)
     try:
         client = engine.client()
-        headers = {"content-type": "application/json"}
+        headers = {"content-type": "application/json", **engine_headers()}
         headers |= {h: request_headers[h] for h in FORWARD_REQUEST_HEADERS if h in request_headers}
         upstream_request = client.build_request(method, path, content=body, headers=headers)
         try:
@@ -85,6 +91,7 @@ async def forward(
             finally:
                 await upstream.aclose()
                 slot.release()  # a whole answer is done with its slot here (found by the TGI/Hub work)
+            _note_json_usage(content)
             return Response(content, status_code=upstream.status_code, headers=_response_headers(upstream))
     except BaseException:
         slot.release()
@@ -116,12 +123,39 @@ class RelayResponse(StreamingResponse):
 
 
 async def _relay(engine: Engine, upstream: httpx.Response, family: Family) -> AsyncIterator[bytes]:
+    usage = StreamUsage()
     try:
         async for chunk in upstream.aiter_raw():
+            usage.feed(chunk)
             yield chunk
     except httpx.TransportError as e:
         log.warning("model %s: stream broken: %s", engine.info.name, type(e).__name__)
         yield sse_error_event(_lost(engine, e), family)
+    finally:
+        usage.close()
+
+
+def _capped(body: bytes, cap: int) -> bytes:
+    """The body with max_tokens capped (HUBSERVE_MAX_NEW_TOKENS); InvalidRequest when it asks for more."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"The request body is not valid JSON: {e}.") from e
+    if not isinstance(payload, dict):
+        return body
+    capped = cap_max_tokens(payload, cap, ("max_tokens", "max_completion_tokens"))
+    return body if capped is None else json.dumps(capped).encode()
+
+
+def _note_json_usage(content: bytes) -> None:
+    """Token counts of a whole JSON answer (vLLM's carry ``usage``), for the request's log line and metrics."""
+    if b'"usage"' in content:
+        try:
+            data = json.loads(content)
+        except (ValueError, UnicodeDecodeError):
+            return
+        if isinstance(data, dict):
+            note_usage(data.get("usage"))
 
 
 # ---- the fast path: an engine on a Unix socket -----------------------------------------------------------------
@@ -158,6 +192,7 @@ class _Answer:
 def _request_bytes(method: str, path: str, body: bytes, request_headers: Mapping[str, str]) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", "host: engine", "content-type: application/json", "connection: close"]
     lines += [f"{h}: {request_headers[h]}" for h in FORWARD_REQUEST_HEADERS if h in request_headers]
+    lines += [f"{h}: {v}" for h, v in engine_headers().items()]
     lines.append(f"content-length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
@@ -194,6 +229,7 @@ async def _forward_socket(
                 writer.close()
                 slot.release()
                 content = answer.take()
+                _note_json_usage(content)
                 return Response(content, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
         except (OSError, httptools.HttpParserError) as e:
             raise _lost(engine, e) from e
@@ -237,12 +273,15 @@ class SocketRelay(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher = asyncio.ensure_future(self._watch(receive))
         answer, reader = self._answer, self._reader
+        usage = StreamUsage()
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             try:
                 while True:
                     if answer.pieces:
-                        await send({"type": "http.response.body", "body": answer.take(), "more_body": True})
+                        piece = answer.take()
+                        usage.feed(piece)
+                        await send({"type": "http.response.body", "body": piece, "more_body": True})
                     if answer.complete:
                         break
                     data = await reader.read(READ_SIZE)
@@ -257,6 +296,7 @@ class SocketRelay(Response):
                 await send({"type": "http.response.body", "body": error, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            usage.close()
             watcher.cancel()
             self._writer.close()
             self._slot.release()

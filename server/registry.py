@@ -30,6 +30,8 @@ from typing import Any
 
 from server.engines.base import Admission, Engine, EngineState, ModelInfo
 from server.errors import EngineUnavailable, InvalidRequest, ModelNotFound, ModelNotVerified, Overloaded
+from server.ops.auth import authorize
+from server.ops.context import note_queue
 from server.settings import RolloutStrategy, Settings
 from sync.lock import pinned_commit, read_lock
 from sync.manifest import Config
@@ -258,6 +260,7 @@ class Registry:
             served = next((s for s in by_repo if s.info.default), by_repo[0] if by_repo else None)
         if served is None:
             raise ModelNotFound(name_or_repo, self.names())
+        authorize(served.info)  # the request's key may use this model (403 otherwise); every family comes here
         return served
 
     def get(self, name_or_repo: str | None) -> Engine:
@@ -267,9 +270,10 @@ class Registry:
     def default(self) -> Engine:
         for served in self._served.values():
             if served.info.default:
+                authorize(served.info)
                 return served.engine
         if len(self._served) == 1:
-            return next(iter(self._served.values())).engine
+            return self._lookup(next(iter(self._served))).engine
         raise InvalidRequest(
             f"This server serves several models and none is the default; name one of: {', '.join(self.names())}.",
             param="model",
@@ -295,12 +299,14 @@ class Registry:
         served = self._lookup(name)
         loop = asyncio.get_running_loop()
         deadline: float | None = None
+        entered = loop.time()
         while True:
             engine = served.engine
             if not served.held:
                 if engine.state is not EngineState.READY:
                     raise engine.unavailable()
                 if engine.in_flight < engine.max_in_flight:
+                    note_queue(loop.time() - entered)  # for the request's log line and the queue histogram
                     return engine.admit()
             patience = self.settings.swap_wait_timeout_s if served.held else self.settings.queue_timeout_s
             if deadline is None:

@@ -17,6 +17,12 @@ class Device(enum.StrEnum):
     GPU = "gpu"
 
 
+class LogFormat(enum.StrEnum):
+    AUTO = "auto"
+    JSON = "json"
+    TEXT = "text"
+
+
 class RolloutStrategy(enum.StrEnum):
     AUTO = "auto"  # blue/green when memory holds both engines, else in place
     BLUE_GREEN = "blue-green"
@@ -46,18 +52,35 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(
         default=None, description="File with one sha256 hex digest of an API key per line."
     )
+    keys_file: Path | None = Field(
+        default=None, description="Named keys (`hubserve keys add`); else keys.toml beside models.toml."
+    )
     metrics_auth: bool = Field(default=False, description="Require an API key on /metrics too.")
-    log_prompts: bool = Field(default=False, description="Log request bodies (prompts). Off by default.")
+    log_prompts: bool = Field(
+        default=False, description="Log prompts and outputs in the request log line (every family). Off by default."
+    )
+    log_format: LogFormat = Field(
+        default=LogFormat.AUTO, description="json (one object per line), text, or auto: text on a terminal."
+    )
 
     # ---- limits -----------------------------------------------------------------------------------------
-    max_concurrent_requests: int = Field(default=128, ge=1, description="In-flight requests per model before 429.")
+    max_concurrent_requests: int = Field(
+        default=128, ge=1, description="In-flight requests per model; more wait in the queue, then 429."
+    )
     retry_after_s: int = Field(default=5, ge=1, description="Retry-After sent with 429 and 503 answers.")
 
     max_queued_requests: int = Field(
         default=256, ge=0, description="Requests per model that may wait for a slot or a swap before 429."
     )
     queue_timeout_s: float = Field(
-        default=0.0, ge=0, description="How long a request waits for a slot at the in-flight limit (0: 429 at once)."
+        default=30.0, ge=0, description="How long a request waits for a slot at the in-flight limit (0: 429 at once)."
+    )
+    max_body_bytes: int = Field(default=16 * 1024**2, ge=1024, description="Largest request body; more: 413.")
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, description="Cap on max_tokens / max_new_tokens per request (unset: the context)."
+    )
+    request_timeout_s: float = Field(
+        default=600.0, gt=0, description="Longest a request may take, queue and stream included (then 504)."
     )
 
     # ---- rollout ----------------------------------------------------------------------------------------
@@ -126,6 +149,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"HUBSERVE_API_KEYS_FILE {self.api_keys_file}:{n}: not a sha256 hex digest")
             digests.add(line)
         return frozenset(digests)
+
+    def keys_path(self) -> Path:
+        """The named-keys file: ``keys_file``, else keys.toml beside models.toml (which need not exist)."""
+        if self.keys_file is not None:
+            return self.keys_file
+        config = self.config if self.config is not None else Path("models.toml")
+        return config.parent / "keys.toml"
 
     def all_key_digests(self) -> frozenset[str]:
         """Digests of every accepted API key (empty: auth is off)."""

@@ -8,6 +8,7 @@ config or usage); ``--verbose`` adds the traceback.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import os
 import sys
@@ -36,6 +37,27 @@ StoreOpt = Annotated[
     Path | None, typer.Option("--store", help="Store directory (default: $HUBSERVE_STORE, else \\[store] path).")
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging and full tracebacks.")]
+InsecurePublicOpt = Annotated[
+    bool, typer.Option("--insecure-public", help="Allow a non-loopback address with no key configured.")
+]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, has_auth: bool, insecure_public: bool, how: str) -> None:
+    """Refuse to expose an unauthenticated server beyond this machine unless the operator says so."""
+    if not has_auth and not insecure_public and not is_loopback(host):
+        raise ConfigError(
+            f"refusing to listen on {host} with no API key configured (anyone who can reach it could use it); "
+            f"{how}, or pass --insecure-public"
+        )
 
 
 def setup_logging(verbose: bool) -> None:
@@ -183,11 +205,12 @@ def mirror_cmd(
         str, typer.Option(help="Env var holding a bearer token clients must send (unset: no auth).")
     ] = "HUBSERVE_MIRROR_TOKEN",
     workers: Annotated[int, typer.Option(min=1, max=64, help="Processes serving the one port (one per core).")] = 1,
+    insecure_public: InsecurePublicOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve the store read-only as a Hub endpoint (HF_ENDPOINT=http://HOST:PORT for clients).
 
-    Example: hubserve mirror --store /srv/hubserve --host 0.0.0.0 --port 8090
+    Example: HUBSERVE_MIRROR_TOKEN=secret hubserve mirror --store /srv/hubserve --host 0.0.0.0 --port 8090
     """
     from sync.mirror import serve_mirror
     from sync.store import Store
@@ -196,6 +219,7 @@ def mirror_cmd(
     if not root.is_dir():
         raise ConfigError(f"store {root} does not exist; run `hubserve sync` or `hubserve import` first")
     token = os.environ.get(token_env) or None
+    check_bind(host, token is not None, insecure_public, f"set ${token_env}")
     err.print(f"mirror of {root} on http://{host}:{port} ({'token required' if token else 'no auth'})")
     serve_mirror(Store(root), host, port, token, workers)
 

@@ -18,6 +18,7 @@ router = APIRouter(
 
 @router.get("/models")
 async def models(request: Request) -> ModelList:
+    """The models this request's API key may use."""
     return list_models(request.app.state.registry, request.app.state.started)
 
 
@@ -29,23 +30,23 @@ async def model(request: Request, model: str) -> ModelCard:
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
-    return await proxy_openai(request, request.app.state.registry, "/v1/chat/completions", _log_prompts(request))
+    return await proxy_openai(request, request.app.state.registry, "/v1/chat/completions")
 
 
 @router.post("/completions")
 async def completions(request: Request) -> Response:
-    return await proxy_openai(request, request.app.state.registry, "/v1/completions", _log_prompts(request))
+    return await proxy_openai(request, request.app.state.registry, "/v1/completions")
 
 
 @router.post("/embeddings")
 async def embeddings(request: Request) -> Response:
-    return await proxy_openai(request, request.app.state.registry, "/v1/embeddings", _log_prompts(request))
+    return await proxy_openai(request, request.app.state.registry, "/v1/embeddings")
 
 
 @router.post("/rerank")
 async def rerank_v1(request: Request) -> Response:
     """Cross-encoders (text-ranking models), in the Cohere/Jina shape vLLM serves; either backend."""
-    return await proxy_openai(request, request.app.state.registry, "/rerank", _log_prompts(request), RERANK_TASKS)
+    return await proxy_openai(request, request.app.state.registry, "/rerank", tasks=RERANK_TASKS)
 
 
 # The same route without the /v1 prefix (TEI, Jina and vLLM clients post to /rerank).
@@ -57,8 +58,5 @@ rerank_router = APIRouter(
 
 @rerank_router.post("/rerank")
 async def rerank(request: Request) -> Response:
-    return await proxy_openai(request, request.app.state.registry, "/rerank", _log_prompts(request), RERANK_TASKS)
+    return await proxy_openai(request, request.app.state.registry, "/rerank", tasks=RERANK_TASKS)
 
-
-def _log_prompts(request: Request) -> bool:
-    return bool(request.app.state.settings.log_prompts)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 
 from fastapi import Request, Response
 from pydantic import ValidationError
@@ -12,10 +11,10 @@ from server.engines.base import Engine
 from server.errors import Family, InvalidRequest
 from server.hub.serving import chat_payload
 from server.openai.protocol import ModelCard, ModelList, RoutingFields
+from server.ops.auth import may_see
 from server.proxy import forward
 from server.registry import Registry
 
-log = logging.getLogger("hubserve.openai")
 RERANK_TASKS = frozenset({"text-ranking"})
 
 
@@ -36,7 +35,8 @@ def model_card(engine: Engine, started: float) -> ModelCard:
 
 
 def list_models(registry: Registry, started: float) -> ModelList:
-    return ModelList(data=[model_card(e, started) for e in registry.engines.values()])
+    """Every served model the current request's key may use (the others are hidden)."""
+    return ModelList(data=[model_card(e, started) for e in registry.engines.values() if may_see(e.info)])
 
 
 def parse_body(body: bytes) -> tuple[dict[str, object], RoutingFields]:
@@ -61,7 +61,7 @@ def _is_tgi_response_format(fmt: object) -> bool:
 
 
 async def proxy_openai(
-    request: Request, registry: Registry, path: str, log_prompts: bool = False, tasks: frozenset[str] | None = None
+    request: Request, registry: Registry, path: str, tasks: frozenset[str] | None = None
 ) -> Response:
     """Forward one OpenAI request to the engine its `model` names; vLLM's answer comes back unchanged.
     ``tasks``: the route serves only models of these tasks (else 400)."""
@@ -83,6 +83,4 @@ async def proxy_openai(
         # InferenceClient(base_url=...).chat_completion sends json schemas TGI's way; vLLM wants json_schema.
         payload = chat_payload(payload, engine.info.name) if tgi_format else {**payload, "model": engine.info.name}
         body = json.dumps(payload).encode()
-    if log_prompts:
-        log.info("%s %s: %s", path, engine.info.name, body[:4000].decode(errors="replace"))
     return await forward(registry, engine, path, body, request.headers, Family.OPENAI)

@@ -1,4 +1,13 @@
-"""API-key auth (bearer) for inference routes. Keys live only as sha256 digests; compared in constant time."""
+"""API keys: who a request is (401 when nobody), which models it may use (403), how fast (429).
+
+Two kinds of keys are accepted, each checked in constant time:
+- flat keys from HUBSERVE_API_KEYS / HUBSERVE_API_KEYS_FILE (sha256 digests): every model, no rate limit;
+  their log name is ``key-`` + 8 hex of the digest;
+- named keys from the keys file (``hubserve keys add``): per-key models, requests/min and tokens/min.
+
+A key comes as ``Authorization: Bearer <key>`` or ``x-api-key: <key>``. Model access is enforced in one place,
+``authorize``, which the registry calls whenever a request resolves a model name to an engine.
+"""
 
 from __future__ import annotations
 
@@ -7,35 +16,88 @@ import hmac
 
 from fastapi import Request
 
-from server.errors import Unauthorized
+from server.engines.base import ModelInfo
+from server.errors import Forbidden, Unauthorized
+from server.ops import context
+from server.ops.context import ANONYMOUS, Principal
+from server.ops.keys import KeyRing
+from server.ops.ratelimit import RateLimiter
+
+
+def presented_key(request: Request) -> str | None:
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and key.strip():
+        return key.strip()
+    return request.headers.get("x-api-key", "").strip() or None
 
 
 class KeyChecker:
-    """Accepts a request when no keys are configured, or when its bearer key's digest is one of them."""
+    """Accepts every request when no key is configured; else only a flat or named key, as a Principal."""
 
-    def __init__(self, digests: frozenset[str]) -> None:
+    def __init__(self, digests: frozenset[str], ring: KeyRing | None = None) -> None:
         self._digests = tuple(sorted(digests))
+        self.ring = ring
+        self.limiter = RateLimiter()
 
     @property
     def enabled(self) -> bool:
-        return bool(self._digests)
+        return bool(self._digests) or (self.ring is not None and self.ring.seen)
 
-    def accepts(self, key: str) -> bool:
+    def _flat(self, key: str) -> str | None:
         digest = hashlib.sha256(key.encode()).hexdigest()
-        match = False
+        match = None
         for known in self._digests:  # no early exit: every digest is compared
-            match |= hmac.compare_digest(digest, known)
+            if hmac.compare_digest(digest, known):
+                match = known
         return match
 
-    def check(self, request: Request) -> None:
-        if not self._digests:
-            return
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip() or not self.accepts(key.strip()):
+    def principal(self, key: str | None) -> Principal:
+        """Who ``key`` is; Unauthorized when auth is on and the key is missing or unknown."""
+        if self.ring is not None:
+            self.ring.refresh()
+        if not self.enabled:
+            return ANONYMOUS
+        if key is None:
             raise Unauthorized()
+        digest = self._flat(key)
+        if digest is not None:
+            return Principal(f"key-{digest[:8]}")
+        record = self.ring.lookup(key) if self.ring is not None else None
+        if record is None:
+            raise Unauthorized()
+        models = frozenset(record.models) if record.models is not None else None
+        return Principal(record.name, models, record.rpm, record.tpm)
+
+    def check(self, request: Request) -> Principal:
+        who = self.principal(presented_key(request))
+        ctx = context.current()
+        if ctx is not None:
+            ctx.principal = who
+        return who
 
 
-def require_api_key(request: Request) -> None:
-    """Router dependency for every inference route (OpenAI, TGI, Hub). List it after the family dependency."""
+async def require_api_key(request: Request) -> None:
+    """Router dependency for every inference, info, models and admin route; list it after the family one.
+    Async: no worker thread for a few microseconds of work."""
     checker: KeyChecker = request.app.state.key_checker
-    checker.check(request)
+    who = checker.check(request)
+    checker.limiter.admit(who)
+
+
+def authorize(info: ModelInfo) -> None:
+    """Called by the registry for every name → engine lookup made while serving a request: Forbidden (403)
+    when the request's key may not use that model. Also labels the request with its model and commit."""
+    ctx = context.current()
+    if ctx is None:
+        return
+    who = ctx.principal
+    if who is not None and not who.may_use(info.served_names):
+        raise Forbidden(f"This API key may not use the model `{info.name}`.", param="model")
+    ctx.model, ctx.commit = info.name, info.commit
+
+
+def may_see(info: ModelInfo) -> bool:
+    """Whether the current request's key may see the model (in /v1/models)."""
+    ctx = context.current()
+    who = ctx.principal if ctx is not None else None
+    return who is None or who.may_use(info.served_names)

@@ -1,26 +1,26 @@
-"""Prometheus metrics: per request (count, success, failure, duration, time to first byte) by route and model,
-and per engine at scrape time (state, in-flight requests, restarts). One CollectorRegistry per app."""
+"""Prometheus metrics: per request (count, success, failure, duration, time to first byte and token, inter-token
+latency, queue time, tokens, key name) by route and model, and per model at scrape time (engine state, in-flight
+and queued requests, restarts). One CollectorRegistry per app; the gateway middleware observes each request."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.engines.base import EngineState
+from server.ops.context import RequestContext
 from server.registry import Registry
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-SKIP_PATHS = frozenset({"/metrics", "/health", "/ready"})
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
 class Metrics:
-    """The app's metrics. Serving code labels a request with its model by setting ``request.state.model``."""
+    """The app's metrics. A request's model label comes from its RequestContext (set by the model lookup)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -52,8 +52,61 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.ttft = Histogram(
+            "hubserve_time_to_first_token_seconds",
+            "Streamed answers: time until the first event (the first token).",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "hubserve_inter_token_latency_seconds",
+            "Streamed answers: time between two events (tokens).",
+            ("model",),
+            buckets=TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_time = Histogram(
+            "hubserve_queue_seconds",
+            "Time a request waited for an in-flight slot (or a revision swap).",
+            ("model",),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens_in = Counter("hubserve_tokens_in", "Prompt tokens.", ("model",), registry=self.registry)
+        self.tokens_out = Counter("hubserve_tokens_out", "Generated tokens.", ("model",), registry=self.registry)
+        self.key_requests = Counter(
+            "hubserve_key_requests", "Requests by API key name.", ("key", "model", "status"), registry=self.registry
+        )
+
     def watch_engines(self, registry_fn: Callable[[], Registry | None]) -> None:
         self.registry.register(EngineCollector(registry_fn))
+
+    def observe_request(
+        self,
+        route: str,
+        model: str,
+        status: int,
+        ttfb: float | None,
+        duration: float,
+        ttft: float | None,
+        gaps: list[float],
+        ctx: RequestContext,
+        key: str | None,
+    ) -> None:
+        self.observe(route, model, status, ttfb, duration)
+        if ttft is not None:
+            self.ttft.labels(route, model).observe(ttft)
+        for gap in gaps:
+            self.itl.labels(model).observe(gap)
+        if model:
+            self.queue_time.labels(model).observe(ctx.queue_s)
+        if ctx.tokens_in:
+            self.tokens_in.labels(model).inc(ctx.tokens_in)
+        if ctx.tokens_out:
+            self.tokens_out.labels(model).inc(ctx.tokens_out)
+        if key is not None:
+            self.key_requests.labels(key, model, str(status)).inc()
 
     def observe(self, route: str, model: str, status: int, ttfb: float | None, duration: float) -> None:
         self.requests.labels(route, model, str(status)).inc()
@@ -77,52 +130,18 @@ class EngineCollector(Collector):
             "hubserve_engine_state", "1 for the engine's current state.", labels=["model", "state"]
         )
         queue = GaugeMetricFamily("hubserve_queue_size", "Requests in flight per model.", labels=["model"])
+        waiting = GaugeMetricFamily(
+            "hubserve_queue_depth", "Requests waiting for a slot or a swap per model.", labels=["model"]
+        )
         limit = GaugeMetricFamily("hubserve_max_concurrent_requests", "In-flight limit per model.", labels=["model"])
         restarts = CounterMetricFamily("hubserve_engine_restarts", "Engine restarts after a crash.", labels=["model"])
         registry = self._registry_fn()
-        for name, engine in (registry.engines if registry else {}).items():
+        for name, served in (registry.served if registry else {}).items():
+            engine = served.engine
+            waiting.add_metric([name], served.queued)
             for s in EngineState:
                 state.add_metric([name, s.value], 1.0 if engine.state is s else 0.0)
             queue.add_metric([name], engine.in_flight)
             limit.add_metric([name], engine.max_in_flight)
             restarts.add_metric([name], engine.restarts)
-        yield from (state, queue, limit, restarts)
-
-
-class MetricsMiddleware:
-    """Pure ASGI middleware (never buffers a stream): times each request to its first and last body byte."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in SKIP_PATHS:
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-        first: float | None = None
-        done = False
-
-        async def timed_send(message: Message) -> None:
-            nonlocal status, first, done
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body":
-                if first is None and message.get("body"):
-                    first = time.perf_counter() - start
-                if not message.get("more_body", False):
-                    done = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, timed_send)
-        except BaseException:
-            done, status = True, 500
-            raise
-        finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            model = str(scope.get("state", {}).get("model") or "")
-            # 499 (nginx's "client closed request"): the answer never finished, e.g. a client left mid-stream
-            self.metrics.observe(route, model, status if done else 499, first, time.perf_counter() - start)
+        yield from (state, queue, waiting, limit, restarts)

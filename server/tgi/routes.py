@@ -20,7 +20,6 @@ router = APIRouter(
 async def generate(request: Request) -> JSONResponse:
     body = parse_generate(await read_json(request))
     engine = request.app.state.registry.default()
-    request.state.model = engine.info.name
     return JSONResponse(dump_generate(await tgi_service(request).generate(engine, body)))
 
 
@@ -28,7 +27,6 @@ async def generate(request: Request) -> JSONResponse:
 async def generate_stream(request: Request) -> StreamingResponse:
     body = parse_generate(await read_json(request))
     engine = request.app.state.registry.default()
-    request.state.model = engine.info.name
     return await tgi_service(request).open_stream(engine, body)
 
 

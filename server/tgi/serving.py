@@ -9,6 +9,7 @@ ends, as TGI does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -30,6 +31,7 @@ from server.errors import (
     ServerError,
     sse_error_event,
 )
+from server.ops.context import engine_headers, note_tokens, note_usage
 from server.proxy import RelayResponse
 from server.tgi.protocol import GenerateRequest, GenerateResponse, Info, SimpleToken, StreamResponse, TokenizeRequest
 from server.tgi.tokens import TokenTexts
@@ -72,11 +74,13 @@ def _error_message(body: bytes) -> str | None:
 async def post_engine(engine: Engine, path: str, body: dict[str, Any]) -> httpx.Response:
     """POST a JSON body to the engine; a lost connection is EngineUnavailable, an error answer its ServerError."""
     try:
-        response = await engine.client().post(path, json=body)
+        response = await engine.client().post(path, json=body, headers=engine_headers())
     except httpx.TransportError as e:
         raise lost(engine, e) from e
     if response.status_code >= 400:
         raise engine_error(response.status_code, response.content)
+    with contextlib.suppress(ValueError, AttributeError):
+        note_usage(response.json().get("usage"))  # tokens in/out for the request log and metrics
     return response
 
 
@@ -138,6 +142,11 @@ class TGIService:
         input (then the error names both counts, as TGI's does). Otherwise vLLM checks the total itself.
         """
         wanted = request.parameters.max_new_tokens
+        cap = self.registry.settings.max_new_tokens
+        if wanted is not None and cap is not None and wanted > cap:
+            raise InvalidRequest(
+                f"`max_new_tokens` must be <= {cap} on this server (HUBSERVE_MAX_NEW_TOKENS). Given: {wanted}"
+            )
         if wanted is not None and (engine.max_model_len is None or wanted < engine.max_model_len):
             return wanted
         data = await self._post(engine, "/tokenize", {"model": engine.info.name, "prompt": request.inputs})
@@ -152,7 +161,7 @@ class TGIService:
             )
         if count >= total:
             raise InvalidRequest(f"`inputs` must have less than {total} tokens. Given: {count}")
-        return wanted if wanted is not None else total - count
+        return wanted if wanted is not None else min(total - count, cap or total)
 
     @staticmethod
     def _require_generative(engine: Engine) -> None:
@@ -191,7 +200,8 @@ class TGIService:
             body = completion_body(request, engine.info.name, max_new, stream=True)
             client = engine.client()
             try:
-                upstream = await client.send(client.build_request("POST", "/v1/completions", json=body), stream=True)
+                upstream_request = client.build_request("POST", "/v1/completions", json=body, headers=engine_headers())
+                upstream = await client.send(upstream_request, stream=True)
             except httpx.TransportError as e:
                 raise lost(engine, e) from e
             if upstream.status_code >= 400:
@@ -212,6 +222,7 @@ class TGIService:
     async def _relay(
         self, engine: Engine, translator: StreamTranslator, upstream: httpx.Response, slot: Admission
     ) -> AsyncIterator[bytes]:
+        events = 0  # one event per generated token
         try:
             async for line in upstream.aiter_lines():
                 if not line.startswith("data:"):
@@ -223,6 +234,7 @@ class TGIService:
                 if isinstance(chunk, dict) and chunk.get("error"):
                     raise GenerationError(_error_message(data.encode()) or "generation failed")
                 for event in translator.feed(chunk):
+                    events += 1
                     yield dump_event(event)
             if not translator.finished:
                 raise IncompleteGeneration("The engine ended the stream before the generation finished.")
@@ -234,6 +246,7 @@ class TGIService:
         except ValueError as e:  # undecodable chunk
             yield sse_error_event(GenerationError(f"Unreadable answer from the engine: {e}"), Family.TGI)
         finally:
+            note_tokens(None, events)
             slot.release()
             await upstream.aclose()
 

@@ -40,6 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 MINILM_REPO = "sentence-transformers/all-MiniLM-L6-v2"
 READY_TIMEOUT_S = float(os.environ.get("HUBSERVE_E2E_READY_TIMEOUT", "600"))  # 2 shared CPUs can be slow
 API_KEY = "e2e-test-key-0123456789"
+CANARY = "quokka-canary-prompt-5e1d"  # prompts with it must never reach the server's log
 
 
 @dataclass
@@ -55,6 +56,7 @@ class HubserveServer:
     commits: dict[str, str] = field(default_factory=dict)  # served name → pinned commit
     repos: dict[str, str] = field(default_factory=dict)  # served name → repo id
     ready_after_s: float = 0.0
+    named_keys: dict[str, str] = field(default_factory=dict)  # key name → key (the keys file beside models.toml)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -182,7 +184,10 @@ def hubserve_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hubser
         _write_manifest(config, seed_commits, f"http://127.0.0.1:{mirror.server_address[1]}")
         synced = subprocess.run(
             [sys.executable, "-m", "server.cli", "sync", "--config", str(config)],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
     finally:
         mirror.shutdown()
@@ -204,6 +209,8 @@ def running_server(config: Path, store: Store, commits: dict[str, str], repos: d
     log_path = config.parent / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUBSERVE_")}
     env["HUBSERVE_API_KEYS"] = API_KEY
+    env["HUBSERVE_LOG_FORMAT"] = "json"
+    named_keys = _write_keys(config.parent / "keys.toml")
     started = time.monotonic()
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -222,6 +229,7 @@ def running_server(config: Path, store: Store, commits: dict[str, str], repos: d
         config=config,
         commits=commits,
         repos=repos,
+        named_keys=named_keys,
     )
     try:
         _wait_ready(server, ready_timeout)
@@ -232,3 +240,22 @@ def running_server(config: Path, store: Store, commits: dict[str, str], repos: d
         survivors = _stop(server)
     assert server.proc.returncode is not None
     assert not survivors, f"engine processes outlived the server: {survivors}\n{server.log_tail()}"
+    leaks = log_leaks(server)
+    assert not leaks, f"the server's log holds secrets or prompts: {leaks}"
+
+
+def _write_keys(path: Path) -> dict[str, str]:
+    """Named keys, as `hubserve keys add` writes them: one for every model, one for MiniLM only."""
+    from server.ops.keys import new_key, write_keys
+
+    made = {name: new_key(name, models) for name, models in (("e2e-all", None), ("e2e-minilm", ("minilm",)))}
+    write_keys(path, {record.id: record for _, record in made.values()})
+    return {name: key for name, (key, _) in made.items()}
+
+
+def log_leaks(server: HubserveServer) -> list[str]:
+    """Keys, key secrets and prompts found in everything the server (and its engines) logged."""
+    text = server.log_path.read_text(errors="replace")
+    secrets = [server.api_key, *server.named_keys.values(), *(k.split("_")[2] for k in server.named_keys.values())]
+    prompts = [CANARY, "capital of France", "Once upon"]  # prompts of the e2e tests
+    return [s[:12] + "..." for s in secrets if s in text] + [p for p in prompts if p in text]

@@ -28,8 +28,6 @@ PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-
-
 def model_url(server: HubserveServer, name: str) -> str:
     return f"{server.url}/models/{server.repos[name]}"
 

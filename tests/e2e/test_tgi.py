@@ -21,8 +21,6 @@ PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start
 GREEDY: dict[str, Any] = {"max_new_tokens": 20, "do_sample": False}
 
 
-
-
 @pytest.fixture(scope="module")
 def http(hubserve_server: HubserveServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=hubserve_server.url, headers=hubserve_server.headers, timeout=120) as client:

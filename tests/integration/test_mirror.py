@@ -172,16 +172,29 @@ print(json.dumps(out))
 def run_client(python: str, seeded: Seeded, mirror_url: str, token_url: str, tmp: Path) -> dict[str, Any]:
     """Run SCENARIO in ``python`` against the mirror; the client's own outputs come back as JSON."""
     args = {
-        "endpoint": mirror_url, "token_endpoint": token_url, "token": TOKEN,
-        "small": SMALL, "minilm": MINILM, "tagged": TAGGED, "ghost": GHOST,
-        "minilm_commit": seeded.minilm.commit, "hidden": seeded.hidden_commit,
+        "endpoint": mirror_url,
+        "token_endpoint": token_url,
+        "token": TOKEN,
+        "small": SMALL,
+        "minilm": MINILM,
+        "tagged": TAGGED,
+        "ghost": GHOST,
+        "minilm_commit": seeded.minilm.commit,
+        "hidden": seeded.hidden_commit,
         **{k: str(tmp / k) for k in ("cache", "cache2", "cache3", "cache_tok")},
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    env.update(HF_ENDPOINT=mirror_url, HF_HOME=str(tmp / "hf-home"), HF_HUB_CACHE=str(tmp / "cache"),
-               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_ETAG_TIMEOUT="30")
-    res = subprocess.run([python, "-c", SCENARIO, json.dumps(args)], capture_output=True, text=True,
-                         env=env, timeout=180)
+    env.update(
+        HF_ENDPOINT=mirror_url,
+        HF_HOME=str(tmp / "hf-home"),
+        HF_HUB_CACHE=str(tmp / "cache"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_HUB_ETAG_TIMEOUT="30",
+    )
+    res = subprocess.run(
+        [python, "-c", SCENARIO, json.dumps(args)], capture_output=True, text=True, env=env, timeout=180
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     return dict(json.loads(res.stdout.strip().splitlines()[-1]))
 
@@ -196,8 +209,10 @@ def side_python(name: str) -> str:
     with FileLock(f"{venv}.lock", timeout=300):
         if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
             return str(python)
-        steps = [["uv", "venv", "-q", "--clear", "--python", sys.executable, str(venv)],
-                 ["uv", "pip", "install", "-q", "--python", str(python), spec]]
+        steps = [
+            ["uv", "venv", "-q", "--clear", "--python", sys.executable, str(venv)],
+            ["uv", "pip", "install", "-q", "--python", str(python), spec],
+        ]
         for cmd in steps:
             try:
                 res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
@@ -210,7 +225,10 @@ def side_python(name: str) -> str:
 
 @pytest.fixture(scope="module", params=["hfhub2", "hfhub1", "hfhub0"])
 def client(
-    request: pytest.FixtureRequest, seeded: Seeded, mirror: tuple[MirrorServer, str], token_mirror: str,
+    request: pytest.FixtureRequest,
+    seeded: Seeded,
+    mirror: tuple[MirrorServer, str],
+    token_mirror: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, Any]:
     """What one client version saw: the project's own huggingface_hub (2.x), then the side venvs."""
@@ -278,8 +296,13 @@ def test_list_repo_tree_paginated(client: dict[str, Any], seeded: Seeded) -> Non
         assert got["size"] == f.size and got["oid"] == f.oid
         assert got["lfs"] == ([f.sha256, f.size, f.pointer_size] if f.lfs else None)
     root = {e["path"]: e["type"] for e in client["tree_root"]}
-    assert root == {"config.json": "file", "README.md": "file", "docs": "directory", "nested": "directory",
-                    "weights": "directory"}
+    assert root == {
+        "config.json": "file",
+        "README.md": "file",
+        "docs": "directory",
+        "nested": "directory",
+        "weights": "directory",
+    }
     assert {e["path"] for e in client["tree_nested"]} == {"nested/dir", "nested/other.json"}
 
 
@@ -422,7 +445,7 @@ def test_tree_pagination_on_the_wire(mirror: tuple[MirrorServer, str], seeded: S
     status, h, body = raw(url, "GET", f"/api/models/{MINILM}/tree/main?recursive=true&expand=false")
     pages, seen = [json.loads(body)], [h]
     while "link" in h:
-        assert h["link"].startswith(f'<{url}/api/models/{MINILM}/tree/{seeded.minilm.commit}?')
+        assert h["link"].startswith(f"<{url}/api/models/{MINILM}/tree/{seeded.minilm.commit}?")
         assert h["link"].endswith('>; rel="next"')
         status, h, body = raw(url, "GET", h["link"][1:].split(">")[0].removeprefix(url))
         assert status == 200
@@ -501,7 +524,10 @@ def test_serve_mirror_logs_one_line_per_request_without_the_token(seeded: Seeded
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, str(seeded.store.root), str(port), TOKEN],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         url, status = f"http://127.0.0.1:{port}", 0

@@ -72,7 +72,7 @@ def _app(tmp_path: Path, **settings: object) -> FastAPI:
 
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    app = _app(tmp_path, api_keys=KEY, max_concurrent_requests=1)
+    app = _app(tmp_path, api_keys=KEY, max_concurrent_requests=1, queue_timeout_s=0)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hubserve") as c:
         c.app = app  # type: ignore[attr-defined]
         yield c

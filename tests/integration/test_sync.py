@@ -134,7 +134,12 @@ def test_store_loads_offline_with_transformers(tmp_path: Path, upstream: Upstrea
         "ids = t('The capital of France', return_tensors='pt').input_ids\n"
         "print('OK', m.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1])\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "store"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(tmp_path / "store"),
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+    }
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "OK True" in res.stdout
@@ -161,9 +166,7 @@ def test_corrupted_upstream_file_is_never_promoted(tmp_path: Path, upstream: Ups
     assert "tiny" not in read_lock(tmp_path / "models.lock").models
 
     with pytest.raises(VerificationError):
-        Syncer(load_config(cfg_path)).upstream.download(
-            TINY_REPO, commit, entry, tmp_path / "x.part"
-        )
+        Syncer(load_config(cfg_path)).upstream.download(TINY_REPO, commit, entry, tmp_path / "x.part")
 
 
 def test_upstream_failing_then_recovering_is_retried(tmp_path: Path, upstream: Upstream, tiny_llama: Path) -> None:
@@ -243,7 +246,9 @@ def test_sync_killed_mid_download_keeps_old_revision_and_resumes(
         cfg_path.write_text(cfg_path.read_text().replace(upstream.url, proxy.url))
         proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "sync", "--config", str(cfg_path), "--update"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         deadline = time.monotonic() + 60
         parts: list[Path] = []
@@ -329,8 +334,15 @@ def test_include_exclude_are_honoured(tmp_path: Path, upstream: Upstream, minilm
     cfg_path = write_manifest(
         tmp_path,
         upstream.url,
-        [{"name": "m", "repo": MINILM_REPO, "revision": commit, "include": ["*.json", "*.safetensors", "vocab.txt"],
-          "exclude": ["data_config.json"]}],
+        [
+            {
+                "name": "m",
+                "repo": MINILM_REPO,
+                "revision": commit,
+                "include": ["*.json", "*.safetensors", "vocab.txt"],
+                "exclude": ["data_config.json"],
+            }
+        ],
     )
     assert hubserve("sync", "--config", str(cfg_path)).returncode == 0
     rec = Store(tmp_path / "store").get_revision(MINILM_REPO, commit)

@@ -23,8 +23,6 @@ KEY = "k"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-
-
 def completion(request: httpx.Request) -> httpx.Response:
     body = json.loads(request.content)
     choice = {

@@ -33,7 +33,10 @@ def mirror_process(store: Path, token: str | None = None) -> Iterator[str]:
     env = {**os.environ, "HUBSERVE_MIRROR_TOKEN": token or ""}
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "mirror", "--store", str(store), "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:

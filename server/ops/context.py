@@ -1,0 +1,149 @@
+"""What the gateway learns about one request while serving it, for its log line, metrics and limits.
+
+The gateway middleware opens a ``RequestContext`` per request and puts it in a context variable: the auth
+dependency, the registry's model lookup and admission, and the serving code (token counts) fill it in
+without every function passing it along. Each request has its own object; nothing is shared between them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import json
+import re
+import secrets
+import uuid
+from typing import Any
+
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclasses.dataclass
+class Principal:
+    """Who sent a request: a key name (never the key) and what that key may do."""
+
+    name: str
+    models: frozenset[str] | None = None  # None: every model
+    rpm: int | None = None
+    tpm: int | None = None
+
+    def may_use(self, names: tuple[str, ...]) -> bool:
+        return self.models is None or any(n in self.models for n in names)
+
+
+ANONYMOUS = Principal("-")  # auth is off (no keys configured)
+
+
+@dataclasses.dataclass
+class RequestContext:
+    request_id: str
+    engine_request_id: str  # what the engine sees: the request id, suffixed when the client chose it
+    principal: Principal | None = None
+    model: str | None = None
+    commit: str | None = None
+    queue_s: float = 0.0
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+
+    def add_tokens(self, tokens_in: int | None, tokens_out: int | None) -> None:
+        if tokens_in is not None:
+            self.tokens_in = (self.tokens_in or 0) + tokens_in
+        if tokens_out is not None:
+            self.tokens_out = (self.tokens_out or 0) + tokens_out
+
+    def add_usage(self, usage: object) -> None:
+        """An OpenAI ``usage`` object (vLLM's answers carry one)."""
+        if isinstance(usage, dict):
+            self.add_tokens(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")))
+
+
+def _int(v: object) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+_current: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar("hubserve_request", default=None)
+
+
+def new_request_id(given: str | None) -> tuple[str, str]:
+    """(request id, id for the engine). A client's id is kept (validated by the caller) and suffixed for the
+    engine so that two requests reusing one id never collide inside vLLM; ours are unique already."""
+    if given:
+        return given, f"{given}-{secrets.token_hex(4)}"
+    rid = uuid.uuid4().hex
+    return rid, rid
+
+
+def current() -> RequestContext | None:
+    return _current.get()
+
+
+def begin(ctx: RequestContext) -> contextvars.Token[RequestContext | None]:
+    return _current.set(ctx)
+
+
+def end(token: contextvars.Token[RequestContext | None]) -> None:
+    _current.reset(token)
+
+
+def engine_headers() -> dict[str, str]:
+    """Headers for a call to the engine on behalf of the current request (vLLM uses X-Request-Id as its id)."""
+    ctx = _current.get()
+    return {"X-Request-Id": ctx.engine_request_id} if ctx is not None else {}
+
+
+def note_queue(seconds: float) -> None:
+    ctx = _current.get()
+    if ctx is not None:
+        ctx.queue_s += seconds
+
+
+def note_usage(usage: object) -> None:
+    ctx = _current.get()
+    if ctx is not None:
+        ctx.add_usage(usage)
+
+
+def note_tokens(tokens_in: int | None, tokens_out: int | None) -> None:
+    ctx = _current.get()
+    if ctx is not None:
+        ctx.add_tokens(tokens_in, tokens_out)
+
+
+class StreamUsage:
+    """Token counts of an OpenAI SSE stream passed through unparsed: the ``usage`` of a chunk when the client
+    asked for one (stream_options.include_usage), else one output token per chunk that carries text."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self.usage: dict[str, Any] | None = None
+        self.chunks = 0
+
+    def feed(self, data: bytes) -> None:
+        self._pending += data
+        *lines, self._pending = self._pending.split(b"\n")
+        for line in lines:
+            if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+                continue
+            try:
+                chunk = json.loads(line[5:])
+            except ValueError:
+                continue
+            if not isinstance(chunk, dict):
+                continue
+            if isinstance(chunk.get("usage"), dict):
+                self.usage = chunk["usage"]
+            if any(_has_text(c) for c in chunk.get("choices") or []):
+                self.chunks += 1
+
+    def close(self) -> None:
+        if self.usage is not None:
+            note_usage(self.usage)
+        else:
+            note_tokens(None, self.chunks)
+
+
+def _has_text(choice: object) -> bool:
+    if not isinstance(choice, dict):
+        return False
+    delta = choice.get("delta")
+    return bool(choice.get("text") or (isinstance(delta, dict) and (delta.get("content") or delta.get("tool_calls"))))
