@@ -225,7 +225,9 @@ class Traffic:
 
     server: Server
     concurrency: int = 4
-    pause_s: float = 0.3  # between two requests of one client: leaves the CPU room to start the new engine
+    # Between two requests of one client. On 2 CPU cores the old engine serving without pause starves the new
+    # one's start (vLLM's CPU threads spin between steps): the tests pace their clients, the bench does not.
+    pause_s: float = 1.0
     outcomes: list[Outcome] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
