@@ -321,7 +321,7 @@ class CommitPoller:
                     self.seen.append(commit)
             except Exception as e:
                 self.errors.append(f"{type(e).__name__}: {e}")
-            time.sleep(0.05)
+            time.sleep(0.2)
 
 
 def failure_report(traffic: Traffic) -> str:
