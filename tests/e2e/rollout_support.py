@@ -236,7 +236,7 @@ class Traffic:
 
     def __enter__(self) -> Traffic:
         for i in range(self.concurrency):
-            t = threading.Thread(target=self._worker, args=(self.KINDS[i % len(self.KINDS)],), daemon=True)
+            t = threading.Thread(target=self._worker, args=(i,), daemon=True)
             t.start()
             self._threads.append(t)
         return self
@@ -250,10 +250,14 @@ class Traffic:
     def failures(self) -> list[Outcome]:
         return [o for o in self.outcomes if not o.ok]
 
-    def _worker(self, kind: str) -> None:
+    def _worker(self, first: int) -> None:
+        """Client ``first`` starts with KINDS[first] and goes round them all, one request after the other."""
         http = httpx.Client(base_url=self.server.url, headers=self.server.headers, timeout=300)
         client = openai.OpenAI(base_url=f"{self.server.url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+        n = first
         while not self._stop.is_set():
+            kind = self.KINDS[n % len(self.KINDS)]
+            n += 1
             started = time.monotonic()
             try:
                 ok, detail = getattr(self, "_" + kind.replace("-", "_"))(http, client)
