@@ -432,14 +432,13 @@ class Registry:
         await engine.stop()
         self._retiring.discard(engine)
 
-    def _fits_beside(self, served: ServedModel, info: ModelInfo) -> bool:
+    def _fits_beside(self, new: Engine) -> bool:
         """Whether the new revision's engine fits in memory beside every running engine (blue/green)."""
         strategy = self.settings.rollout
         if strategy is RolloutStrategy.BLUE_GREEN:
             return True
         if strategy is RolloutStrategy.IN_PLACE:
             return False
-        new = self._new_engine(info)
         if getattr(new, "device", None) == "gpu":  # vLLM takes a fixed share of the GPU's memory at start
             used_share = sum(gpu_memory_share(s.engine) for s in self._served.values())
             return used_share + gpu_memory_share(new) <= 1.0
@@ -452,17 +451,17 @@ class Registry:
 
     async def _swap(self, served: ServedModel, info: ModelInfo) -> None:
         old = served.engine
-        mode = "blue-green" if self._fits_beside(served, info) else "in-place"
+        new = self._new_engine(info)  # not started yet: an object, no process
+        mode = "blue-green" if self._fits_beside(new) else "in-place"
         log.info("model %s: rolling out %s -> %s (%s)", info.name, old.info.commit[:12], info.commit[:12], mode)
         served.rollout = {"state": "starting", "mode": mode, "from": old.info.commit, "commit": info.commit}
         if mode == "blue-green":
-            await self._swap_blue_green(served, info)
+            await self._swap_blue_green(served, info, new)
         else:
-            await self._swap_in_place(served, info)
+            await self._swap_in_place(served, info, new)
 
-    async def _swap_blue_green(self, served: ServedModel, info: ModelInfo) -> None:
+    async def _swap_blue_green(self, served: ServedModel, info: ModelInfo, new: Engine) -> None:
         old = served.engine
-        new = self._new_engine(info)
         started = time.monotonic()
         try:
             await new.start()
@@ -485,13 +484,12 @@ class Registry:
         await self._drain_and_stop(old)
         log.info("model %s: previous revision %s drained and stopped", info.name, old.info.commit[:12])
 
-    async def _swap_in_place(self, served: ServedModel, info: ModelInfo) -> None:
+    async def _swap_in_place(self, served: ServedModel, info: ModelInfo, new: Engine) -> None:
         old = served.engine
         served.held = True  # new requests wait in the gateway from here
         try:
             served.rollout = {**(served.rollout or {}), "state": "draining"}
             await self._drain_and_stop(old)
-            new = self._new_engine(info)
             started = time.monotonic()
             served.rollout = {**served.rollout, "state": "starting"}
             try:

@@ -35,7 +35,6 @@ class ManifestWatcher:
         self._trigger = asyncio.Event()
         self._last_error: str | None = None
         self._tasks: list[asyncio.Task[Any]] = []
-        self.reloads = 0
 
     @property
     def watched_names(self) -> set[str]:
@@ -64,7 +63,6 @@ class ManifestWatcher:
         keep = {name: engine.info for name, engine in self.registry.engines.items()}
         desired = desired_models(config, keep)
         await self.registry.apply(desired)
-        self.reloads += 1
         return {"applied": True, "waiting": desired.waiting, "pending": desired.pending}
 
     # ---- background tasks ---------------------------------------------------------------------------
