@@ -3,7 +3,7 @@
 The transformers worker and the gateway (around vLLM's raw logits) turn logits into the answers
 transformers' pipelines give: label maps, ``function_to_apply``, ``top_k``, entity aggregation with
 character offsets, mask rows, zero-shot entailment scores and question-answering spans. The semantics follow
-transformers' pipelines (checked against them in tests/unit/test_hub_tasks.py); only numpy is needed here.
+transformers' pipelines (checked against them in tests/unit/test_task_logic.py); only numpy is needed here.
 """
 
 from __future__ import annotations
