@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from server.engines.base import Engine, ModelInfo
+from server.hub.tokenizer import has_fast_tokenizer
 from server.settings import Settings
 from sync.errors import ConfigError
 
@@ -38,6 +39,16 @@ VLLM_ARCHITECTURES: dict[str, frozenset[str]] = {
     ),
 }
 VLLM_ARCHITECTURES["text-ranking"] = VLLM_ARCHITECTURES["text-classification"]
+# vLLM's /pooling with task token_classify: raw logits per token (server/hub/on_vllm.py does the rest).
+VLLM_ARCHITECTURES["token-classification"] = frozenset(
+    {
+        "BertForTokenClassification", "RobertaForTokenClassification", "XLMRobertaForTokenClassification",
+        "ModernBertForTokenClassification",
+    }
+)
+VLLM_ARCHITECTURES["fill-mask"] = frozenset({"BertForMaskedLM"})
+# Tasks where the gateway tokenizes for vLLM (character offsets, mask positions): they need a tokenizer.json.
+GATEWAY_TOKENIZED = frozenset({"token-classification", "fill-mask"})
 
 
 def architecture(snapshot: str) -> str | None:
@@ -58,15 +69,19 @@ def choose_backend(info: ModelInfo) -> str:
             raise ConfigError(f"model '{info.name}': backend = \"transformers\" does not serve {info.task}; "
                               "use \"vllm\" or \"auto\"")
         return VLLM
+    tokenizable = info.task not in GATEWAY_TOKENIZED or has_fast_tokenizer(info.snapshot)
     if wanted == VLLM:
         if info.task not in VLLM_ARCHITECTURES:
             raise ConfigError(f"model '{info.name}': backend = \"vllm\" does not serve {info.task} here; "
                               "use \"transformers\" or \"auto\"")
+        if not tokenizable:
+            raise ConfigError(f"model '{info.name}': {info.task} on vLLM needs the repo's tokenizer.json (the "
+                              "gateway maps vLLM's per-token outputs to characters); use \"transformers\" or \"auto\"")
         return VLLM
     if wanted == TRANSFORMERS or (info.task in WORKER_TASKS and info.task not in VLLM_ARCHITECTURES):
         return TRANSFORMERS
     arch = architecture(info.snapshot)
-    return VLLM if arch in VLLM_ARCHITECTURES.get(info.task, frozenset()) else TRANSFORMERS
+    return VLLM if tokenizable and arch in VLLM_ARCHITECTURES.get(info.task, frozenset()) else TRANSFORMERS
 
 
 def make_engine(info: ModelInfo, settings: Settings) -> Engine:

@@ -260,3 +260,32 @@ def parse_task(task: str, payload: object, model: str) -> _TaskRequest:
     if extra:
         log.info("ignoring unknown fields: %s", ", ".join(extra))
     return request
+
+
+# ---- request options both backends check the same way -------------------------------------------------------
+
+
+def token_classification_options(request: TokenClassificationRequest, model: str, max_len: int
+                                 ) -> tuple[str, tuple[str, ...] | None, int]:
+    """(aggregation strategy, ignored labels, stride) of a token-classification request, checked as transformers
+    checks them; ``max_len`` is the model's context in tokens."""
+    params = request.parameters
+    ignore = tuple(params.ignore_labels) if params.ignore_labels is not None else None
+    strategy = params.aggregation_strategy or "simple"
+    stride = params.stride or 0
+    if stride and strategy == "none":
+        raise InvalidRequest(f"Model `{model}` (token-classification): `stride` needs an aggregation_strategy "
+                             "other than none (as in transformers).", param="stride")
+    if stride >= max_len // 2:
+        raise InvalidRequest(f"Model `{model}` (token-classification): `stride` must be < {max_len // 2} "
+                             f"(half its {max_len}-token window).", param="stride")
+    return strategy, ignore, stride
+
+
+def fill_mask_options(request: FillMaskRequest, model: str, mask_token: str | None) -> tuple[int, tuple[str, ...]]:
+    """(top_k, targets) of a fill-mask request whose every input holds the model's mask token."""
+    texts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
+    if mask_token is None or any(mask_token not in t for t in texts):
+        raise InvalidRequest(f"Model `{model}` (fill-mask) needs its mask token {mask_token} in every input.")
+    given = request.parameters.targets
+    return request.parameters.top_k or 5, (given,) if isinstance(given, str) else tuple(given or ())

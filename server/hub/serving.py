@@ -3,13 +3,12 @@
 ``POST /models/{repo_id}`` (and ``/``, ``/v1`` for the default model) dispatches on the model's task:
 text-generation behaves as TGI's ``POST /`` (errors in TGI's shape, which InferenceClient turns into typed
 exceptions), feature-extraction embeds through the engine's ``/v1/embeddings``. Chat passes through to vLLM.
-The other text tasks go to the transformers worker (which answers in the Hub's shape) or, for
-text-classification on vLLM, to vLLM's ``/classify`` (raw logits) with the task logic of server/hub/tasks.py.
+The other text tasks go to the transformers worker (which answers in the Hub's shape) or, for the tasks vLLM's
+pooling runner serves (text- and token-classification, fill-mask), through server/hub/on_vllm.py.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -21,12 +20,14 @@ from fastapi.responses import JSONResponse
 
 from server.engines.base import Engine
 from server.errors import Family, GenerationError, InvalidRequest
-from server.hub import tasks
+from server.hub import on_vllm
 from server.hub.protocol import (
     TASK_REQUESTS,
     EmbedRequest,
+    FillMaskRequest,
     SimilarityRequest,
     TextClassificationRequest,
+    TokenClassificationRequest,
     parse_embed,
     parse_similarity,
     parse_task,
@@ -74,37 +75,18 @@ async def run_task(registry: Registry, engine: Engine, task: str, payload: objec
     """One request of a text task other than generation and embeddings, answered in the Hub's shape."""
     parsed = parse_task(task, payload, engine.info.name)
     async with registry.using(engine) as engine:
-        if engine.backend == "vllm":
-            assert isinstance(parsed, TextClassificationRequest)  # engines/select.py routes only this task to vLLM
-            return JSONResponse(await classify_on_vllm(engine, parsed))
+        if engine.backend == "vllm":  # engines/select.py sends only these tasks to vLLM
+            if isinstance(parsed, TextClassificationRequest):
+                return JSONResponse(await on_vllm.classify(engine, parsed))
+            if isinstance(parsed, TokenClassificationRequest):
+                return JSONResponse(await on_vllm.token_classification(engine, parsed))
+            if isinstance(parsed, FillMaskRequest):
+                return JSONResponse(await on_vllm.fill_mask(engine, parsed))
+            raise InvalidRequest(f"Model `{engine.info.name}` serves {task} on vLLM, which does not answer it here; "
+                                 'set backend = "transformers" in models.toml.')
         response = await post_engine(engine, "/run", parsed.model_dump(exclude_none=True))
     return Response(response.content, media_type="application/json")
 
-
-
-@functools.lru_cache(maxsize=64)
-def label_config(snapshot: str) -> tuple[dict[int, str], str]:
-    """id2label and the default activation of a classifier, from its config.json (a snapshot never changes)."""
-    try:
-        config = json.loads((Path(snapshot) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        config = {}
-    id2label = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
-    function = tasks.default_function(len(id2label) or 2, config.get("problem_type"), config.get("function_to_apply"))
-    return id2label, function
-
-
-async def classify_on_vllm(engine: Engine, request: TextClassificationRequest) -> list[list[dict[str, object]]]:
-    """vLLM's /classify with raw logits (no activation), then labels, function_to_apply and top_k here."""
-    texts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
-    body = {"model": engine.info.name, "input": texts, "use_activation": False}
-    response = await post_engine(engine, "/classify", body)
-    data = sorted(response.json().get("data") or [], key=lambda d: d.get("index", 0))
-    if len(data) != len(texts):
-        raise GenerationError("The engine answered an unexpected classification payload.")
-    id2label, default = label_config(engine.info.snapshot)
-    function = request.parameters.function_to_apply or default
-    return [tasks.classification(d["probs"], id2label, function, request.parameters.top_k) for d in data]
 
 
 def embeddings_body(request: EmbedRequest, model: str, prompt: str = "") -> dict[str, Any]:

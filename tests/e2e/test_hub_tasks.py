@@ -29,8 +29,10 @@ TOL = 1e-3
 MODELS: dict[str, tuple[str, Callable[[], Path], str]] = {
     "sentiment": ("hubserve-test/minilm-sentiment", tm.sentiment_dir, 'backend = "vllm"'),
     "sentiment-tf": ("hubserve-test/minilm-sentiment", tm.sentiment_dir, 'backend = "transformers"\ndefault = true'),
-    "ner": ("hubserve-test/tiny-bert-ner", tm.ner_dir, ""),
-    "mlm": ("hubserve-test/tiny-bert-mlm", tm.mlm_dir, ""),
+    "ner": ("hubserve-test/tiny-bert-ner", tm.ner_dir, ""),  # auto: vLLM's /pooling (token_classify)
+    "ner-tf": ("hubserve-test/tiny-bert-ner", tm.ner_dir, 'backend = "transformers"'),
+    "mlm": ("hubserve-test/tiny-bert-mlm", tm.mlm_dir, ""),  # auto: vLLM's /pooling (token_classify)
+    "mlm-tf": ("hubserve-test/tiny-bert-mlm", tm.mlm_dir, 'backend = "transformers"'),
     "nli": ("hubserve-test/tiny-bert-nli", tm.nli_dir, ""),
     "qa": ("hubserve-test/tiny-bert-qa", tm.qa_dir, 'task = "question-answering"'),
     "ranker": ("hubserve-test/tiny-bert-ranker", tm.ranker_dir, 'backend = "transformers"'),
@@ -110,6 +112,9 @@ def test_both_backends_show_in_health_and_models(tasks_server: HubserveServer) -
     assert health["sentiment"]["backend"] == "vllm"
     assert health["sentiment-tf"]["backend"] == "transformers"
     assert health["ner"]["task"] == "token-classification"  # from the repo's pipeline_tag
+    # auto: vLLM serves the architectures its pooling runner has, the worker the rest
+    assert {n: health[n]["backend"] for n in ("ner", "ner-tf", "mlm", "mlm-tf", "qa")} == {
+        "ner": "vllm", "ner-tf": "transformers", "mlm": "vllm", "mlm-tf": "transformers", "qa": "transformers"}
     models = httpx.get(f"{tasks_server.url}/v1/models", headers=tasks_server.headers).json()["data"]
     assert {m["id"]: m["backend"] for m in models}["bart"] == "transformers"
 
@@ -119,10 +124,11 @@ def test_both_backends_show_in_health_and_models(tasks_server: HubserveServer) -
 NER_TEXT = "My name is Wolfgang and I live in Berlin, near the Brandenburger Tor."
 
 
+@pytest.mark.parametrize("name", ["ner", "ner-tf"])
 @pytest.mark.parametrize("strategy", ["none", "simple", "first", "average", "max"])
 def test_token_classification_matches_transformers(tasks_server: HubserveServer, pipelines: Any,
-                                                   strategy: str) -> None:
-    got = client(tasks_server, "ner").token_classification(NER_TEXT, aggregation_strategy=strategy)  # type: ignore[arg-type]
+                                                   strategy: str, name: str) -> None:
+    got = client(tasks_server, name).token_classification(NER_TEXT, aggregation_strategy=strategy)  # type: ignore[arg-type]
     want = pipelines("token-classification", "ner")(NER_TEXT, aggregation_strategy=strategy)
     key = "entity" if strategy == "none" else "entity_group"
     assert want, "the tiny model should find entities"
@@ -131,17 +137,19 @@ def test_token_classification_matches_transformers(tasks_server: HubserveServer,
         assert NER_TEXT[entity.start : entity.end]  # character offsets into the input
 
 
-def test_token_classification_ignore_labels(tasks_server: HubserveServer, pipelines: Any) -> None:
-    got = client(tasks_server, "ner").token_classification(NER_TEXT, aggregation_strategy="simple",
+@pytest.mark.parametrize("name", ["ner", "ner-tf"])
+def test_token_classification_ignore_labels(tasks_server: HubserveServer, pipelines: Any, name: str) -> None:
+    got = client(tasks_server, name).token_classification(NER_TEXT, aggregation_strategy="simple",
                                                            ignore_labels=["PER", "O"])
     want = pipelines("token-classification", "ner")(NER_TEXT, aggregation_strategy="simple",
                                                     ignore_labels=["PER", "O"])
     same([e.__dict__ for e in got], want, ("entity_group", "word", "start", "end"))
 
 
-def test_token_classification_long_text_in_windows(tasks_server: HubserveServer, pipelines: Any) -> None:
+@pytest.mark.parametrize("name", ["ner", "ner-tf"])
+def test_token_classification_long_text_in_windows(tasks_server: HubserveServer, pipelines: Any, name: str) -> None:
     text = " ".join([NER_TEXT] * 40)  # ~700 tokens: more than the model's 512
-    got = client(tasks_server, "ner").token_classification(text, aggregation_strategy="first", stride=64)
+    got = client(tasks_server, name).token_classification(text, aggregation_strategy="first", stride=64)
     want = pipelines("token-classification", "ner")(text, aggregation_strategy="first", stride=64)
     same([e.__dict__ for e in got], want, ("entity_group", "word", "start", "end"))
     assert max(e.end for e in got) > len(text) - 20  # the end of the text was read too
@@ -150,14 +158,21 @@ def test_token_classification_long_text_in_windows(tasks_server: HubserveServer,
 # ---- fill-mask -----------------------------------------------------------------------------------------------
 
 
-def test_fill_mask_matches_transformers(tasks_server: HubserveServer, pipelines: Any) -> None:
-    hub = client(tasks_server, "mlm")
+@pytest.mark.parametrize("name", ["mlm", "mlm-tf"])
+def test_fill_mask_matches_transformers(tasks_server: HubserveServer, pipelines: Any, name: str) -> None:
+    hub = client(tasks_server, name)
     pipe = pipelines("fill-mask", "mlm")
     text = "The capital of France is [MASK]."
     got = [e.__dict__ for e in hub.fill_mask(text)]
     same(got, pipe(text), ("token", "token_str", "sequence"))
     got = [e.__dict__ for e in hub.fill_mask(text, top_k=3, targets=["paris", "london", "city"])]
     same(got, pipe(text, top_k=3, targets=["paris", "london", "city"]), ("token", "token_str", "sequence"))
+    two = "Paris is the [MASK] of [MASK]."  # one list per mask, sequences keep the special tokens
+    r = httpx.post(f"{tasks_server.url}/models/{name}", json={"inputs": two, "parameters": {"top_k": 2}},
+                   headers=tasks_server.headers, timeout=60)
+    assert r.status_code == 200, r.text
+    for got_row, want_row in zip(r.json(), pipe(two, top_k=2), strict=True):
+        same(got_row, want_row, ("token", "token_str", "sequence"))
 
 
 # ---- zero-shot -----------------------------------------------------------------------------------------------
@@ -321,6 +336,8 @@ def test_root_pipeline_route_and_legacy_options(tasks_server: HubserveServer) ->
     ("nli", {"inputs": "a text"}, "candidate_labels"),
     ("sentiment", {"inputs": {"question": "q", "context": "c"}}, "text-classification"),
     ("mlm", {"inputs": "no mask here"}, "[MASK]"),
+    ("mlm-tf", {"inputs": "no mask here"}, "[MASK]"),
+    ("ner", {"inputs": "a text", "parameters": {"aggregation_strategy": "none", "stride": 8}}, "stride"),
     ("bart", {"inputs": "x", "parameters": {"generate_parameters": {"evil": 1}}}, "evil"),
 ])
 def test_input_that_does_not_fit_the_task_is_a_400_naming_it(tasks_server: HubserveServer, name: str,

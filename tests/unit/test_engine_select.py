@@ -23,11 +23,14 @@ from sync.errors import ConfigError
 pytestmark = pytest.mark.unit
 
 
-def info(tmp_path: Path, task: str, arch: str | None, backend: str = "auto", **kw: Any) -> ModelInfo:
+def info(tmp_path: Path, task: str, arch: str | None, backend: str = "auto", fast_tokenizer: bool = True,
+         **kw: Any) -> ModelInfo:
     snapshot = tmp_path / "models--o--n" / "snapshots" / ("a" * 40)
     snapshot.mkdir(parents=True, exist_ok=True)
     if arch is not None:
         (snapshot / "config.json").write_text(json.dumps({"architectures": [arch]}))
+    if fast_tokenizer:
+        (snapshot / "tokenizer.json").write_text("{}")
     return ModelInfo(name="m", repo="o/n", commit="a" * 40, task=task, snapshot=str(snapshot), backend=backend, **kw)
 
 
@@ -39,13 +42,25 @@ def info(tmp_path: Path, task: str, arch: str | None, backend: str = "auto", **k
     ("zero-shot-classification", "BertForSequenceClassification", "auto", "transformers"),
     ("question-answering", "BertForQuestionAnswering", "auto", "transformers"),
     ("summarization", "BartForConditionalGeneration", "auto", "transformers"),
-    ("token-classification", "BertForTokenClassification", "auto", "transformers"),
+    ("token-classification", "BertForTokenClassification", "auto", "vllm"),
+    ("token-classification", "DistilBertForTokenClassification", "auto", "transformers"),
+    ("fill-mask", "BertForMaskedLM", "auto", "vllm"),
+    ("fill-mask", "RobertaForMaskedLM", "auto", "transformers"),
     ("text-generation", "LlamaForCausalLM", "auto", "vllm"),
     ("feature-extraction", "BertModel", "auto", "vllm"),
     ("text-classification", None, "auto", "transformers"),
 ])
 def test_choose_backend(tmp_path: Path, task: str, arch: str | None, backend: str, want: str) -> None:
     assert choose_backend(info(tmp_path, task, arch, backend)) == want
+
+
+def test_token_tasks_need_a_fast_tokenizer_on_vllm(tmp_path: Path) -> None:
+    """The gateway maps vLLM's per-token rows to characters with the repo's tokenizer.json."""
+    slow = info(tmp_path / "slow", "token-classification", "BertForTokenClassification", fast_tokenizer=False)
+    assert choose_backend(slow) == "transformers"
+    forced = info(tmp_path / "forced", "fill-mask", "BertForMaskedLM", "vllm", fast_tokenizer=False)
+    with pytest.raises(ConfigError, match=r"fill-mask on vLLM needs the repo.s tokenizer\.json"):
+        choose_backend(forced)
 
 
 @pytest.mark.parametrize(("task", "backend"), [("text-generation", "transformers"), ("question-answering", "vllm")])

@@ -58,26 +58,16 @@ class Worker:
 
     async def _token_classification(self, r: protocol.TokenClassificationRequest) -> Any:
         texts = [r.inputs] if isinstance(r.inputs, str) else r.inputs
-        ignore = tuple(r.parameters.ignore_labels) if r.parameters.ignore_labels is not None else None
-        strategy = r.parameters.aggregation_strategy or "simple"
-        stride = r.parameters.stride or 0
-        if stride and strategy == "none":
-            raise InvalidRequest("`stride` needs an aggregation_strategy other than none (as in transformers).")
-        if stride >= self.runner.max_len // 2:
-            raise InvalidRequest(f"`stride` must be < {self.runner.max_len // 2} for this model.", param="stride")
-        out = await self.entities.submit(texts, (strategy, ignore, stride))
+        options = protocol.token_classification_options(r, self.name, self.runner.max_len)
+        out = await self.entities.submit(texts, options)
         return out[0] if isinstance(r.inputs, str) else out
 
     async def _fill_mask(self, r: protocol.FillMaskRequest) -> Any:
         texts = [r.inputs] if isinstance(r.inputs, str) else r.inputs
-        mask = self.runner.tokenizer.mask_token
-        if any(mask not in t for t in texts):
-            raise InvalidRequest(f"Model `{self.name}` (fill-mask) needs its mask token {mask} in every input.")
-        given = r.parameters.targets
-        targets = (given,) if isinstance(given, str) else tuple(given or ())
+        top_k, targets = protocol.fill_mask_options(r, self.name, self.runner.tokenizer.mask_token)
         if targets and not self.runner.target_ids(list(targets)):
             raise InvalidRequest("None of `targets` is a token of this model's vocabulary.", param="targets")
-        out = await self.fill.submit(texts, (r.parameters.top_k or 5, targets))
+        out = await self.fill.submit(texts, (top_k, targets))
         return out[0] if isinstance(r.inputs, str) else out
 
     async def _zero_shot_classification(self, r: protocol.ZeroShotRequest) -> Any:

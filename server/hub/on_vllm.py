@@ -1,0 +1,155 @@
+"""Hub text tasks on vLLM's pooling runner: raw outputs from vLLM, the pipelines' logic (server/hub/tasks.py) here.
+
+- text-classification: ``/classify`` with ``use_activation: false`` (raw logits), then labels,
+  ``function_to_apply`` and ``top_k``.
+- token-classification and fill-mask: ``/pooling`` with ``task: token_classify`` (one row of raw logits per
+  token: over the labels of a *ForTokenClassification head, over the vocabulary of BertForMaskedLM). The gateway
+  tokenizes the text itself (server/hub/tokenizer.py) and sends vLLM the token ids, so it knows each row's
+  characters, special tokens and subwords; the rows come back as base64 float32 (an MLM row is a whole
+  vocabulary: JSON floats would be ~3x the bytes).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.engines.base import Engine
+from server.errors import GenerationError, InvalidRequest
+from server.hub import tasks
+from server.hub.protocol import (
+    FillMaskRequest,
+    TextClassificationRequest,
+    TokenClassificationRequest,
+    fill_mask_options,
+    token_classification_options,
+)
+from server.hub.tokenizer import SnapshotTokenizer, for_snapshot
+from server.tgi.serving import post_engine
+
+DEFAULT_CONTEXT = 512
+
+
+@functools.lru_cache(maxsize=64)
+def model_config(snapshot: str) -> dict[str, Any]:
+    """The snapshot's config.json (a snapshot never changes)."""
+    try:
+        config = json.loads((Path(snapshot) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def label_config(snapshot: str) -> tuple[dict[int, str], str]:
+    """id2label and the default activation of a classifier."""
+    config = model_config(snapshot)
+    id2label = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
+    function = tasks.default_function(len(id2label) or 2, config.get("problem_type"), config.get("function_to_apply"))
+    return id2label, function
+
+
+def context_length(engine: Engine, tokenizer: SnapshotTokenizer) -> int:
+    """Tokens per window: the engine's context, else the model's and the tokenizer's (as transformers caps it)."""
+    limits = [engine.max_model_len, model_config(engine.info.snapshot).get("max_position_embeddings"),
+              tokenizer.model_max_length]
+    known = [int(n) for n in limits if isinstance(n, int) and n > 0]
+    return min(known) if known else DEFAULT_CONTEXT
+
+
+async def classify(engine: Engine, request: TextClassificationRequest) -> list[list[dict[str, object]]]:
+    texts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
+    body = {"model": engine.info.name, "input": texts, "use_activation": False}
+    response = await post_engine(engine, "/classify", body)
+    data = sorted(response.json().get("data") or [], key=lambda d: d.get("index", 0))
+    if len(data) != len(texts):
+        raise GenerationError("The engine answered an unexpected classification payload.")
+    id2label, default = label_config(engine.info.snapshot)
+    function = request.parameters.function_to_apply or default
+    return [tasks.classification(d["probs"], id2label, function, request.parameters.top_k) for d in data]
+
+
+async def token_logits(engine: Engine, windows: list[list[int]]) -> list[np.ndarray]:
+    """vLLM's raw per-token logits for each window of token ids: one (tokens x outputs) array per window."""
+    body = {"model": engine.info.name, "input": windows, "task": "token_classify", "use_activation": False,
+            "add_special_tokens": False, "encoding_format": "base64", "embed_dtype": "float32",
+            "endianness": "little"}
+    response = await post_engine(engine, "/pooling", body)
+    data = sorted(response.json().get("data") or [], key=lambda d: d.get("index", 0))
+    if len(data) != len(windows) or not all(isinstance(d.get("data"), str) for d in data):
+        raise GenerationError("The engine answered an unexpected pooling payload.")
+    out = []
+    for window, item in zip(windows, data, strict=True):
+        flat = np.frombuffer(base64.b64decode(item["data"]), dtype="<f4").astype(np.float64)
+        if not window or flat.size % len(window):
+            raise GenerationError("The engine answered per-token outputs that do not fit the input.")
+        out.append(flat.reshape(len(window), -1))
+    return out
+
+
+async def token_classification(engine: Engine, request: TokenClassificationRequest) -> Any:
+    """Entities per text, as transformers' token-classification pipeline gives them."""
+    tokenizer = for_snapshot(engine.info.snapshot)
+    context = context_length(engine, tokenizer)
+    strategy, ignore, stride = token_classification_options(request, engine.info.name, context)
+    texts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
+    windows = [(i, w) for i, text in enumerate(texts) for w in tokenizer.windows(text, context, stride)]
+    logits = await token_logits(engine, [w.ids for _, w in windows])
+    id2label, _ = label_config(engine.info.snapshot)
+    out: list[list[dict[str, Any]]] = [[] for _ in texts]
+    for (i, encoding), rows in zip(windows, logits, strict=True):
+        pre = tasks.pre_entities(texts[i], encoding.tokens, encoding.ids, tasks.softmax(rows), encoding.offsets,
+                                 encoding.special_tokens_mask, tokenizer.unk_id, tokenizer.word_aware)
+        out[i] += tasks.token_entities(pre, id2label, strategy, ignore, tokenizer.tokens_to_string)
+    counts = [sum(1 for j, _ in windows if j == i) for i in range(len(texts))]
+    answers = [tasks.merge_overlapping(e) if counts[i] > 1 else e for i, e in enumerate(out)]
+    return answers[0] if isinstance(request.inputs, str) else answers
+
+
+def target_ids(tokenizer: SnapshotTokenizer, targets: tuple[str, ...]) -> list[int]:
+    """Vocabulary ids of fill-mask ``targets`` (a target outside the vocabulary: its first token, as transformers)."""
+    ids = set()
+    for target in targets:
+        token_id = tokenizer.token_id(target)
+        if token_id is None:
+            token_id = tokenizer.first_token(target)
+        if token_id is not None:
+            ids.add(int(token_id))
+    return sorted(ids)
+
+
+async def fill_mask(engine: Engine, request: FillMaskRequest) -> Any:
+    """Per mask token the ``top_k`` fillings ``[{sequence, score, token, token_str}]`` (a list per mask when a
+    text holds several), as transformers' fill-mask pipeline gives them."""
+    tokenizer = for_snapshot(engine.info.snapshot)
+    top_k, targets = fill_mask_options(request, engine.info.name, tokenizer.mask_token)
+    wanted = target_ids(tokenizer, targets) if targets else None
+    if targets and not wanted:
+        raise InvalidRequest("None of `targets` is a token of this model's vocabulary.", param="targets")
+    texts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
+    encodings = [tokenizer.windows(text, context_length(engine, tokenizer))[0] for text in texts]
+    logits = await token_logits(engine, [e.ids for e in encodings])
+    out: list[Any] = []
+    for encoding, rows in zip(encodings, logits, strict=True):
+        ids = np.asarray(encoding.ids)
+        positions = np.nonzero(ids == tokenizer.mask_id)[0]
+        if not len(positions):
+            raise InvalidRequest(f"The mask token {tokenizer.mask_token} was cut off: the input is longer than "
+                                 "the model's context.")
+        single = len(positions) == 1
+        per_mask = []
+        for position, candidates in zip(positions, tasks.mask_candidates(rows[positions], top_k, wanted),
+                                        strict=True):
+            fills = []
+            for token, score in candidates:
+                filled = ids.copy()
+                filled[position] = token
+                fills.append({"score": score, "token": token, "token_str": tokenizer.decode([token]),
+                              "sequence": tokenizer.decode(filled.tolist(), skip_special_tokens=single)})
+            per_mask.append(fills)
+        out.append(per_mask[0] if single else per_mask)
+    return out[0] if isinstance(request.inputs, str) else out

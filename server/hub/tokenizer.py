@@ -1,0 +1,92 @@
+"""A model's fast tokenizer in the gateway, from the snapshot's tokenizer.json (``tokenizers``; no transformers).
+
+Token-level tasks on vLLM (token-classification, fill-mask) need more than vLLM's per-token outputs: the
+character offset of each token, which tokens are special, which continue a word, and decoding. The gateway
+tokenizes the input itself, configured as transformers configures the same tokenizer.json (truncation to the
+context, overflowing windows with ``stride``, no padding), sends vLLM the token ids, and so knows exactly what
+each output row belongs to. tests/unit/test_snapshot_tokenizer.py checks it against ``AutoTokenizer``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Encoding, Tokenizer
+
+# transformers' clean_up_tokenization (WordPiece tokenizers with clean_up_tokenization_spaces; never BPE).
+CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value: object) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def has_fast_tokenizer(snapshot: str) -> bool:
+    return (Path(snapshot) / "tokenizer.json").is_file()
+
+
+class SnapshotTokenizer:
+    """The tokenizer of one snapshot (immutable, so one instance per snapshot: see ``for_snapshot``)."""
+
+    def __init__(self, snapshot: str) -> None:
+        root = Path(snapshot)
+        self._tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+        self._tokenizer.no_padding()
+        config = _read_json(root / "tokenizer_config.json")
+        special = _read_json(root / "special_tokens_map.json")
+        self.mask_token = _token_text(config.get("mask_token")) or _token_text(special.get("mask_token"))
+        unk = _token_text(config.get("unk_token")) or _token_text(special.get("unk_token"))
+        self.mask_id = self.token_id(self.mask_token) if self.mask_token else None
+        self.unk_id = self.token_id(unk) if unk else None
+        length = config.get("model_max_length")
+        self.model_max_length = int(length) if isinstance(length, int | float) and 0 < length < 1e12 else None
+        model = self._tokenizer.model
+        self.word_aware = bool(getattr(model, "continuing_subword_prefix", None))  # WordPiece marks subwords
+        self._clean_up = bool(config.get("clean_up_tokenization_spaces")) and type(model).__name__ != "BPE"
+
+    def token_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+    def windows(self, text: str, max_length: int, stride: int = 0) -> list[Encoding]:
+        """``text`` cut to ``max_length`` tokens; with ``stride`` every overflowing window too (overlapping by
+        ``stride`` tokens), as transformers' ``return_overflowing_tokens`` gives them."""
+        self._tokenizer.enable_truncation(max_length, stride=stride)
+        encoding = self._tokenizer.encode(text)
+        return [encoding, *encoding.overflowing] if stride else [encoding]
+
+    def first_token(self, text: str) -> int | None:
+        """The first token id of ``text`` without special tokens (fill-mask targets outside the vocabulary)."""
+        self._tokenizer.no_truncation()
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        return ids[0] if ids else None
+
+    def tokens_to_string(self, tokens: list[str]) -> str:
+        decoder = self._tokenizer.decoder
+        return decoder.decode(tokens) if decoder is not None else " ".join(tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        text = self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        if self._clean_up:
+            for old, new in CLEANUPS:
+                text = text.replace(old, new)
+        return text
+
+
+@functools.lru_cache(maxsize=32)
+def for_snapshot(snapshot: str) -> SnapshotTokenizer:
+    return SnapshotTokenizer(snapshot)
