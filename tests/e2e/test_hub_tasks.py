@@ -35,7 +35,8 @@ MODELS: dict[str, tuple[str, Callable[[], Path], str]] = {
     "mlm-tf": ("hubserve-test/tiny-bert-mlm", tm.mlm_dir, 'backend = "transformers"'),
     "nli": ("hubserve-test/tiny-bert-nli", tm.nli_dir, ""),
     "qa": ("hubserve-test/tiny-bert-qa", tm.qa_dir, 'task = "question-answering"'),
-    "ranker": ("hubserve-test/tiny-bert-ranker", tm.ranker_dir, 'backend = "transformers"'),
+    "ranker": ("hubserve-test/tiny-bert-ranker", tm.ranker_dir, ""),  # auto: vLLM's /rerank
+    "ranker-tf": ("hubserve-test/tiny-bert-ranker", tm.ranker_dir, 'backend = "transformers"'),
     "bart": ("hubserve-test/tiny-bart", tm.bart_dir, ""),
     "t5": ("hubserve-test/tiny-t5", tm.t5_dir, ""),
     "marian": ("hubserve-test/tiny-marian", tm.marian_dir, ""),
@@ -113,8 +114,9 @@ def test_both_backends_show_in_health_and_models(tasks_server: HubserveServer) -
     assert health["sentiment-tf"]["backend"] == "transformers"
     assert health["ner"]["task"] == "token-classification"  # from the repo's pipeline_tag
     # auto: vLLM serves the architectures its pooling runner has, the worker the rest
-    assert {n: health[n]["backend"] for n in ("ner", "ner-tf", "mlm", "mlm-tf", "qa")} == {
-        "ner": "vllm", "ner-tf": "transformers", "mlm": "vllm", "mlm-tf": "transformers", "qa": "transformers"}
+    assert {n: health[n]["backend"] for n in ("ner", "ner-tf", "mlm", "mlm-tf", "ranker", "ranker-tf", "qa")} == {
+        "ner": "vllm", "ner-tf": "transformers", "mlm": "vllm", "mlm-tf": "transformers", "ranker": "vllm",
+        "ranker-tf": "transformers", "qa": "transformers"}
     models = httpx.get(f"{tasks_server.url}/v1/models", headers=tasks_server.headers).json()["data"]
     assert {m["id"]: m["backend"] for m in models}["bart"] == "transformers"
 
@@ -293,14 +295,15 @@ def test_async_client_concurrent_requests_match(tasks_server: HubserveServer, pi
 # ---- rerank, routes, errors -----------------------------------------------------------------------------------
 
 
-def test_rerank_matches_transformers(tasks_server: HubserveServer) -> None:
+@pytest.mark.parametrize("name", ["ranker", "ranker-tf"])
+def test_rerank_matches_transformers(tasks_server: HubserveServer, name: str) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     docs = ["Paris is the capital of France.", "Dogs are friendly.", "The Eiffel tower is in Paris."]
     query = "capital of France"
     r = httpx.post(f"{tasks_server.url}/v1/rerank", headers=tasks_server.headers, timeout=60,
-                   json={"model": "ranker", "query": query, "documents": docs, "top_n": 2})
+                   json={"model": name, "query": query, "documents": docs, "top_n": 2})
     assert r.status_code == 200, r.text
     folder = tm.ranker_dir()
     tok = AutoTokenizer.from_pretrained(folder)
