@@ -77,6 +77,7 @@ def main() -> None:
                     "pin_change_to_serving_s": round(serving - changed, 2),
                     "sync_s": round(sync_s, 2),
                     "engine_start_s": rollout.get("start_s"),
+                    "drain_s": rollout.get("drain_s"),  # in place: the old engine finishing its requests
                     "switch_s": rollout.get("switch_s"),
                     "commits_seen": [c[:12] for c in poller.seen],
                     "steady": window(traffic.outcomes, changed - args.steady_s, changed),

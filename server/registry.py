@@ -463,10 +463,17 @@ class Registry:
     async def _swap_blue_green(self, served: ServedModel, info: ModelInfo, new: Engine) -> None:
         old = served.engine
         started = time.monotonic()
+        # On CPU both engines share the cores, and vLLM's CPU worker busy-polls after every request: an old
+        # engine under steady traffic can starve the new one's start for many minutes. The old one keeps
+        # serving, at a lower priority, until the new one is ready (then it drains and stops).
+        on_cpu = getattr(new, "device", "cpu") != "gpu"
+        niceness = old.lower_priority(self.settings.rollout_nice) if on_cpu else None
         try:
             await new.start()
         except Exception as e:
             await new.stop()
+            if niceness is not None:
+                old.restore_priority(niceness)
             self._failed(served, info, e)
             return
         ready = time.monotonic()
@@ -489,6 +496,7 @@ class Registry:
         served.held = True  # new requests wait in the gateway from here
         try:
             served.rollout = {**(served.rollout or {}), "state": "draining"}
+            drain_started = time.monotonic()
             await self._drain_and_stop(old)
             started = time.monotonic()
             served.rollout = {**served.rollout, "state": "starting"}
@@ -501,15 +509,19 @@ class Registry:
                 with contextlib.suppress(Exception):
                     await old.start()
                 return
+            ready = time.monotonic()
             served.attach(new)
             served.engine = new
             served.failed = None
+            served.held = False
+            served.wake_all()  # the requests held meanwhile go to the new engine
             served.rollout = {
                 "state": "swapped", "mode": "in-place", "from": old.info.commit, "commit": info.commit,
-                "start_s": round(time.monotonic() - started, 2),
+                "drain_s": round(started - drain_started, 2), "start_s": round(ready - started, 2),
+                "switch_s": round(time.monotonic() - ready, 4),
             }
-            log.info("model %s: swapped %s -> %s in place (engine start %.1f s)",
-                     info.name, old.info.commit[:12], info.commit[:12], time.monotonic() - started)
+            log.info("model %s: swapped %s -> %s in place (drain %.1f s, engine start %.1f s)",
+                     info.name, old.info.commit[:12], info.commit[:12], started - drain_started, ready - started)
         finally:
             served.held = False
             served.wake_all()

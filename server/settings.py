@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         default=600.0, gt=0, description="How long an old engine may finish its requests before it is stopped."
     )
+    rollout_nice: int = Field(
+        default=10, ge=0, le=19,
+        description="On CPU, the old engine runs this much nicer while the new one starts beside it (0: off).",
+    )
     watch: bool = Field(default=True, description="Follow models.toml, models.lock and the store while serving.")
     reload_poll_s: float = Field(
         default=30.0, gt=0, description="Re-read the manifest, lock and store this often even without a file event."

@@ -134,6 +134,14 @@ class Engine(ABC):
     @abstractmethod
     async def check_health(self) -> bool: ...
 
+    def lower_priority(self, niceness: int) -> int | None:
+        """Make the engine's processes ``niceness`` nicer; the niceness before, or None if nothing changed."""
+        return None
+
+    def restore_priority(self, niceness: int) -> None:
+        """Undo ``lower_priority`` (may need CAP_SYS_NICE: raising priority back is privileged)."""
+        return None
+
     # ---- shared behaviour ---------------------------------------------------------------------------
     @property
     def in_flight(self) -> int:

@@ -124,6 +124,28 @@ class ProcessEngine(Engine):
 
     # ---- Engine -------------------------------------------------------------------------------------
 
+    def lower_priority(self, niceness: int) -> int | None:
+        """Renice the engine's whole process group (its workers and every thread: PRIO_PGRP covers them)."""
+        pgid = self.pid
+        if pgid is None or niceness <= 0:
+            return None
+        try:
+            before = os.getpriority(os.PRIO_PGRP, pgid)
+            os.setpriority(os.PRIO_PGRP, pgid, min(19, before + niceness))
+        except OSError as e:
+            self._log.warning("could not lower the engine's CPU priority: %s", e)
+            return None
+        return before
+
+    def restore_priority(self, niceness: int) -> None:
+        pgid = self.pid
+        if pgid is None:
+            return
+        try:
+            os.setpriority(os.PRIO_PGRP, pgid, niceness)
+        except OSError as e:  # raising priority back needs CAP_SYS_NICE; it stays nicer until it restarts
+            self._log.warning("could not restore the engine's CPU priority to %d: %s", niceness, e)
+
     @property
     def state(self) -> EngineState:
         return self._state

@@ -132,3 +132,26 @@ async def test_crash_then_restart_leaves_no_orphan(tmp_path: Path, monkeypatch: 
     finally:
         await engine.stop()
     await _until(lambda: all(_gone(p) for p in [second["main"], *second["workers"], *second["detached"]]))
+
+
+async def test_lower_priority_renices_every_engine_process_and_thread(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a blue/green swap on CPU does to the old engine while the new one starts (registry.py)."""
+    monkeypatch.setenv("FAKE_VLLM_REPORT", str(tmp_path / "report.json"))
+    engine = FakeVLLMEngine(_info(tmp_path, {}), _settings())
+    await engine.start()
+    try:
+        report = json.loads((tmp_path / "report.json").read_text())
+        group = [report["main"], *report["workers"]]
+        tids = [t.id for p in group for t in psutil.Process(p).threads()]
+        before = {tid: os.getpriority(os.PRIO_PROCESS, tid) for tid in tids}
+        detached = os.getpriority(os.PRIO_PROCESS, report["detached"][0])
+        assert engine.lower_priority(10) == before[report["main"]]
+        assert {tid: os.getpriority(os.PRIO_PROCESS, tid) for tid in tids} == {t: min(19, n + 10)
+                                                                             for t, n in before.items()}
+        assert os.getpriority(os.PRIO_PROCESS, report["detached"][0]) == detached  # not in its process group
+        engine.restore_priority(before[report["main"]])  # root here; elsewhere it may stay nicer (logged)
+        assert {tid: os.getpriority(os.PRIO_PROCESS, tid) for tid in tids} == before
+        assert engine.lower_priority(0) is None
+    finally:
+        await engine.stop()
