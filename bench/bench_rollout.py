@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--steady-s", type=float, default=20.0, help="steady-state window before the change")
     parser.add_argument("--in-place", action="store_true", help="force the in-place path (budget for one engine)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--timeout-s", type=float, default=1800, help="longest wait for the new revision to serve")
+    parser.add_argument("--logs", type=Path, help="copy the server's log here (kept on failure too)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
@@ -66,7 +68,8 @@ def main() -> None:
                     synced = site.cli("sync")
                     assert synced.returncode == 0, synced.stderr
                     sync_s = time.monotonic() - changed
-                    server.wait_for("the new revision", lambda: server.served_commit() == rev.v2)
+                    server.wait_for("the new revision", lambda: server.served_commit() == rev.v2,
+                                    timeout=args.timeout_s)
                     serving = time.monotonic()
                     time.sleep(5)
                     ended = time.monotonic()
@@ -85,6 +88,8 @@ def main() -> None:
                     "failed_total": len(traffic.failures),
                 }
         finally:
+            if args.logs:
+                args.logs.write_bytes(b"".join(p.read_bytes() for p in sorted(site.root.glob("serve-*.log"))))
             site.close()
     print(json.dumps(results, indent=2))
     if args.json:

@@ -340,6 +340,8 @@ class Registry:
         await self._start_engines(engines)
 
     async def _start_engines(self, engines: list[Engine]) -> None:
+        for engine in engines:
+            engine.shares_cores = len(self._served) > 1
         costs = [engine_memory_estimate(e) for e in engines]
         budget = self.memory_budget if self.memory_budget is not None else sum(costs)
         for wave in start_waves(costs, budget, self.max_parallel):
@@ -402,6 +404,7 @@ class Registry:
     async def _add(self, info: ModelInfo) -> None:
         engine = self._new_engine(info)
         served = self._served[info.name] = ServedModel(engine)
+        engine.shares_cores = len(self._served) > 1
         log.info("model %s: added (%s@%s); starting", info.name, info.repo, info.commit[:12])
         started = time.monotonic()
         try:
@@ -467,6 +470,7 @@ class Registry:
         # engine under steady traffic can starve the new one's start for many minutes. The old one keeps
         # serving, at a lower priority, until the new one is ready (then it drains and stops).
         on_cpu = getattr(new, "device", "cpu") != "gpu"
+        new.shares_cores = True
         niceness = old.lower_priority(self.settings.rollout_nice) if on_cpu else None
         try:
             await new.start()
@@ -498,6 +502,7 @@ class Registry:
             served.rollout = {**(served.rollout or {}), "state": "draining"}
             drain_started = time.monotonic()
             await self._drain_and_stop(old)
+            new.shares_cores = len(self._served) > 1
             started = time.monotonic()
             served.rollout = {**served.rollout, "state": "starting"}
             try:

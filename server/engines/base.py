@@ -88,6 +88,9 @@ class Engine(ABC):
     """
 
     backend = "none"  # which engine implementation serves the model (shown in /health and /v1/models)
+    # Set by the registry before start when other engines run on the same CPU cores (several models, or a
+    # blue/green swap): the engine must not pin its threads to the cores it would take on an idle machine.
+    shares_cores = False
 
     def __init__(self, info: ModelInfo, max_in_flight: int = 128, retry_after_s: float = 5.0) -> None:
         self.info = info

@@ -178,6 +178,10 @@ class VLLMEngine(ProcessEngine):
             if world_size(self.args) > 1:  # vLLM's CPU workers need their cores named on a single NUMA node
                 cpus = sorted(os.sched_getaffinity(0))
                 env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(cpus, world_size(self.args)))
+            elif self.shares_cores:
+                # vLLM's automatic binding pins every engine's worker to the same cores (all but one kept for
+                # its scheduler): two engines would fight over them while the rest sit idle.
+                env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         return env
 
     async def _read_max_model_len(self, client: httpx.AsyncClient) -> int | None:

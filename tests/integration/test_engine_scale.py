@@ -92,7 +92,9 @@ def test_cpu_workers_get_their_own_cores(tmp_path: Path) -> None:
     cpu = VLLMEngine(_info(tmp_path, {"tensor_parallel_size": 2}), Settings(device=Device.CPU))
     assert cpu.environment()["VLLM_CPU_OMP_THREADS_BIND"].count("|") == 1
     single = VLLMEngine(_info(tmp_path / "1", {}), Settings(device=Device.CPU))
-    assert "VLLM_CPU_OMP_THREADS_BIND" not in single.environment()
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in single.environment()  # alone: vLLM's own binding
+    single.shares_cores = True  # beside another engine (several models, a blue/green swap): no pinning
+    assert single.environment()["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
 
 
 async def test_stop_ends_every_engine_process_but_not_the_ray_cluster(

@@ -92,6 +92,7 @@ async def test_blue_green_requests_in_flight_finish_on_the_old_engine() -> None:
     swap = asyncio.create_task(registry.apply([info(COMMIT_B)]))
     await wait_until(lambda: len(factory.made) == 2)
     new = factory.made[1]
+    assert new.shares_cores and not old.shares_cores  # it starts beside the old one: no thread pinning
     during = await registry.admit("m")  # the new engine is not ready yet: the old one still serves
     assert during.engine is old and registry.get("m").info.commit == COMMIT_A
     new.may_start.set()
