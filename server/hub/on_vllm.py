@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ async def token_classification(engine: Engine, request: TokenClassificationReque
         pre = tasks.pre_entities(texts[i], encoding.tokens, encoding.ids, tasks.softmax(rows), encoding.offsets,
                                  encoding.special_tokens_mask, tokenizer.unk_id, tokenizer.word_aware)
         out[i] += tasks.token_entities(pre, id2label, strategy, ignore, tokenizer.tokens_to_string)
-    counts = [sum(1 for j, _ in windows if j == i) for i in range(len(texts))]
+    counts = Counter(i for i, _ in windows)
     answers = [tasks.merge_overlapping(e) if counts[i] > 1 else e for i, e in enumerate(out)]
     return answers[0] if isinstance(request.inputs, str) else answers
 
@@ -131,7 +132,8 @@ async def fill_mask(engine: Engine, request: FillMaskRequest) -> Any:
     if targets and not wanted:
         raise InvalidRequest("None of `targets` is a token of this model's vocabulary.", param="targets")
     texts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
-    encodings = [tokenizer.windows(text, context_length(engine, tokenizer))[0] for text in texts]
+    context = context_length(engine, tokenizer)
+    encodings = [tokenizer.windows(text, context)[0] for text in texts]
     logits = await token_logits(engine, [e.ids for e in encodings])
     out: list[Any] = []
     for encoding, rows in zip(encodings, logits, strict=True):
