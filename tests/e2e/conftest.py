@@ -256,6 +256,6 @@ def _write_keys(path: Path) -> dict[str, str]:
 def log_leaks(server: HubserveServer) -> list[str]:
     """Keys, key secrets and prompts found in everything the server (and its engines) logged."""
     text = server.log_path.read_text(errors="replace")
-    secrets = [server.api_key, *server.named_keys.values(), *(k.split("_")[2] for k in server.named_keys.values())]
+    secrets = [server.api_key, *server.named_keys.values(), *(k.split("_", 2)[2] for k in server.named_keys.values())]
     prompts = [CANARY, "capital of France", "Once upon"]  # prompts of the e2e tests
     return [s[:12] + "..." for s in secrets if s in text] + [p for p in prompts if p in text]
