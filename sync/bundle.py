@@ -19,6 +19,7 @@ import tarfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
@@ -249,9 +250,13 @@ def open_stream(reader: PartReader) -> Readable:
 
 def import_bundle(
     store: Store, paths: list[Path], trusted: list[Ed25519PublicKey] | None = None,
-    lock_path: Path | None = None, progress: Progress = _no_progress,
+    lock_path: Path | None = None, progress: Callable[[BundleManifest], Progress] | None = None,
 ) -> ImportResult:
-    """Verify a bundle while streaming it, then promote its revisions and merge its models.lock entries."""
+    """Verify a bundle while streaming it, then promote its revisions and merge its models.lock entries.
+
+    ``progress``, once the manifest is read and its signature checked, gets the manifest and returns the
+    callback that is told of every chunk verified.
+    """
     store.ensure()
     with store.locked(), PartReader(paths) as reader:
         staging = store.tmp_dir / f"bundle-{uuid.uuid4().hex}"
@@ -259,7 +264,8 @@ def import_bundle(
         try:
             tar = TarReader(open_stream(reader), lambda: str(reader.current))
             manifest, signer, member = _read_head(tar, trusted or [])
-            staged = _stage_blobs(store, tar, member, manifest, staging, progress)
+            advance = progress(manifest) if progress else _no_progress
+            staged = _stage_blobs(store, tar, member, manifest, staging, advance)
             _check_base(store, manifest, staged)
             result = ImportResult(manifest, signer, bytes_read=sum(e.size for _, e in manifest.blobs))
             _commit(store, manifest, staged, result)
@@ -294,26 +300,31 @@ def _stage_blobs(
 ) -> dict[tuple[str, str], Path]:
     """Stream every blob into ``staging``, hashing it; refuse anything out of place."""
     staged: dict[tuple[str, str], Path] = {}
-    for repo, entry in manifest.blobs:
-        name = blob_name(repo, entry.etag)
-        if member is None:
-            raise BundleError(f"bundle ends before {name} ({repo}: {entry.path}): truncated, or a part is missing")
-        if member.name != name:
-            raise BundleError(f"unexpected entry {member.name!r} where {name} was due: altered or reordered")
-        if member.size != entry.size:
-            raise BundleError(f"{name} ({repo}: {entry.path}) is {member.size} bytes, the manifest says {entry.size}")
-        dest = staging / f"{len(staged):06d}.blob"
-        hasher = FileHasher(entry.lfs, entry.size)
-        with dest.open("wb") as f:
-            for chunk in tar.chunks(member):
-                hasher.update(chunk)
-                f.write(chunk)
-                progress(len(chunk))
-        if hasher.hexdigest() != entry.etag:
-            raise BundleError(f"{repo}: {entry.path} failed verification: expected {entry.algo} {entry.etag}, "
-                              f"got {hasher.hexdigest()}; the bundle was altered or damaged")
-        staged[(repo, entry.etag)] = dest
-        member = tar.next()
+    with ThreadPoolExecutor(1, thread_name_prefix="bundle-hash") as hash_pool:
+        for repo, entry in manifest.blobs:
+            name = blob_name(repo, entry.etag)
+            if member is None:
+                raise BundleError(f"bundle ends before {name} ({repo}: {entry.path}): truncated, or a part is missing")
+            if member.name != name:
+                raise BundleError(f"unexpected entry {member.name!r} where {name} was due: altered or reordered")
+            if member.size != entry.size:
+                raise BundleError(
+                    f"{name} ({repo}: {entry.path}) is {member.size} bytes, the manifest says {entry.size}")
+            dest = staging / f"{len(staged):06d}.blob"
+            hasher = FileHasher(entry.lfs, entry.size)
+            with dest.open("wb") as f:
+                for chunk in tar.chunks(member):
+                    # hashlib and write() both release the GIL: hash on the side while the chunk is written,
+                    # and wait for both before the reader reuses the buffer.
+                    hashed = hash_pool.submit(hasher.update, chunk)
+                    f.write(chunk)
+                    hashed.result()
+                    progress(len(chunk))
+            if hasher.hexdigest() != entry.etag:
+                raise BundleError(f"{repo}: {entry.path} failed verification: expected {entry.algo} {entry.etag}, "
+                                  f"got {hasher.hexdigest()}; the bundle was altered or damaged")
+            staged[(repo, entry.etag)] = dest
+            member = tar.next()
     if member is not None:
         raise BundleError(f"bundle carries an entry the manifest does not list: {member.name!r}")
     return staged

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -53,7 +55,8 @@ def export_cmd(
     manifest = plan_export(st, read_lock(cfg.lock_path), names, load_since(since) if since else None)
     total = sum(e.size for _, e in manifest.blobs)
     compress = zstd if zstd is not None else out_file.suffix == ".zst"
-    with DownloadProgress(f"export {out_file.name}", total, len(manifest.blobs), err) as progress:
+    with DownloadProgress(f"export {out_file.name}", total, len(manifest.blobs), err,
+                          verbs=("writing", "wrote")) as progress:
         result = export_bundle(st, manifest, out_file, split=part_size, zstd=compress, key=key, verify=verify,
                                progress=progress.advance)
     for m in manifest.models:
@@ -79,15 +82,25 @@ def import_bundle_cmd(
 
     Example: hubserve import-bundle /media/usb/models.tar.000 /media/usb/models.tar.001 --trust site.pub
     """
-    from sync.bundle import import_bundle
+    from rich.markup import escape
+
+    from sync.bundle import BundleManifest, import_bundle
     from sync.bundle_sign import load_public_key
-    from sync.progress import human_bytes
+    from sync.progress import DownloadProgress, human_bytes
     from sync.store import Store
 
     root, cfg = _import_target(config, store)
     keys = [load_public_key(p) for p in trust or []]
     lock_path = cfg.lock_path if cfg else None
-    result = import_bundle(Store(root), files, keys, lock_path)
+    with contextlib.ExitStack() as shown:
+
+        def show(manifest: BundleManifest) -> Callable[[int], None]:
+            total = sum(e.size for _, e in manifest.blobs)
+            bar = DownloadProgress(f"import {files[0].name}", total, len(manifest.blobs), err,
+                                   verbs=("verifying", "verified"))
+            return shown.enter_context(bar).advance
+
+        result = import_bundle(Store(root), files, keys, lock_path, progress=show)
     if result.signer:
         err.print(f"signature by key {result.signer}: {'trusted' if keys else 'valid (no --trust given)'}")
     for rec in result.promoted:
@@ -101,7 +114,7 @@ def import_bundle_cmd(
         for m in result.manifest.models:
             if m.name not in known:
                 err.print(f"[yellow]warning:[/yellow] {m.name} is not in {cfg.path.name}; add it or `hubserve sync` "
-                          f"drops its lock entry: [[models]] name = \"{m.name}\" repo = \"{m.repo}\" "
+                          f"drops its lock entry: {escape('[[models]]')} name = \"{m.name}\" repo = \"{m.repo}\" "
                           f"revision = \"{m.revision}\"")
     else:
         err.print("no models.toml found: models.lock not written (pass --config to merge it)")

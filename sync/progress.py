@@ -28,15 +28,19 @@ def human_bytes(n: float) -> str:
 
 
 class DownloadProgress:
-    """Thread-safe progress for one model's downloads."""
+    """Thread-safe progress for one model's downloads (or another transfer: ``verbs`` name it)."""
 
-    def __init__(self, label: str, total: int, files: int, console: Console | None = None) -> None:
+    def __init__(
+        self, label: str, total: int, files: int, console: Console | None = None,
+        verbs: tuple[str, str] = ("downloading", "downloaded"),
+    ) -> None:
         self.console = console or Console(stderr=True)
         self.label, self.total, self.files = label, total, files
+        self.doing, self.done = verbs
         self.done_bytes = 0
         self._lock = threading.Lock()
         self._start = time.monotonic()
-        self._last_line = 0.0
+        self._last_line = self._start  # a first line after 5 s: a quick transfer prints only start and end
         self._bar: Progress | None = None
         self._task: TaskID | None = None
         if self.console.is_terminal:
@@ -55,7 +59,7 @@ class DownloadProgress:
             self._bar.start()
             self._task = self._bar.add_task(self.label, total=self.total)
         else:
-            self._print(f"{self.label}: downloading {self.files} file(s), {human_bytes(self.total)}")
+            self._print(f"{self.label}: {self.doing} {self.files} file(s), {human_bytes(self.total)}")
         return self
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
@@ -64,7 +68,7 @@ class DownloadProgress:
         elif t is None:
             elapsed = max(time.monotonic() - self._start, 1e-6)
             self._print(
-                f"{self.label}: downloaded {human_bytes(self.done_bytes)} in {elapsed:.1f}s "
+                f"{self.label}: {self.done} {human_bytes(self.done_bytes)} in {elapsed:.1f}s "
                 f"({human_bytes(self.done_bytes / elapsed)}/s)"
             )
 

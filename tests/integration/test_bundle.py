@@ -135,7 +135,7 @@ def test_round_trip_signed_then_served_byte_identical(outside: Outside, tmp_path
     assert res.returncode == 0, res.stderr
     parts = [Path(line) for line in res.stdout.split()]
     assert parts == [part_path(out, i) for i in range(len(parts))] and len(parts) >= 2
-    assert "signed by key" in res.stderr
+    assert "signed by key" in res.stderr and re.search(r"export models\.tar\.zst: wrote [\d.]+ MiB in", res.stderr)
 
     inside = tmp_path / "inside"
     inside.mkdir()
@@ -143,6 +143,7 @@ def test_round_trip_signed_then_served_byte_identical(outside: Outside, tmp_path
     res = hubserve("import-bundle", *map(str, parts), "--config", str(cfg), "--trust", str(outside.pub))
     assert res.returncode == 0, res.stderr
     assert "trusted" in res.stderr and res.stdout.count("verified and promoted") == 2
+    assert re.search(r"import models\.tar\.zst\.000: verifying \d+ file\(s\)", res.stderr), res.stderr
 
     assert read_lock(inside / "models.lock").models == read_lock(outside.config.with_suffix(".lock")).models
     res = hubserve("verify", "--store", str(inside / "store"))
