@@ -10,4 +10,4 @@ export PATH="$PWD/$VENV/bin:$PATH"
 echo "== ruff" && ruff check .
 echo "== mypy" && mypy
 echo "== pytest"
-exec pytest -p no:cacheprovider -ra --timeout=1800 "$@"
+exec pytest -p no:cacheprovider -ra --durations=25 --timeout=1800 "$@"
