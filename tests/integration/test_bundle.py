@@ -347,7 +347,10 @@ def test_cli_refusal_is_one_line_exit_1(outside: Outside, tiny_bundle: Path, tmp
     res = hubserve("import-bundle", str(bad), "--store", str(tmp_path / "store"))
     assert res.returncode == 1
     lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "failed verification" in lines[0], res.stderr
+    # the progress line that started the import, then the error: one line, no traceback
+    assert len(lines) == 2 and re.fullmatch(rf"import {re.escape(bad.name)}: verifying \d+ file\(s\), [\d.]+ MiB",
+                                            lines[0]), res.stderr
+    assert lines[-1].startswith("error: ") and "failed verification" in lines[-1], res.stderr
 
 
 def test_plain_bundle_is_a_tar_that_tar_lists(tiny_bundle: Path) -> None:
