@@ -29,9 +29,11 @@ from rich.console import Console
 
 from sync.daemon_http import DaemonMetrics, DaemonServer, parse_listen, served_commits
 from sync.errors import ConfigError, HubserveError
+from sync.inspect import prune_plan
 from sync.lock import read_lock
-from sync.manifest import load_config
+from sync.manifest import Config, load_config
 from sync.progress import human_bytes
+from sync.store import Store
 from sync.syncer import Cancelled, ModelResult, Syncer
 from sync.webhooks import HubEvent, known_repo, matching_models
 
@@ -160,8 +162,39 @@ class Daemon:
         for result in report.models:
             self._log_result(result, result.name in follow)
         self._refresh_locked()
+        repo_of = {m.name: m.repo for m in cfg.manifest.models}
+        moved = {repo_of[r.name] for r in report.models if r.error is None and r.old_commit and r.name in repo_of}
+        if moved and cfg.manifest.daemon.prune:
+            self._prune(cfg, moved)
         failed = [r for r in report.models if r.error is not None]
         self._schedule(ok=not failed, reason=", ".join(r.name for r in failed))
+
+    def _prune(self, cfg: Config, repos: set[str]) -> None:
+        """Remove the revisions of ``repos`` that fell out of keep_revisions, never the one a server serves."""
+        serving: set[tuple[str, str]] = set()
+        server = self.options.server or cfg.manifest.daemon.server
+        if server:
+            served = served_commits(server)
+            if not served:
+                log.info("prune skipped: %s did not say what it serves; `hubserve gc` can do it later", server)
+                return
+            repo_of = {m.name: m.repo for m in cfg.manifest.models}
+            serving = {(repo_of[name], commit) for name, commit in served.items() if name in repo_of}
+        store = Store(cfg.store_path)
+        try:
+            with store.locked():
+                doomed = prune_plan(cfg, repos, serving)
+                spared = set(prune_plan(cfg, repos, set())) - set(doomed) if serving else set()
+                freed = store.remove(doomed)
+        except (OSError, HubserveError) as e:
+            log.warning("prune failed (%s); the store keeps those revisions until `hubserve gc`", e)
+            return
+        if kept := sorted(p.name for p in spared if p.parent.name == "snapshots"):
+            log.info("kept %s beyond keep_revisions: %s still serves it", ", ".join(c[:12] for c in kept), server)
+        gone = sorted(p.name for p in doomed if p.parent.name == "snapshots")
+        if gone:
+            log.info("pruned %d revision(s) beyond [store] keep_revisions = %d: %s (freed %s)", len(gone),
+                     cfg.manifest.store.keep_revisions, ", ".join(c[:12] for c in gone), human_bytes(freed))
 
     def _schedule(self, ok: bool, reason: str) -> None:
         if ok:

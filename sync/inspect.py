@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from sync.lock import kept_commits, pinned_commit, read_lock
 from sync.manifest import Config
-from sync.store import Store
+from sync.store import Store, repo_folder_name
 
 
 @dataclass(frozen=True)
@@ -59,3 +60,21 @@ def gc_keep(cfg: Config) -> tuple[set[tuple[str, str]], list[str]]:
                 if locked.rolled_back_from:
                     keep.add((spec.repo, locked.rolled_back_from))
     return keep, warnings
+
+
+def prune_plan(cfg: Config, repos: set[str], serving: set[tuple[str, str]]) -> list[Path]:
+    """What the daemon removes after pins of ``repos`` moved: their revisions that fell out of
+    ``[store] keep_revisions``, never one still pinned, kept for rollback or in ``serving``; nothing of
+    other repos and no temp file (those are `hubserve gc`'s). Empty while any pin is unresolved."""
+    keep, warnings = gc_keep(cfg)
+    if warnings:
+        return []
+    store = Store(cfg.store_path)
+    folders = {repo_folder_name(r) for r in repos}
+    records = store.root / ".hubserve" / "revisions"
+
+    def in_scope(p: Path) -> bool:
+        rel = p.relative_to(store.root).parts
+        return rel[0] in folders or (p.parent.parent == records and p.parent.name in folders)
+
+    return [p for p in store.gc_plan(keep | serving) if in_scope(p)]

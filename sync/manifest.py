@@ -62,6 +62,9 @@ class DaemonConfig(_Strict):
     server: str | None = Field(
         None, description="URL of a `hubserve serve` whose /health gives the commit served (a metric); optional."
     )
+    prune: bool = Field(
+        True, description="After a pin moves, remove that repo's revisions beyond [store] keep_revisions."
+    )
 
 
 class ModelSpec(_Strict):

@@ -158,6 +158,16 @@ def test_follow_moves_within_one_interval_and_unfollowed_pins_stay(
     time.sleep(2.5)  # one more interval: the unfollowed branch pin must still not move
     assert locked(cfg, "pinned") == pinned_a != pinned_b
     assert read_lock(cfg.with_suffix(".lock")).models["tiny"].history == (a,)
+    store = Store(load_config(cfg).store_path)
+    assert store.get_revision(TINY_REPO, a) is not None  # keep_revisions = 2: the pin and the one before
+
+    # a third commit pushes the first out of [store] keep_revisions: the daemon prunes it (no server to ask)
+    c = upstream.publish(revision(tiny_llama, tmp_path / "c", weights=4096), TINY_REPO)
+    wait_until(lambda: locked(cfg) == c, 2 + 15, "the followed branch to move again")
+    d.wait_for(rf"pruned 1 revision\(s\) beyond \[store\] keep_revisions = 2: {a[:12]}")
+    assert store.get_revision(TINY_REPO, a) is None and not store.snapshot_dir(TINY_REPO, a).exists()
+    assert store.get_revision(TINY_REPO, b) is not None and store.get_revision(TINY_REPO, c) is not None
+    assert store.get_revision(OTHER_REPO, pinned_a) is not None  # another repo: untouched
     assert d.terminate() == 0
     print(f"follow picked up in {picked_up:.1f}s (interval 2s)")
     res = hubserve("verify", "--config", str(cfg))
@@ -247,6 +257,10 @@ def test_webhook_secret_refs_and_metrics(
         d.proc.send_signal(signal.SIGHUP)  # reconcile now, following included
         wait_until(lambda: locked(cfg) == c, 20, "the SIGHUP reconcile")
         d.wait_for(r"reconcile \(sighup\)")
+        # a is beyond keep_revisions now, but the server still serves it: the daemon does not prune it
+        d.wait_for(rf"kept {a[:12]} beyond keep_revisions: {re.escape(server_url)} still serves it")
+        assert Store(load_config(cfg).store_path).get_revision(TINY_REPO, a) is not None
+        assert "pruned" not in d.log
         assert d.terminate() == 0
     finally:
         stop_server()
