@@ -165,11 +165,11 @@ class Daemon:
         repo_of = {m.name: m.repo for m in cfg.manifest.models}
         moved = {repo_of[r.name] for r in report.models if r.error is None and r.old_commit and r.name in repo_of}
         if moved and cfg.manifest.daemon.prune:
-            self._prune(cfg, moved)
+            self._prune(cfg, moved, repo_of)
         failed = [r for r in report.models if r.error is not None]
         self._schedule(ok=not failed, reason=", ".join(r.name for r in failed))
 
-    def _prune(self, cfg: Config, repos: set[str]) -> None:
+    def _prune(self, cfg: Config, repos: set[str], repo_of: dict[str, str]) -> None:
         """Remove the revisions of ``repos`` that fell out of keep_revisions, never the one a server serves."""
         serving: set[tuple[str, str]] = set()
         server = self.options.server or cfg.manifest.daemon.server
@@ -178,19 +178,17 @@ class Daemon:
             if not served:
                 log.info("prune skipped: %s did not say what it serves; `hubserve gc` can do it later", server)
                 return
-            repo_of = {m.name: m.repo for m in cfg.manifest.models}
             serving = {(repo_of[name], commit) for name, commit in served.items() if name in repo_of}
         store = Store(cfg.store_path)
         try:
             with store.locked():
-                doomed = prune_plan(cfg, repos, serving)
-                spared = set(prune_plan(cfg, repos, set())) - set(doomed) if serving else set()
+                doomed, spared = prune_plan(cfg, repos, serving)
                 freed = store.remove(doomed)
         except (OSError, HubserveError) as e:
             log.warning("prune failed (%s); the store keeps those revisions until `hubserve gc`", e)
             return
-        if kept := sorted(p.name for p in spared if p.parent.name == "snapshots"):
-            log.info("kept %s beyond keep_revisions: %s still serves it", ", ".join(c[:12] for c in kept), server)
+        if spared:
+            log.info("kept %s beyond keep_revisions: %s still serves it", ", ".join(c[:12] for c in spared), server)
         gone = sorted(p.name for p in doomed if p.parent.name == "snapshots")
         if gone:
             log.info("pruned %d revision(s) beyond [store] keep_revisions = %d: %s (freed %s)", len(gone),

@@ -62,13 +62,15 @@ def gc_keep(cfg: Config) -> tuple[set[tuple[str, str]], list[str]]:
     return keep, warnings
 
 
-def prune_plan(cfg: Config, repos: set[str], serving: set[tuple[str, str]]) -> list[Path]:
+def prune_plan(cfg: Config, repos: set[str], serving: set[tuple[str, str]]) -> tuple[list[Path], list[str]]:
     """What the daemon removes after pins of ``repos`` moved: their revisions that fell out of
     ``[store] keep_revisions``, never one still pinned, kept for rollback or in ``serving``; nothing of
-    other repos and no temp file (those are `hubserve gc`'s). Empty while any pin is unresolved."""
+    other repos and no temp file (those are `hubserve gc`'s). Empty while any pin is unresolved.
+
+    Also the commits of ``repos`` that only ``serving`` keeps (beyond keep_revisions, still served)."""
     keep, warnings = gc_keep(cfg)
     if warnings:
-        return []
+        return [], []
     store = Store(cfg.store_path)
     folders = {repo_folder_name(r) for r in repos}
     records = store.root / ".hubserve" / "revisions"
@@ -77,4 +79,5 @@ def prune_plan(cfg: Config, repos: set[str], serving: set[tuple[str, str]]) -> l
         rel = p.relative_to(store.root).parts
         return rel[0] in folders or (p.parent.parent == records and p.parent.name in folders)
 
-    return [p for p in store.gc_plan(keep | serving) if in_scope(p)]
+    spared = sorted(c for r, c in serving - keep if r in repos and store.get_revision(r, c) is not None)
+    return [p for p in store.gc_plan(keep | serving) if in_scope(p)], spared
