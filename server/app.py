@@ -92,22 +92,19 @@ def _report_start_failure(task: asyncio.Task[None]) -> None:
 
 
 def _include_routers(app: FastAPI) -> None:
-    from server.openai.routes import rerank_router
-    from server.openai.routes import router as openai_router
+    """Every family's routers. Each lists Depends(family_dependency(Family.X)) then Depends(require_api_key).
+    Order matters: the Hub family's ``POST /models/{repo_id:path}`` would swallow the other families'
+    ``/models/{repo_id}/...`` routes, so it comes last. Families import none of each other: what one lends
+    another (TGI's text generation to the Hub routes) is handed over here, on app.state."""
+    from server.anthropic import routes as anthropic
+    from server.hub import routes as hub
+    from server.openai import routes as openai
     from server.ops.admin import router as admin_router
     from server.ops.routes import router as ops_router
+    from server.tgi import routes as tgi
+    from server.tgi.serving import hub_text_generation
 
-    app.include_router(ops_router)
-    app.include_router(admin_router)
-    app.include_router(openai_router)
-    app.include_router(rerank_router)
-    # ---- other API families (TGI, Hub Inference API): include their routers here -------------------
-    # Each router lists Depends(family_dependency(Family.X)) then Depends(require_api_key).
-    from server.hub.routes import root_router as hub_root_router
-    from server.hub.routes import router as hub_router
-    from server.tgi.routes import router as tgi_router
-
-    app.include_router(tgi_router)
-    app.include_router(hub_router)
-    app.include_router(hub_root_router)
-    # ---- end of other API families ------------------------------------------------------------------
+    app.state.text_generation = hub_text_generation
+    for router in (ops_router, admin_router, anthropic.router, anthropic.model_router, openai.router,
+                   openai.model_router, openai.root_router, tgi.router, hub.router, hub.root_router):
+        app.include_router(router)

@@ -7,6 +7,7 @@ and, for requests that matched no route, by the path prefix table ``family_of_pa
 - OpenAI: ``{"error": {"message", "type", "param", "code"}}``
 - TGI:    ``{"error", "error_type"}``; validation → 422, generation → 424, overloaded → 429, unhealthy → 503
 - Hub:    ``{"error": message}`` plus ``X-Error-Code`` / ``X-Error-Message`` headers (huggingface_hub reads them)
+- Anthropic: ``{"type": "error", "error": {"type", "message"}}``; overload is 529 ``overloaded_error``
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Family(enum.StrEnum):
     OPENAI = "openai"
     TGI = "tgi"
     HUB = "hub"
+    ANTHROPIC = "anthropic"
     OPS = "ops"
 
 
@@ -42,6 +44,8 @@ class ServerError(HubserveError):
     openai_type: str = "server_error"
     tgi_type: str = "generation"  # validation | generation | overloaded | unhealthy | authentication | not_found
     hub_code: str | None = None  # X-Error-Code on Hub routes; `code` when None
+    anthropic_type: str = "api_error"
+    anthropic_status: int | None = None  # when Anthropic's API answers this with another status than `status`
 
     def __init__(self, message: str, *, param: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -64,6 +68,7 @@ class InvalidRequest(ServerError):
     code = "invalid_request"
     openai_type = "invalid_request_error"
     tgi_type = "validation"
+    anthropic_type = "invalid_request_error"
 
 
 class ContextTooLong(InvalidRequest):
@@ -75,6 +80,7 @@ class Unauthorized(ServerError):
     code = "invalid_api_key"
     openai_type = "invalid_request_error"
     tgi_type = "authentication"
+    anthropic_type = "authentication_error"
     hub_code = "Unauthorized"
 
     def __init__(self, message: str = "Missing or invalid API key; send 'Authorization: Bearer <key>'.") -> None:
@@ -91,6 +97,7 @@ class Forbidden(ServerError):
     code = "model_not_allowed"
     openai_type = "permission_error"
     tgi_type = "authorization"
+    anthropic_type = "permission_error"
     hub_code = "Forbidden"
 
 
@@ -99,6 +106,7 @@ class RequestTooLarge(ServerError):
     code = "request_too_large"
     openai_type = "invalid_request_error"
     tgi_type = "request_too_large"
+    anthropic_type = "invalid_request_error"
 
 
 class HeadersTooLarge(RequestTooLarge):
@@ -119,6 +127,7 @@ class NotFound(ServerError):
     code = "not_found"
     openai_type = "invalid_request_error"
     tgi_type = "not_found"
+    anthropic_type = "not_found_error"
     hub_code = "EntryNotFound"
 
 
@@ -140,6 +149,7 @@ class MethodNotAllowed(ServerError):
     code = "method_not_allowed"
     openai_type = "invalid_request_error"
     tgi_type = "validation"
+    anthropic_type = "invalid_request_error"
 
 
 class Overloaded(ServerError):
@@ -149,6 +159,8 @@ class Overloaded(ServerError):
     code = "overloaded"
     openai_type = "rate_limit_error"
     tgi_type = "overloaded"
+    anthropic_type = "overloaded_error"
+    anthropic_status = 529  # Anthropic's overloaded status (the SDK's OverloadedError, retried)
     hub_code = "Overloaded"
 
 
@@ -157,6 +169,8 @@ class RateLimited(Overloaded):
 
     code = "rate_limit_exceeded"
     hub_code = "RateLimited"
+    anthropic_type = "rate_limit_error"
+    anthropic_status = 429
 
 
 class EngineUnavailable(ServerError):
@@ -166,6 +180,7 @@ class EngineUnavailable(ServerError):
     code = "engine_unavailable"
     openai_type = "server_error"
     tgi_type = "unhealthy"
+    anthropic_type = "overloaded_error"
     hub_code = "ModelNotReady"
 
 
@@ -190,6 +205,7 @@ class EngineStartError(ServerError):
     status = 503
     code = "engine_start_failed"
     tgi_type = "unhealthy"
+    anthropic_type = "overloaded_error"
 
 
 class ModelNotVerified(ServerError):
@@ -206,6 +222,8 @@ _TGI_STATUS = {"validation": 422, "generation": 424, "overloaded": 429, "unhealt
 # Longest match wins; an entry ending in "/" is a prefix, others match exactly.
 PATH_FAMILIES: tuple[tuple[str, Family], ...] = (
     ("/v1/", Family.OPENAI),
+    ("/v1/messages", Family.ANTHROPIC),
+    ("/v1/messages/", Family.ANTHROPIC),
     ("/v1", Family.HUB),  # InferenceClient(base_url=".../v1").text_generation posts here
     ("/models/", Family.HUB),
     ("/", Family.TGI),
@@ -252,6 +270,10 @@ def openai_body(exc: ServerError) -> dict[str, Any]:
     return {"error": {"message": exc.message, "type": exc.openai_type, "param": exc.param, "code": exc.code}}
 
 
+def anthropic_body(exc: ServerError) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": exc.anthropic_type, "message": exc.message}}
+
+
 def tgi_body(exc: ServerError) -> dict[str, Any]:
     return {"error": exc.message, "error_type": exc.tgi_type}
 
@@ -259,6 +281,8 @@ def tgi_body(exc: ServerError) -> dict[str, Any]:
 def status_for(exc: ServerError, family: Family) -> int:
     if family is Family.TGI:
         return _TGI_STATUS.get(exc.tgi_type, exc.status)
+    if family is Family.ANTHROPIC and exc.anthropic_status is not None:
+        return exc.anthropic_status
     return exc.status
 
 
@@ -277,6 +301,8 @@ def error_response(exc: ServerError, family: Family) -> JSONResponse:
     elif family is Family.HUB:
         body = {"error": exc.message}
         headers |= {"X-Error-Code": exc.hub_code or exc.code, "X-Error-Message": _header_safe(exc.message)}
+    elif family is Family.ANTHROPIC:
+        body = anthropic_body(exc)
     else:
         body = openai_body(exc)
     return JSONResponse(body, status_code=status_for(exc, family), headers=headers)
@@ -284,6 +310,8 @@ def error_response(exc: ServerError, family: Family) -> JSONResponse:
 
 def sse_error_event(exc: ServerError, family: Family) -> bytes:
     """One SSE event carrying the error, for streams that already started (then the stream ends)."""
+    if family is Family.ANTHROPIC:  # Anthropic's stream names its events; the SDK raises on `error`
+        return f"event: error\ndata: {json.dumps(anthropic_body(exc))}\n\n".encode()
     body = tgi_body(exc) if family is Family.TGI else openai_body(exc)
     sep = "data:" if family is Family.TGI else "data: "
     return f"{sep}{json.dumps(body)}\n\n".encode()
@@ -318,6 +346,19 @@ _ERROR_SCHEMA: dict[str, Any] = {
             "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}},
         },
         {"title": "HubError", "type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+        {
+            "title": "AnthropicError",
+            "type": "object",
+            "required": ["type", "error"],
+            "properties": {
+                "type": {"const": "error"},
+                "error": {
+                    "type": "object",
+                    "required": ["type", "message"],
+                    "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+                },
+            },
+        },
     ],
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -354,13 +395,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return msg, where or None
 
 
-def _from_http_exception(exc: StarletteHTTPException) -> ServerError:
+def _from_http_exception(exc: StarletteHTTPException, request: Request) -> ServerError:
     detail = exc.detail if isinstance(exc.detail, str) else "request failed"
+    asked = f"{request.method} {_header_safe(request.url.path)[:200]}"
     err: ServerError
     if exc.status_code == 404:
-        err = NotFound(f"No route {detail.lower()}." if detail == "Not Found" else detail)
+        err = NotFound(f"This server has no route {asked}; see /docs for the routes it serves."
+                       if detail == "Not Found" else detail)
     elif exc.status_code == 405:
-        err = MethodNotAllowed("Method not allowed on this route.")
+        err = MethodNotAllowed(f"{asked}: this route does not take {request.method}; see /docs.")
     elif exc.status_code < 500:
         err = InvalidRequest(detail)
     else:
@@ -383,7 +426,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_exception(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        return error_response(_from_http_exception(exc), family_of(request))
+        return error_response(_from_http_exception(exc, request), family_of(request))
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)

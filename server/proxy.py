@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +24,9 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server.engines.base import Admission, Engine
-from server.errors import EngineUnavailable, Family, InvalidRequest, sse_error_event
-from server.ops.context import StreamUsage, engine_headers, note_usage
+from server.engines.client import lost
+from server.errors import Family, InvalidRequest, sse_error_event
+from server.ops.context import EventHook, StreamUsage, engine_headers, note_usage
 from server.ops.limits import cap_max_tokens
 
 if TYPE_CHECKING:
@@ -39,17 +40,13 @@ DROP_RESPONSE_HEADERS = frozenset(
 )
 FORWARD_REQUEST_HEADERS = ("accept", "traceparent", "tracestate")  # X-Request-Id: the gateway's, validated
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
+MAX_TOKENS_PATHS = {"/v1/responses": ("max_output_tokens",), "/v1/messages": ("max_tokens",)}
+CAPPED_PATHS = GENERATION_PATHS | MAX_TOKENS_PATHS.keys()
 
 
 def _response_headers(upstream: httpx.Response) -> dict[str, str]:
     return {k: v for k, v in upstream.headers.items() if k.lower() not in DROP_RESPONSE_HEADERS}
-
-
-def _lost(engine: Engine, error: Exception) -> EngineUnavailable:
-    return EngineUnavailable(
-        f"Model `{engine.info.name}` is unavailable ({type(error).__name__}); it may be restarting, retry later.",
-        retry_after=engine.retry_after_s,
-    )
 
 
 async def forward(
@@ -60,44 +57,58 @@ async def forward(
     request_headers: Mapping[str, str],
     family: Family = Family.OPENAI,
     method: str = "POST",
+    *,
+    content_type: str = "application/json",
+    admitted: Callable[[Engine], None] | None = None,
+    on_event: EventHook | None = None,
 ) -> Response:
     """Send ``body`` to ``path`` on the engine serving ``engine``'s model now (after a swap: the new one),
     holding one in-flight slot until the answer is fully sent.
 
     JSON answers come back whole with vLLM's status; ``text/event-stream`` answers are streamed chunk by
     chunk as they arrive. If the engine dies mid-stream, one SSE error event in ``family``'s shape ends it.
+    ``admitted(engine)`` may refuse the engine the request was admitted to (raise: the slot is freed);
+    ``on_event(obj)`` sees each JSON object of a successful answer (the whole answer, or each SSE event).
     """
-    if path in GENERATION_PATHS and registry.settings.max_new_tokens is not None:
-        body = _capped(body, registry.settings.max_new_tokens)
+    if path in CAPPED_PATHS and registry.settings.max_new_tokens is not None:
+        body = _capped(body, registry.settings.max_new_tokens, MAX_TOKENS_PATHS.get(path, MAX_TOKENS_FIELDS))
     slot = await registry.admit(engine)
     engine = slot.engine
+    try:
+        if admitted is not None:
+            admitted(engine)
+    except BaseException:
+        slot.release()
+        raise
     uds = engine.uds
     if uds is not None:
-        return await _forward_socket(engine, uds, slot, method, path, body, request_headers, family)
+        return await _forward_socket(
+            engine, uds, slot, method, path, body, request_headers, family, content_type, on_event
+        )
     try:
         client = engine.client()
-        headers = {"content-type": "application/json", **engine_headers()}
+        headers = {"content-type": content_type, **engine_headers()}
         headers |= {h: request_headers[h] for h in FORWARD_REQUEST_HEADERS if h in request_headers}
         upstream_request = client.build_request(method, path, content=body, headers=headers)
         try:
             upstream = await client.send(upstream_request, stream=True)
         except httpx.TransportError as e:
-            raise _lost(engine, e) from e
+            raise lost(engine, e) from e
         if not upstream.headers.get("content-type", "").startswith("text/event-stream"):
             try:
                 content = await upstream.aread()
             except httpx.TransportError as e:
-                raise _lost(engine, e) from e
+                raise lost(engine, e) from e
             finally:
                 await upstream.aclose()
                 slot.release()  # a whole answer is done with its slot here (found by the TGI/Hub work)
-            _note_json_usage(content)
+            _note_json_usage(content, on_event if upstream.status_code < 400 else None)
             return Response(content, status_code=upstream.status_code, headers=_response_headers(upstream))
     except BaseException:
         slot.release()
         raise
     return RelayResponse(
-        _relay(engine, upstream, family),
+        _relay(engine, upstream, family, on_event if upstream.status_code < 400 else None),
         status_code=upstream.status_code,
         headers=_response_headers(upstream),
         upstream=upstream,
@@ -122,20 +133,22 @@ class RelayResponse(StreamingResponse):
             await self._upstream.aclose()
 
 
-async def _relay(engine: Engine, upstream: httpx.Response, family: Family) -> AsyncIterator[bytes]:
-    usage = StreamUsage()
+async def _relay(
+    engine: Engine, upstream: httpx.Response, family: Family, on_event: EventHook | None
+) -> AsyncIterator[bytes]:
+    usage = StreamUsage(on_event)
     try:
         async for chunk in upstream.aiter_raw():
             usage.feed(chunk)
             yield chunk
     except httpx.TransportError as e:
         log.warning("model %s: stream broken: %s", engine.info.name, type(e).__name__)
-        yield sse_error_event(_lost(engine, e), family)
+        yield sse_error_event(lost(engine, e), family)
     finally:
         usage.close()
 
 
-def _capped(body: bytes, cap: int) -> bytes:
+def _capped(body: bytes, cap: int, fields: tuple[str, ...]) -> bytes:
     """The body with max_tokens capped (HUBSERVE_MAX_NEW_TOKENS); InvalidRequest when it asks for more."""
     try:
         payload = json.loads(body)
@@ -143,19 +156,21 @@ def _capped(body: bytes, cap: int) -> bytes:
         raise InvalidRequest(f"The request body is not valid JSON: {e}.") from e
     if not isinstance(payload, dict):
         return body
-    capped = cap_max_tokens(payload, cap, ("max_tokens", "max_completion_tokens"))
+    capped = cap_max_tokens(payload, cap, fields)
     return body if capped is None else json.dumps(capped).encode()
 
 
-def _note_json_usage(content: bytes) -> None:
+def _note_json_usage(content: bytes, on_event: EventHook | None = None) -> None:
     """Token counts of a whole JSON answer (vLLM's carry ``usage``), for the request's log line and metrics."""
-    if b'"usage"' in content:
+    if b'"usage"' in content or on_event is not None:
         try:
             data = json.loads(content)
         except (ValueError, UnicodeDecodeError):
             return
         if isinstance(data, dict):
             note_usage(data.get("usage"))
+            if on_event is not None:
+                on_event(data)
 
 
 # ---- the fast path: an engine on a Unix socket -----------------------------------------------------------------
@@ -189,8 +204,10 @@ class _Answer:
         return data
 
 
-def _request_bytes(method: str, path: str, body: bytes, request_headers: Mapping[str, str]) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", "host: engine", "content-type: application/json", "connection: close"]
+def _request_bytes(
+    method: str, path: str, body: bytes, request_headers: Mapping[str, str], content_type: str = "application/json"
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "host: engine", f"content-type: {content_type}", "connection: close"]
     lines += [f"{h}: {request_headers[h]}" for h in FORWARD_REQUEST_HEADERS if h in request_headers]
     lines += [f"{h}: {v}" for h, v in engine_headers().items()]
     lines.append(f"content-length: {len(body)}")
@@ -206,12 +223,14 @@ async def _forward_socket(
     body: bytes,
     request_headers: Mapping[str, str],
     family: Family,
+    content_type: str,
+    on_event: EventHook | None,
 ) -> Response:
     writer: asyncio.StreamWriter | None = None
     try:
         try:
             reader, writer = await asyncio.open_unix_connection(str(uds))
-            writer.write(_request_bytes(method, path, body, request_headers))
+            writer.write(_request_bytes(method, path, body, request_headers, content_type))
             answer = _Answer()
             parser = httptools.HttpResponseParser(answer)
             while not answer.headers_done:
@@ -229,16 +248,18 @@ async def _forward_socket(
                 writer.close()
                 slot.release()
                 content = answer.take()
-                _note_json_usage(content)
+                _note_json_usage(content, on_event if status < 400 else None)
                 return Response(content, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
         except (OSError, httptools.HttpParserError) as e:
-            raise _lost(engine, e) from e
+            raise lost(engine, e) from e
     except BaseException:
         slot.release()
         if writer is not None:
             writer.close()
         raise
-    return SocketRelay(engine, family, slot, status, headers, answer, parser, reader, writer)
+    relay = SocketRelay(engine, family, slot, status, headers, answer, parser, reader, writer)
+    relay.on_event = on_event if status < 400 else None
+    return relay
 
 
 class SocketRelay(Response):
@@ -263,6 +284,7 @@ class SocketRelay(Response):
         self._engine, self._family, self._slot = engine, family, slot
         self._answer, self._parser, self._reader, self._writer = answer, parser, reader, writer
         self._client_gone = False
+        self.on_event: EventHook | None = None
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -273,7 +295,7 @@ class SocketRelay(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher = asyncio.ensure_future(self._watch(receive))
         answer, reader = self._answer, self._reader
-        usage = StreamUsage()
+        usage = StreamUsage(self.on_event)
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             try:
@@ -292,7 +314,7 @@ class SocketRelay(Response):
                 if self._client_gone:
                     return
                 log.warning("model %s: stream broken: %s", self._engine.info.name, type(e).__name__)
-                error = sse_error_event(_lost(self._engine, e), self._family)
+                error = sse_error_event(lost(self._engine, e), self._family)
                 await send({"type": "http.response.body", "body": error, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:

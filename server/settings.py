@@ -122,6 +122,30 @@ class Settings(BaseSettings):
     cpu_kvcache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE per engine on CPU (GiB).")
     cpu_max_model_len: int = Field(default=2048, ge=16, description="max_model_len on CPU when a model sets none.")
 
+    # ---- media in requests (images and audio in chats, responses, messages, transcriptions) ------------------
+    max_images_per_request: int = Field(default=8, ge=0, description="Images one request may carry; more: 400.")
+    max_image_bytes: int = Field(default=10 * 1024**2, ge=1, description="Largest image (decoded bytes); more: 413.")
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1, description="Largest image (width x height); more: 400.")
+    image_types: Annotated[frozenset[str], NoDecode] = Field(
+        default=frozenset({"image/png", "image/jpeg", "image/webp", "image/gif"}),
+        description="Image content types accepted (comma-separated), checked against the bytes themselves.",
+    )
+    allowed_local_media_path: Path | None = Field(
+        default=None, description="A directory whose files (file:// URLs) may be sent as media; off by default. "
+        "Passed to vLLM as --allowed-local-media-path. Remote (http) media URLs are always refused (offline).",
+    )
+    max_audio_bytes: int = Field(default=25 * 1024**2, ge=1, description="Largest audio upload; more: 413.")
+    max_audio_seconds: float = Field(default=600.0, gt=0, description="Longest audio (seconds); more: 400.")
+    responses_store: bool = Field(
+        default=True, description="Engines keep Responses (VLLM_ENABLE_RESPONSES_API_STORE) for "
+        "GET /v1/responses/{id} and previous_response_id; kept in engine memory until the engine stops.",
+    )
+
+    @field_validator("image_types", mode="before")
+    @classmethod
+    def _split_types(cls, v: object) -> object:
+        return frozenset(t.strip().lower() for t in v.split(",") if t.strip()) if isinstance(v, str) else v
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _hash_keys(cls, v: object) -> frozenset[str]:

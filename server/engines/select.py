@@ -13,15 +13,17 @@ import json
 from pathlib import Path
 
 from server.engines.base import Engine, ModelInfo
-from server.hub.tokenizer import has_fast_tokenizer
 from server.settings import Settings
+from server.tasks.tokenizer import has_fast_tokenizer
 from sync.errors import ConfigError
 
 VLLM = "vllm"
 TRANSFORMERS = "transformers"
 
-# Tasks only vLLM serves here (generation with its server's full feature set, embeddings).
-VLLM_ONLY = frozenset({"text-generation", "feature-extraction", "sentence-similarity", "image-classification"})
+# Tasks only vLLM serves here (generation with its server's full feature set, embeddings, chats with images,
+# transcription: /v1/audio/* is vLLM's).
+VLLM_ONLY = frozenset({"text-generation", "feature-extraction", "sentence-similarity", "image-classification",
+                       "image-text-to-text", "automatic-speech-recognition"})
 # Tasks the transformers worker serves.
 WORKER_TASKS = frozenset(
     {

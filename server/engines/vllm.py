@@ -24,7 +24,9 @@ from typing import Any
 import httpx
 
 from server.engines.base import ModelInfo
+from server.engines.capabilities import input_modalities
 from server.engines.process import ProcessEngine
+from server.tasks.catalog import GENERATIVE_TASKS
 from sync.errors import ConfigError
 
 from ..settings import Device, Settings
@@ -46,6 +48,7 @@ RESERVED_ARGS = frozenset(
         "api_key",
         "download_dir",
         "root_path",
+        "allowed_local_media_path",
     }
 )
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -85,7 +88,7 @@ def effective_engine_args(info: ModelInfo, device: Device, settings: Settings) -
         if args.get("dtype") in (None, "auto"):
             args["dtype"] = "float32"  # bf16 kernels give garbage on this CPU build
         args.setdefault("enforce_eager", True)  # CPU graph capture is slow to start and buys little here
-        if info.task == "text-generation" and "max_model_len" not in args:
+        if info.task in GENERATIVE_TASKS and "max_model_len" not in args:
             ctx = _model_context(info.snapshot)
             args["max_model_len"] = min(settings.cpu_max_model_len, ctx) if ctx else settings.cpu_max_model_len
     return args
@@ -169,10 +172,15 @@ class VLLMEngine(ProcessEngine):
         ]
         if self.info.trust_remote_code:
             cmd.append("--trust-remote-code")
+        media = self.settings.allowed_local_media_path
+        if media is not None and input_modalities(self.info.snapshot) != ("text",):
+            cmd += ["--allowed-local-media-path", str(media.resolve())]  # file:// media the gateway checked
         return cmd + engine_flags(self.args)
 
     def environment(self) -> dict[str, str]:
         env = super().environment() | {"VLLM_NO_USAGE_STATS": "1"}
+        if self.settings.responses_store and self.info.task in GENERATIVE_TASKS:
+            env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"  # GET /v1/responses/{id}, previous_response_id
         if self.device is Device.CPU:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_gib))
             if world_size(self.args) > 1:  # vLLM's CPU workers need their cores named on a single NUMA node

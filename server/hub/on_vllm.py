@@ -4,7 +4,7 @@
   ``function_to_apply`` and ``top_k``.
 - token-classification and fill-mask: ``/pooling`` with ``task: token_classify`` (one row of raw logits per
   token: over the labels of a *ForTokenClassification head, over the vocabulary of BertForMaskedLM). The gateway
-  tokenizes the text itself (server/hub/tokenizer.py) and sends vLLM the token ids, so it knows each row's
+  tokenizes the text itself (server/tasks/tokenizer.py) and sends vLLM the token ids, so it knows each row's
   characters, special tokens and subwords; the rows come back as base64 float32 (an MLM row is a whole
   vocabulary: JSON floats would be ~3x the bytes).
 """
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from server.engines.base import Engine
+from server.engines.client import post_engine
 from server.errors import GenerationError, InvalidRequest
 from server.hub import tasks
 from server.hub.protocol import (
@@ -30,8 +31,7 @@ from server.hub.protocol import (
     fill_mask_options,
     token_classification_options,
 )
-from server.hub.tokenizer import SnapshotTokenizer, for_snapshot
-from server.tgi.serving import post_engine
+from server.tasks.tokenizer import SnapshotTokenizer, for_snapshot
 
 DEFAULT_CONTEXT = 512
 

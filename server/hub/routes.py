@@ -13,10 +13,8 @@ from fastapi.responses import JSONResponse
 
 from server.engines.base import EngineState
 from server.errors import Family, family_dependency
-from server.hub.serving import chat, check_task, infer
+from server.hub.serving import check_task, infer
 from server.ops.auth import require_api_key
-from server.tgi.protocol import Info
-from server.tgi.serving import tgi_service
 
 router = APIRouter(
     tags=["hub"],
@@ -29,17 +27,8 @@ root_router = APIRouter(
 )
 
 
-# Registered before POST /models/{repo_id:path}, whose path would swallow these.
-@router.post("/models/{repo_id:path}/v1/chat/completions")
-async def model_chat(repo_id: str, request: Request) -> Response:
-    return await chat(request, request.app.state.registry.get(repo_id))
-
-
-@router.get("/models/{repo_id:path}/info")
-async def model_info(repo_id: str, request: Request) -> Info:
-    return tgi_service(request).info(request.app.state.registry.get(repo_id))
-
-
+# Registered before POST /models/{repo_id:path}, whose path would swallow these (the OpenAI, Anthropic and TGI
+# families' /models/{repo_id}/... routes are included before this router for the same reason).
 @router.get("/models/{repo_id:path}/health")
 async def model_health(repo_id: str, request: Request) -> JSONResponse:
     engine = request.app.state.registry.get(repo_id)

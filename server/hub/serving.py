@@ -2,7 +2,7 @@
 
 ``POST /models/{repo_id}`` (and ``/``, ``/v1`` for the default model) dispatches on the model's task:
 text-generation behaves as TGI's ``POST /`` (errors in TGI's shape, which InferenceClient turns into typed
-exceptions), feature-extraction embeds through the engine's ``/v1/embeddings``. Chat passes through to vLLM.
+exceptions), feature-extraction embeds through the engine's ``/v1/embeddings``. Chat is the OpenAI family's.
 The other text tasks go to the transformers worker (which answers in the Hub's shape) or, for the tasks vLLM's
 pooling runner serves (text- and token-classification, fill-mask), through server/hub/on_vllm.py.
 """
@@ -19,7 +19,8 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
 from server.engines.base import Engine
-from server.errors import Family, GenerationError, InvalidRequest
+from server.engines.client import post_engine, read_json
+from server.errors import GenerationError, InvalidRequest
 from server.hub import on_vllm
 from server.hub.protocol import (
     TASK_REQUESTS,
@@ -32,14 +33,12 @@ from server.hub.protocol import (
     parse_similarity,
     parse_task,
 )
-from server.proxy import forward
 from server.registry import Registry
-from server.tgi.protocol import parse_generate
-from server.tgi.serving import GENERATIVE_TASKS, dump_generate, post_engine, read_json, tgi_service
+from server.tasks.catalog import EMBEDDING_TASKS, GENERATIVE_TASKS
 
 log = logging.getLogger("hubserve.hub")
 
-EMBEDDING = frozenset({"feature-extraction", "sentence-similarity", "embedding"})
+EMBEDDING = EMBEDDING_TASKS
 
 
 async def infer(request: Request, engine: Engine) -> Response:
@@ -49,12 +48,10 @@ async def infer(request: Request, engine: Engine) -> Response:
     if task in TASK_REQUESTS and (engine.backend != "vllm" or task not in GENERATIVE_TASKS):
         return await run_task(request.app.state.registry, engine, task, await read_json(request))
     if task in GENERATIVE_TASKS:
-        request.state.api_family = Family.TGI  # from here on errors carry TGI's error_type
-        generate = parse_generate(await read_json(request))
-        service = tgi_service(request)
-        if generate.stream:
-            return await service.open_stream(engine, generate)
-        return JSONResponse([dump_generate(await service.generate(engine, generate))])
+        # TGI's POST / answers it (errors in TGI's shape, which InferenceClient reads); app.py hands that handler
+        # over as app.state.text_generation, so this family imports no other.
+        response: Response = await request.app.state.text_generation(request, engine)
+        return response
     if task in EMBEDDING:
         registry = request.app.state.registry
         payload = await read_json(request)
@@ -143,22 +140,3 @@ def cosine(a: list[float], b: list[float]) -> float:
     dot = sum(x * y for x, y in zip(a, b, strict=True))
     norms = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
     return dot / norms if norms else 0.0
-
-
-def chat_payload(payload: dict[str, Any], model: str) -> dict[str, Any]:
-    """An OpenAI chat body for ``model``: the routed model replaces ``model`` (InferenceClient sends "dummy"),
-    and TGI's ``{"type": "json_object", "value": schema}`` becomes vLLM's json_schema response format. Pure."""
-    out = {**payload, "model": model}
-    fmt = out.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") == "json_object" and isinstance(fmt.get("value"), dict):
-        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "schema", "schema": fmt["value"]}}
-    return out
-
-
-async def chat(request: Request, engine: Engine) -> Response:
-    payload = await read_json(request)
-    if not isinstance(payload, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    request.state.model = engine.info.name
-    body = json.dumps(chat_payload(payload, engine.info.name)).encode()
-    return await forward(request.app.state.registry, engine, "/v1/chat/completions", body, request.headers, Family.TGI)

@@ -30,6 +30,9 @@ class ModelCard(BaseModel):
     state: str
     max_model_len: int | None = None
     aliases: list[str] = Field(default_factory=list, description="Other names the model answers to.")
+    input_modalities: list[str] = Field(
+        default_factory=lambda: ["text"], description="What requests to it may carry: text, image, audio."
+    )
 
 
 class ModelList(BaseModel):

@@ -1,21 +1,32 @@
-"""OpenAI family logic: route by the body's `model`, pass bytes through to that model's vLLM server."""
+"""OpenAI family logic: route by the body's `model` (or the ``/models/{repo_id}/v1`` path), check media, pass
+bytes through to that model's vLLM server. Responses are remembered by id (which model revision answered
+them, for whom) so that retrieve, cancel and ``previous_response_id`` reach the engine that holds them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+from typing import Any
 
 from fastapi import Request, Response
 from pydantic import ValidationError
 
 from server.engines.base import Engine
+from server.engines.capabilities import input_modalities
 from server.errors import Family, InvalidRequest
-from server.hub.serving import chat_payload
+from server.media import check_request_media
 from server.openai.protocol import ModelCard, ModelList, RoutingFields
+from server.openai.responses import ResponseIndex, check_response_id, response_index
+from server.ops import context
 from server.ops.auth import may_see
 from server.proxy import forward
 from server.registry import Registry
+from server.tasks.catalog import RERANK_TASKS, SCORE_TASKS
 
-RERANK_TASKS = frozenset({"text-ranking"})
+__all__ = ["RERANK_TASKS", "SCORE_TASKS"]
+QUERY_RE = re.compile(r"^[A-Za-z0-9_.~%&=+-]{1,1000}$")  # GET /v1/responses/{id}?stream=true&starting_after=3
+PARSE_IN_THREAD_BYTES = 256 * 1024  # bigger bodies (inline images) are parsed off the event loop
 
 
 def model_card(engine: Engine, started: float) -> ModelCard:
@@ -31,6 +42,7 @@ def model_card(engine: Engine, started: float) -> ModelCard:
         state=engine.state.value,
         max_model_len=engine.max_model_len,
         aliases=[n for n in info.served_names if n != info.name],
+        input_modalities=list(input_modalities(info.snapshot)),
     )
 
 
@@ -56,8 +68,52 @@ def parse_body(body: bytes) -> tuple[dict[str, object], RoutingFields]:
     return payload, fields
 
 
+async def read_body(request: Request) -> tuple[bytes, dict[str, Any], RoutingFields]:
+    body = await request.body()
+    if len(body) > PARSE_IN_THREAD_BYTES:
+        payload, fields = await asyncio.to_thread(parse_body, body)
+    else:
+        payload, fields = parse_body(body)
+    return body, payload, fields
+
+
+def chat_payload(payload: dict[str, Any], model: str) -> dict[str, Any]:
+    """An OpenAI chat body for ``model``: the routed model replaces ``model`` (InferenceClient sends "dummy"),
+    and TGI's ``{"type": "json_object", "value": schema}`` becomes vLLM's json_schema response format. Pure."""
+    out = {**payload, "model": model}
+    fmt = out.get("response_format")
+    if isinstance(fmt, dict) and _is_tgi_response_format(fmt):
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "schema", "schema": fmt["value"]}}
+    return out
+
+
 def _is_tgi_response_format(fmt: object) -> bool:
     return isinstance(fmt, dict) and fmt.get("type") == "json_object" and isinstance(fmt.get("value"), dict)
+
+
+def routed_engine(request: Request, registry: Registry, model: str | None) -> Engine:
+    """The engine a request names: the ``/models/{repo_id}/v1`` path, else the body's model (omitted or
+    InferenceClient's "dummy": the default model)."""
+    path_model = request.path_params.get("repo_id")
+    if path_model:
+        model = path_model
+    elif model == "dummy" and model not in registry.engines:
+        model = None
+    engine = registry.get(model)
+    request.state.model = engine.info.name
+    return engine
+
+
+def _check_task(engine: Engine, path: str, tasks: frozenset[str] | None) -> None:
+    if tasks is None and engine.backend == "transformers":
+        raise InvalidRequest(f"Model `{engine.info.name}` ({engine.info.task}) is served on the Inference API "
+                             f"routes: POST /models/{engine.info.repo}.", param="model")
+    if path == "/v1/score" and engine.backend == "transformers":
+        raise InvalidRequest(f"Model `{engine.info.name}` is served by the transformers engine; /v1/score needs a "
+                             "model on vLLM (POST /v1/rerank serves both).", param="model")
+    if tasks is not None and engine.info.task not in tasks:
+        raise InvalidRequest(f"Model `{engine.info.name}` serves {engine.info.task}; {path} needs a model of "
+                             f"{', '.join(sorted(tasks))}.", param="model")
 
 
 async def proxy_openai(
@@ -65,22 +121,73 @@ async def proxy_openai(
 ) -> Response:
     """Forward one OpenAI request to the engine its `model` names; vLLM's answer comes back unchanged.
     ``tasks``: the route serves only models of these tasks (else 400)."""
-    body = await request.body()
-    payload, fields = parse_body(body)
-    model = fields.model
-    if model == "dummy" and model not in registry.engines:  # InferenceClient(base_url=...) sends "dummy":
-        model = None  # it means the default model (added with the TGI/Hub families)
-    engine = registry.get(model)
-    request.state.model = engine.info.name
-    if tasks is None and engine.backend == "transformers":
-        raise InvalidRequest(f"Model `{engine.info.name}` ({engine.info.task}) is served on the Inference API "
-                             f"routes: POST /models/{engine.info.repo}.", param="model")
-    if tasks is not None and engine.info.task not in tasks:
-        raise InvalidRequest(f"Model `{engine.info.name}` serves {engine.info.task}; {path} needs a model of "
-                             f"{', '.join(sorted(tasks))}.", param="model")
-    tgi_format = _is_tgi_response_format(payload.get("response_format"))
-    if fields.model not in engine.info.served_names or tgi_format:  # omitted/"dummy": name the model
-        # InferenceClient(base_url=...).chat_completion sends json schemas TGI's way; vLLM wants json_schema.
-        payload = chat_payload(payload, engine.info.name) if tgi_format else {**payload, "model": engine.info.name}
-        body = json.dumps(payload).encode()
+    body, payload, fields = await read_body(request)
+    engine = routed_engine(request, registry, fields.model)
+    _check_task(engine, path, tasks)
+    await check_request_media(body, payload, engine.info.name, engine.info.snapshot, registry.settings)
+    if fields.model not in engine.info.served_names or _is_tgi_response_format(payload.get("response_format")):
+        body = json.dumps(chat_payload(payload, engine.info.name)).encode()
     return await forward(registry, engine, path, body, request.headers, Family.OPENAI)
+
+
+# ---- Responses ---------------------------------------------------------------------------------------------
+
+
+def _owner() -> str | None:
+    ctx = context.current()
+    return ctx.principal.name if ctx is not None and ctx.principal is not None else None
+
+
+async def create_response(request: Request, registry: Registry) -> Response:
+    """POST /v1/responses: on the engine of ``model``; with ``previous_response_id``, on the model revision that
+    answered that response (404 when it was swapped out since: its state is gone with its engine)."""
+    body, payload, fields = await read_body(request)
+    index = response_index(request.app)
+    owner = _owner()
+    previous = payload.get("previous_response_id")
+    model = fields.model
+    stored = None
+    if previous is not None:
+        previous = check_response_id(previous, "previous_response_id")
+        stored = index.lookup(previous, owner, "previous_response_id")
+        model = model or stored.model
+    engine = routed_engine(request, registry, model)
+    _check_task(engine, "/v1/responses", None)
+    if stored is not None and stored.model != engine.info.name:
+        raise InvalidRequest(f"Response '{previous}' was answered by model `{stored.model}`, not "
+                             f"`{engine.info.name}`.", param="previous_response_id")
+    await check_request_media(body, payload, engine.info.name, engine.info.snapshot, registry.settings)
+    if fields.model not in engine.info.served_names:
+        body = json.dumps({**payload, "model": engine.info.name}).encode()
+    name, served = engine.info.name, engine.info.commit
+
+    def admitted(now: Engine) -> None:  # after a swap the request runs on the new revision: remember that one
+        nonlocal served
+        if stored is not None:
+            index.require_commit(str(previous), now, stored.commit, "previous_response_id")
+        served = now.info.commit
+
+    def remember(event: dict[str, Any]) -> None:
+        index.observe(event, name, served, owner)
+
+    return await forward(registry, engine, "/v1/responses", body, request.headers, Family.OPENAI,
+                         admitted=admitted, on_event=remember)
+
+
+async def stored_response(request: Request, registry: Registry, response_id: str, action: str) -> Response:
+    """GET /v1/responses/{id} (``action`` "") or POST .../cancel (``action`` "/cancel") on the engine holding it."""
+    rid = check_response_id(response_id, "response_id")
+    index: ResponseIndex = response_index(request.app)
+    stored = index.lookup(rid, _owner(), "response_id")
+    engine = registry.get(stored.model)
+    request.state.model = engine.info.name
+    query = request.url.query
+    if query and not QUERY_RE.match(query):
+        raise InvalidRequest("The query string holds characters this route does not take.")
+    path = f"/v1/responses/{rid}{action}" + (f"?{query}" if query and not action else "")
+
+    def admitted(now: Engine) -> None:
+        index.require_commit(rid, now, stored.commit, "response_id")
+
+    method = "POST" if action else "GET"
+    return await forward(registry, engine, path, b"", request.headers, Family.OPENAI, method=method, admitted=admitted)

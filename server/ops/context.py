@@ -13,6 +13,7 @@ import json
 import re
 import secrets
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -52,9 +53,14 @@ class RequestContext:
             self.tokens_out = (self.tokens_out or 0) + tokens_out
 
     def add_usage(self, usage: object) -> None:
-        """An OpenAI ``usage`` object (vLLM's answers carry one)."""
+        """A ``usage`` object: OpenAI chat/completions (prompt/completion_tokens), or Responses and Anthropic
+        Messages (input/output_tokens)."""
         if isinstance(usage, dict):
-            self.add_tokens(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")))
+            tokens_in = _int(usage.get("prompt_tokens"))
+            tokens_out = _int(usage.get("completion_tokens"))
+            if tokens_in is None and tokens_out is None:
+                tokens_in, tokens_out = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
+            self.add_tokens(tokens_in, tokens_out)
 
 
 def _int(v: object) -> int | None:
@@ -109,14 +115,22 @@ def note_tokens(tokens_in: int | None, tokens_out: int | None) -> None:
         ctx.add_tokens(tokens_in, tokens_out)
 
 
-class StreamUsage:
-    """Token counts of an OpenAI SSE stream passed through unparsed: the ``usage`` of a chunk when the client
-    asked for one (stream_options.include_usage), else one output token per chunk that carries text."""
+EventHook = Callable[[dict[str, Any]], None]
+TEXT_EVENTS = frozenset({"response.output_text.delta", "response.function_call_arguments.delta",
+                         "content_block_delta"})
 
-    def __init__(self) -> None:
+
+class StreamUsage:
+    """Token counts of an SSE stream passed through unparsed, in each family's shape: the ``usage`` of an OpenAI
+    chunk (stream_options.include_usage), of a Responses ``response.completed`` event, of Anthropic's
+    ``message_start`` + ``message_delta`` events (merged); failing that, one output token per event with text.
+    ``on_event`` (optional) sees every event's JSON object."""
+
+    def __init__(self, on_event: EventHook | None = None) -> None:
         self._pending = b""
         self.usage: dict[str, Any] | None = None
         self.chunks = 0
+        self.on_event = on_event
 
     def feed(self, data: bytes) -> None:
         self._pending += data
@@ -130,9 +144,15 @@ class StreamUsage:
                 continue
             if not isinstance(chunk, dict):
                 continue
-            if isinstance(chunk.get("usage"), dict):
-                self.usage = chunk["usage"]
-            if any(_has_text(c) for c in chunk.get("choices") or []):
+            if self.on_event is not None:
+                self.on_event(chunk)
+            usage = chunk.get("usage")
+            if not isinstance(usage, dict):
+                inner = chunk.get("response") or chunk.get("message")
+                usage = inner.get("usage") if isinstance(inner, dict) else None
+            if isinstance(usage, dict):
+                self.usage = {**self.usage, **usage} if self.usage else usage
+            if chunk.get("type") in TEXT_EVENTS or any(_has_text(c) for c in chunk.get("choices") or []):
                 self.chunks += 1
 
     def close(self) -> None:

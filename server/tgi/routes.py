@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from server.engines.client import read_json
+from server.engines.tokenize import is_engine_tokenize, tokenize_on_engine
 from server.errors import Family, family_dependency
 from server.ops.auth import require_api_key
 from server.tgi.protocol import Info, parse_generate, parse_tokenize
-from server.tgi.serving import dump_generate, read_json, tgi_service
+from server.tgi.serving import dump_generate, tgi_service
 
 router = APIRouter(
     tags=["tgi"],
@@ -35,9 +37,20 @@ async def info(request: Request) -> Info:
     return tgi_service(request).info(request.app.state.registry.default())
 
 
+@router.get("/models/{repo_id:path}/info")
+async def model_info(repo_id: str, request: Request) -> Info:
+    return tgi_service(request).info(request.app.state.registry.get(repo_id))
+
+
 @router.post("/tokenize")
-async def tokenize(request: Request) -> JSONResponse:
-    body = parse_tokenize(await read_json(request))
+async def tokenize(request: Request) -> Response:
+    """TGI's ``{"inputs"}`` (the default model; ``[{id, text, start, stop}]``), or vLLM's ``{"model"?, "prompt"
+    | "messages"}`` on the same path (any served model; vLLM's answer and OpenAI-shaped errors)."""
+    payload = await read_json(request)
+    if is_engine_tokenize(payload):
+        request.state.api_family = Family.OPENAI
+        return await tokenize_on_engine(request, "/tokenize", payload)
+    body = parse_tokenize(payload)
     engine = request.app.state.registry.default()
     tokens = await tgi_service(request).tokenize(engine, body)
     return JSONResponse([t.model_dump() for t in tokens])

@@ -9,7 +9,6 @@ ends, as TGI does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.metadata
 import json
 import logging
@@ -17,23 +16,31 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.engines.base import Admission, Engine
+from server.engines.client import engine_error, error_message, lost, post_engine, read_json
 from server.errors import (
-    EngineUnavailable,
     Family,
     GenerationError,
     IncompleteGeneration,
     InvalidRequest,
-    Overloaded,
     ServerError,
     sse_error_event,
 )
-from server.ops.context import engine_headers, note_tokens, note_usage
+from server.ops.context import engine_headers, note_tokens
 from server.proxy import RelayResponse
-from server.tgi.protocol import GenerateRequest, GenerateResponse, Info, SimpleToken, StreamResponse, TokenizeRequest
+from server.tasks.catalog import GENERATIVE_TASKS
+from server.tgi.protocol import (
+    GenerateRequest,
+    GenerateResponse,
+    Info,
+    SimpleToken,
+    StreamResponse,
+    TokenizeRequest,
+    parse_generate,
+)
 from server.tgi.tokens import TokenTexts
 from server.tgi.translate import StreamTranslator, completion_body, generate_response
 
@@ -43,52 +50,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("hubserve.tgi")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-GENERATIVE_TASKS = frozenset({"text-generation", "text2text-generation", "conversational", "image-text-to-text"})
-
-
-def engine_error(status: int, body: bytes) -> ServerError:
-    """A vLLM error answer → hubserve's exception: 4xx the caller's fault (validation), 5xx the engine's."""
-    message = _error_message(body) or f"The engine answered HTTP {status}."
-    if status in (400, 413, 422):
-        return InvalidRequest(message)
-    if status == 429:
-        return Overloaded(message)
-    if status == 503:
-        return EngineUnavailable(message)
-    return GenerationError(message)
-
-
-def _error_message(body: bytes) -> str | None:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return body.decode(errors="replace").strip()[:500] or None
-    error = data.get("error") if isinstance(data, dict) else None
-    if isinstance(error, dict):
-        return str(error.get("message") or "") or None
-    if error is not None:
-        return str(error)
-    return str(data.get("message") or "") or None if isinstance(data, dict) else None
-
-
-async def post_engine(engine: Engine, path: str, body: dict[str, Any]) -> httpx.Response:
-    """POST a JSON body to the engine; a lost connection is EngineUnavailable, an error answer its ServerError."""
-    try:
-        response = await engine.client().post(path, json=body, headers=engine_headers())
-    except httpx.TransportError as e:
-        raise lost(engine, e) from e
-    if response.status_code >= 400:
-        raise engine_error(response.status_code, response.content)
-    with contextlib.suppress(ValueError, AttributeError):
-        note_usage(response.json().get("usage"))  # tokens in/out for the request log and metrics
-    return response
-
-
-def lost(engine: Engine, error: Exception) -> EngineUnavailable:
-    return EngineUnavailable(
-        f"Model `{engine.info.name}` is unavailable ({type(error).__name__}); it may be restarting, retry later.",
-        retry_after=engine.retry_after_s,
-    )
 
 
 def dump_generate(response: GenerateResponse) -> dict[str, Any]:
@@ -232,7 +193,7 @@ class TGIService:
                     break
                 chunk = json.loads(data)
                 if isinstance(chunk, dict) and chunk.get("error"):
-                    raise GenerationError(_error_message(data.encode()) or "generation failed")
+                    raise GenerationError(error_message(data.encode()) or "generation failed")
                 for event in translator.feed(chunk):
                     events += 1
                     yield dump_event(event)
@@ -254,7 +215,7 @@ class TGIService:
     async def tokenize(self, engine: Engine, request: TokenizeRequest) -> list[SimpleToken]:
         """TGI's /tokenize: ids with the text and character span of ``inputs`` each covers."""
         vocab = await self.vocab(engine)
-        spans = vocab.offsets(request.inputs)
+        spans = await asyncio.to_thread(vocab.offsets, request.inputs)  # off the event loop: inputs can be big
         if spans is not None:
             return [SimpleToken(id=i, text=request.inputs[s:e], start=s, stop=e) for i, s, e in spans]
         async with self.registry.using(engine) as engine:  # no local tokenizer: vLLM's ids and strings
@@ -290,7 +251,7 @@ def _version() -> str:
         return "0.0.0"
 
 
-# ---- HTTP helpers shared by the TGI and Hub routes ---------------------------------------------------------
+# ---- the app's service ---------------------------------------------------------------------------------------
 
 
 def tgi_service(request: Request) -> TGIService:
@@ -301,10 +262,12 @@ def tgi_service(request: Request) -> TGIService:
     return service
 
 
-async def read_json(request: Request) -> Any:
-    """The request body as JSON; InvalidRequest (a 4xx in every family) when it is not JSON."""
-    body = await request.body()
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidRequest(f"The request body is not valid JSON: {e}.") from e
+async def hub_text_generation(request: Request, engine: Engine) -> Response:
+    """The Hub Inference API's text-generation task (``POST /models/{repo}``, ``/``, ``/v1``): TGI's ``POST /``.
+    app.py hands it to the Hub family, which does not import this one."""
+    request.state.api_family = Family.TGI  # from here on errors carry TGI's error_type
+    generate = parse_generate(await read_json(request))
+    service = tgi_service(request)
+    if generate.stream:
+        return await service.open_stream(engine, generate)
+    return JSONResponse([dump_generate(await service.generate(engine, generate))])

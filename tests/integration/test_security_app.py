@@ -27,6 +27,7 @@ OPEN = {("GET", "/health"), ("GET", "/ready")}
 ADMIN_TOKEN = "admin-token-0123456789"  # /admin/*: its own bearer token, never an API key
 GEN = {"inputs": "hi", "parameters": {"max_new_tokens": 2}}
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+MESSAGES = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 # (method, path) → (path params, body, model the route uses or None). Routes missing here are still checked
 # for 401 (no key, bad key) and for "no 401/403 with a good key".
 ROUTES: dict[tuple[str, str], tuple[dict[str, str], Any, str | None]] = {
@@ -47,7 +48,17 @@ ROUTES: dict[tuple[str, str], tuple[dict[str, str], Any, str | None]] = {
     ("POST", "/models/{repo_id}"): ({"repo_id": "emb"}, {"inputs": ["a"]}, "emb"),
     ("POST", "/v1"): ({}, GEN, "gen"),
     ("POST", "/"): ({}, GEN, "gen"),
+    ("POST", "/v1/responses"): ({}, {"model": "gen", "input": "hi", "max_output_tokens": 2}, "gen"),
+    ("POST", "/models/{repo_id}/v1/responses"): ({"repo_id": "org/gen"}, {"input": "hi"}, "gen"),
+    ("POST", "/v1/messages"): ({}, {"model": "gen", **MESSAGES}, "gen"),
+    ("POST", "/v1/messages/count_tokens"): ({}, {"model": "org/gen", **MESSAGES}, "gen"),
+    ("POST", "/models/{repo_id}/v1/messages"): ({"repo_id": "gen"}, {"model": "x", **MESSAGES}, "gen"),
+    ("POST", "/v1/tokenize"): ({}, {"model": "gen", "prompt": "hi"}, "gen"),
+    ("POST", "/detokenize"): ({}, {"model": "gen", "tokens": [1, 2]}, "gen"),
+    ("POST", "/v1/score"): ({}, {"model": "emb", "text_1": "a", "text_2": "b"}, "emb"),
+    ("POST", "/score"): ({}, {"model": "emb", "text_1": "a", "text_2": "b"}, "emb"),
 }
+UNKNOWN_IDS = {"{response_id}": "resp_unknown"}  # path params of routes not in ROUTES; any other: org/gen
 
 
 @pytest.fixture
@@ -97,7 +108,9 @@ async def test_auth_matrix_over_every_route_of_the_schema(app_client: httpx.Asyn
             checked += 4
             continue
         params, body, model = ROUTES.get((method, template), ({}, None, None))
-        path = template.format(**params) if params else re.sub(r"\{[^}]+\}", "org/gen", template)
+        path = template.format(**params) if params else re.sub(
+            r"\{[^}]+\}", lambda m: UNKNOWN_IDS.get(m.group(0), "org/gen"), template
+        )
         other = {None: keys.emb_only, "gen": keys.emb_only, "emb": keys.gen_only}[model]
         cases: list[tuple[str, dict[str, str], set[int]]] = [
             ("no key", {}, {401}),
@@ -281,7 +294,7 @@ async def test_max_new_tokens_cap(app_client: httpx.AsyncClient, keys: Keys, scr
     r = await app_client.post(
         "/models/org/gen/v1/chat/completions", json={**CHAT, "max_tokens": 100}, headers=bearer(keys.all)
     )
-    assert r.status_code == 400 and "HUBSERVE_MAX_NEW_TOKENS" in r.json()["error"]
+    assert r.status_code == 400 and "HUBSERVE_MAX_NEW_TOKENS" in r.json()["error"]["message"]  # the OpenAI family
 
 
 async def test_request_timeout_frees_the_slot(tmp_path: Path, keys: Keys, script: EngineScript) -> None:

@@ -1,4 +1,4 @@
-"""server/hub/tokenizer.py against transformers' AutoTokenizer on the same snapshot: the gateway's token ids,
+"""server/tasks/tokenizer.py against transformers' AutoTokenizer on the same snapshot: the gateway's token ids,
 offsets, special tokens, overflowing windows and decoding must be exactly what the worker (and transformers'
 pipelines) see, or vLLM's per-token outputs would be mapped to the wrong characters."""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.hub.tokenizer import SnapshotTokenizer
+from server.tasks.tokenizer import SnapshotTokenizer
 from tests.fixtures import task_models as tm
 from tests.fixtures.tiny import minilm_dir
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ class SnapshotTokenizer:
         root = Path(snapshot)
         self._tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
         self._tokenizer.no_padding()
+        self._lock = threading.Lock()  # truncation is tokenizer state: one encode at a time (calls run in threads)
         config = _read_json(root / "tokenizer_config.json")
         special = _read_json(root / "special_tokens_map.json")
         self.mask_token = _token_text(config.get("mask_token")) or _token_text(special.get("mask_token"))
@@ -65,15 +67,24 @@ class SnapshotTokenizer:
     def windows(self, text: str, max_length: int, stride: int = 0) -> list[Encoding]:
         """``text`` cut to ``max_length`` tokens; with ``stride`` every overflowing window too (overlapping by
         ``stride`` tokens), as transformers' ``return_overflowing_tokens`` gives them."""
-        self._tokenizer.enable_truncation(max_length, stride=stride)
-        encoding = self._tokenizer.encode(text)
+        with self._lock:
+            self._tokenizer.enable_truncation(max_length, stride=stride)
+            encoding = self._tokenizer.encode(text)
         return [encoding, *encoding.overflowing] if stride else [encoding]
 
     def first_token(self, text: str) -> int | None:
         """The first token id of ``text`` without special tokens (fill-mask targets outside the vocabulary)."""
-        self._tokenizer.no_truncation()
-        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        ids = self.encode(text, add_special_tokens=False).ids
         return ids[0] if ids else None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> Encoding:
+        """The whole of ``text`` (no truncation)."""
+        with self._lock:
+            self._tokenizer.no_truncation()
+            return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tokenizer.id_to_token(token_id)
 
     def tokens_to_string(self, tokens: list[str]) -> str:
         decoder = self._tokenizer.decoder
