@@ -69,7 +69,7 @@ def may_hold_media(body: bytes) -> bool:
 
 
 def _ref(part: dict[str, Any], kind: Kind, where: str) -> MediaRef:
-    value = part.get(part["type"])
+    value = part.get(part["type"]) or part.get("image_url")  # Responses: {"type": "input_image", "image_url": ...}
     if part["type"] == "input_audio" and isinstance(value, dict):  # {"data": b64, "format": "wav"}
         fmt = value.get("format")
         return MediaRef(kind, where, data=str(value.get("data") or ""), media_type=f"audio/{fmt}" if fmt else None)
@@ -144,7 +144,7 @@ def check_media(refs: list[MediaRef], limits: MediaLimits) -> None:
 
 def _too_large(where: str, kind: str, size: int, cap: int) -> RequestTooLarge:
     setting = "HUBSERVE_MAX_IMAGE_BYTES" if kind == "image" else "HUBSERVE_MAX_AUDIO_BYTES"
-    return RequestTooLarge(f"{where}: the {kind} is {size} bytes; the limit is {cap} bytes ({setting}).")
+    return RequestTooLarge(f"{where}: the {kind} is {size} bytes; the limit is {cap} bytes ({setting}).", param=where)
 
 
 def _b64decode(where: str, text: str, kind: str, cap: int) -> bytes:

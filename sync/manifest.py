@@ -22,7 +22,8 @@ REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/%-]{0,254}$")
 TASKS = (
     "text-generation", "feature-extraction", "sentence-similarity", "text-classification",
     "token-classification", "fill-mask", "zero-shot-classification", "summarization", "translation",
-    "text2text-generation", "question-answering", "text-ranking", "image-classification",
+    "text2text-generation", "question-answering", "text-ranking", "image-classification", "image-text-to-text",
+    "automatic-speech-recognition",
 )
 BACKENDS = ("auto", "vllm", "transformers")
 

@@ -1,7 +1,8 @@
-"""One real ``hubserve serve`` process for the whole e2e session, serving two real models on vLLM's CPU build.
+"""One real ``hubserve serve`` process for the whole e2e session, serving four real models on vLLM's CPU build.
 
-The store holds SmolLM2-135M-Instruct (text-generation, the default model) and all-MiniLM-L6-v2
-(feature-extraction). It is built the way users build theirs: the models are imported into a seed
+The store holds SmolLM2-135M-Instruct (text-generation, the default model), all-MiniLM-L6-v2
+(feature-extraction), a tiny random LLaVA (image-text-to-text, chats with images) and a tiny random Whisper
+(automatic-speech-recognition, /v1/audio/*), the last two built by fixtures. It is built the way users build theirs: the models are imported into a seed
 store, served by a real mirror, and ``hubserve sync`` pulls them (smollm2 pinned by branch, resolved
 through models.lock). The mirror is stopped before the server starts: serving needs no network.
 Tests get it as ``hubserve_server`` (``.url``, ``.api_key``, ``.proc``, ...).
@@ -35,9 +36,13 @@ from sync.store import Store
 from tests.fixtures.smollm2 import REPO_ID as SMOLLM2_REPO
 from tests.fixtures.smollm2 import build_smollm2
 from tests.fixtures.tiny import minilm_dir
+from tests.fixtures.vision import tiny_vlm_dir
+from tests.fixtures.whisper import tiny_whisper_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MINILM_REPO = "sentence-transformers/all-MiniLM-L6-v2"
+VLM_REPO = "hubserve-tests/tiny-llava"
+WHISPER_REPO = "hubserve-tests/tiny-whisper"
 READY_TIMEOUT_S = float(os.environ.get("HUBSERVE_E2E_READY_TIMEOUT", "600"))  # 2 shared CPUs can be slow
 API_KEY = "e2e-test-key-0123456789"
 CANARY = "quokka-canary-prompt-5e1d"  # prompts with it must never reach the server's log
@@ -106,6 +111,22 @@ name = "minilm"
 repo = "{MINILM_REPO}"
 revision = "{commits["minilm"]}"
 task = "feature-extraction"
+
+[[models]]
+name = "vlm"
+repo = "{VLM_REPO}"
+revision = "{commits["vlm"]}"
+task = "image-text-to-text"
+
+[models.engine]  # vLLM's own LLaVA class needs torchvision, which the CPU install lacks
+model_impl = "transformers"
+max_model_len = 512
+
+[[models]]
+name = "whisper"
+repo = "{WHISPER_REPO}"
+revision = "{commits["whisper"]}"
+task = "automatic-speech-recognition"
 """,
         encoding="utf-8",
     )
@@ -176,6 +197,8 @@ def hubserve_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hubser
     seed_commits = {
         "smollm2": import_folder(seed, build_smollm2(), SMOLLM2_REPO).record.commit,
         "minilm": import_folder(seed, minilm_dir(), MINILM_REPO).record.commit,
+        "vlm": import_folder(seed, tiny_vlm_dir(), VLM_REPO).record.commit,
+        "whisper": import_folder(seed, tiny_whisper_dir(), WHISPER_REPO).record.commit,
     }
     config = root / "models.toml"
     mirror = make_mirror(seed, "127.0.0.1", 0)
@@ -197,7 +220,8 @@ def hubserve_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hubser
     commits = {name: m.commit for name, m in lock.models.items()}
     assert commits == seed_commits
     with running_server(config, Store(root / "store"), commits,
-                        {"smollm2": SMOLLM2_REPO, "minilm": MINILM_REPO}) as server:
+                        {"smollm2": SMOLLM2_REPO, "minilm": MINILM_REPO, "vlm": VLM_REPO,
+                         "whisper": WHISPER_REPO}) as server:
         yield server
 
 
@@ -245,10 +269,12 @@ def running_server(config: Path, store: Store, commits: dict[str, str], repos: d
 
 
 def _write_keys(path: Path) -> dict[str, str]:
-    """Named keys, as `hubserve keys add` writes them: one for every model, one for MiniLM only."""
+    """Named keys, as `hubserve keys add` writes them: one for every model, one for MiniLM only, one allowed a
+    single request per minute (for each family's 429)."""
     from server.ops.keys import new_key, write_keys
 
-    made = {name: new_key(name, models) for name, models in (("e2e-all", None), ("e2e-minilm", ("minilm",)))}
+    made = {name: new_key(name, models, rpm) for name, models, rpm in
+            (("e2e-all", None, None), ("e2e-minilm", ("minilm",), None), ("e2e-one-rpm", None, 1))}
     write_keys(path, {record.id: record for _, record in made.values()})
     return {name: key for name, (key, _) in made.items()}
 

@@ -246,4 +246,4 @@ def test_every_route_frees_its_in_flight_slot(http: httpx.Client) -> None:
         if not any(in_flight.values()) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert in_flight == {"smollm2": 0, "minilm": 0}
+    assert in_flight == {"smollm2": 0, "minilm": 0, "vlm": 0, "whisper": 0}

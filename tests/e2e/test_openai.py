@@ -37,7 +37,7 @@ def _cosine(a: list[float], b: list[float]) -> float:
 
 def test_models_list_has_repo_and_commit(client: openai.OpenAI, hubserve_server: HubserveServer) -> None:
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {"smollm2", "minilm"}
+    assert set(models) == {"smollm2", "minilm", "vlm", "whisper"}
     for name, card in models.items():
         extra = card.model_extra or {}
         assert card.owned_by == "hubserve"
@@ -45,6 +45,8 @@ def test_models_list_has_repo_and_commit(client: openai.OpenAI, hubserve_server:
         assert extra["commit"] == hubserve_server.commits[name]
     assert (models["smollm2"].model_extra or {})["task"] == "text-generation"
     assert (models["minilm"].model_extra or {})["task"] == "feature-extraction"
+    accepts = {name: (card.model_extra or {})["input_modalities"] for name, card in models.items()}
+    assert accepts == {"smollm2": ["text"], "minilm": ["text"], "vlm": ["text", "image"], "whisper": ["audio"]}
     assert client.models.retrieve("smollm2").id == "smollm2"
 
 
