@@ -47,7 +47,10 @@ async def transcribe(request: Request, registry: Registry, path: str) -> Respons
         raise InvalidRequest(f"Model `{engine.info.name}` ({engine.info.task}) does not take audio; name a "
                              "speech-recognition model.", param="model")
     await asyncio.to_thread(check_audio, "file", data, MediaLimits.from_settings(settings))
-    sent = [(k, v) for k, v in fields if k != "model"] + [("model", engine.info.name)]
-    built = httpx.Request("POST", "http://engine", data=sent, files={"file": ("audio", data)})  # type: ignore[arg-type]
+    sent: dict[str, list[str]] = {"model": [engine.info.name]}
+    for key, value in fields:
+        if key != "model":
+            sent.setdefault(key, []).append(value)  # repeated fields (timestamp_granularities[]) stay repeated
+    built = httpx.Request("POST", "http://engine", data=sent, files={"file": ("audio", data)})
     return await forward(registry, engine, path, built.read(), request.headers, Family.OPENAI,
                          content_type=built.headers["content-type"])
