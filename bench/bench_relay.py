@@ -34,7 +34,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.fixtures.sse_engine import MODEL, SocketEngine  # noqa: E402
+from tests.fixtures.sse_engine import MODEL, STREAMS, SocketEngine  # noqa: E402
 
 API_KEY = "bench-relay-key"
 MARK = b"data: "
@@ -65,12 +65,18 @@ class Result:
         return self.chunks / self.seconds
 
 
-def _request(chunks: int, auth: bool) -> bytes:
-    body = json.dumps(
-        {"model": MODEL, "stream": True, "max_tokens": chunks, "messages": [{"role": "user", "content": "hi"}]}
-    ).encode()
+APIS = {  # --api name -> route, body of one streamed request
+    "chat": ("/v1/chat/completions", lambda n: {"max_tokens": n, "messages": [{"role": "user", "content": "hi"}]}),
+    "responses": ("/v1/responses", lambda n: {"max_output_tokens": n, "input": "hi"}),
+    "messages": ("/v1/messages", lambda n: {"max_tokens": n, "messages": [{"role": "user", "content": "hi"}]}),
+}
+
+
+def _request(chunks: int, auth: bool, api: str = "chat") -> bytes:
+    path, make = APIS[api]
+    body = json.dumps({"model": MODEL, "stream": True, **make(chunks)}).encode()
     head = (
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
         f"accept: text/event-stream\r\ncontent-length: {len(body)}\r\n"
         + (f"authorization: Bearer {API_KEY}\r\n" if auth else "")
         + "\r\n"
@@ -78,7 +84,7 @@ def _request(chunks: int, auth: bool) -> bytes:
     return head.encode() + body
 
 
-async def _one_stream(target: tuple[str, object], request: bytes, expect: int) -> tuple[int, float]:
+async def _one_stream(target: tuple[str, object], request: bytes, expect: int, end: bytes) -> tuple[int, float]:
     kind, where = target
     t0 = time.perf_counter()
     if kind == "unix":
@@ -99,17 +105,18 @@ async def _one_stream(target: tuple[str, object], request: bytes, expect: int) -
             if not ttft and seen:
                 ttft = time.perf_counter() - t0
             tail = window[-16:]
-            if window.endswith(b"0\r\n\r\n") and b"[DONE]" in window[-64:]:
+            if window.endswith(b"0\r\n\r\n") and end in window[-256:]:
                 break
     finally:
         writer.close()
     if seen != expect + 1:
-        raise RuntimeError(f"expected {expect} chunks + [DONE], got {seen}")
+        raise RuntimeError(f"expected {expect} chunks + the closing event, got {seen}")
     return expect, ttft
 
 
-async def drive(target: tuple[str, object], concurrency: int, requests: int, chunks: int) -> Result:
-    request = _request(chunks, auth=target[0] == "tcp")
+async def drive(target: tuple[str, object], concurrency: int, requests: int, chunks: int, api: str = "chat") -> Result:
+    request = _request(chunks, auth=target[0] == "tcp", api=api)
+    end = STREAMS[APIS[api][0]][2]
     queue = list(range(requests))
     ttfts: list[float] = []
     total = 0
@@ -118,7 +125,7 @@ async def drive(target: tuple[str, object], concurrency: int, requests: int, chu
         nonlocal total
         while queue:
             queue.pop()
-            n, ttft = await _one_stream(target, request, chunks)
+            n, ttft = await _one_stream(target, request, chunks, end)
             total += n
             ttfts.append(ttft * 1000)
 
@@ -172,6 +179,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=256, help="chunks per streamed answer")
     parser.add_argument("--waves", type=int, default=4, help="requests per run = concurrency x waves (>= 16)")
     parser.add_argument("--httpx", action="store_true", help="relay through the generic httpx path (the old one)")
+    parser.add_argument("--api", default="chat", help="comma-separated: chat, responses (OpenAI Responses events), "
+                        "messages (Anthropic Messages events); each is measured in the same run")
     parser.add_argument("--role", choices=["driver", "gateway"], default="driver", help=argparse.SUPPRESS)
     parser.add_argument("--uds", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -191,24 +200,31 @@ def main() -> None:
             _wait_for(lambda: os.path.exists(uds), "the synthetic engine")
             _wait_for(lambda: _tcp_open(port), "the gateway")
             gw = psutil.Process(gateway.pid)
-            asyncio.run(drive(("tcp", port), 4, 8, ns.chunks))  # warm-up: imports, connection pools
-            print("| concurrency | direct chunks/s | gateway chunks/s | ratio | TTFT p50 / p99 direct ms "
+            apis = ns.api.split(",")
+            for api in apis:
+                asyncio.run(drive(("tcp", port), 4, 8, ns.chunks, api))  # warm-up: imports, connection pools
+            print("| api | concurrency | direct chunks/s | gateway chunks/s | ratio | TTFT p50 / p99 direct ms "
                   "| TTFT p50 / p99 gateway ms | added p50 / p99 ms | gateway CPU µs/chunk |")  # fmt: skip
-            print("|---|---|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|---|---|")
             for c in (int(x) for x in ns.concurrency.split(",")):
-                requests = max(16, c * ns.waves)
-                direct = asyncio.run(drive(("unix", uds), c, requests, ns.chunks))
-                cpu0 = sum(gw.cpu_times()[:2])
-                via = asyncio.run(drive(("tcp", port), c, requests, ns.chunks))
-                cpu_us = (sum(gw.cpu_times()[:2]) - cpu0) / via.chunks * 1e6
-                d50, d99 = _pct(direct.ttft_ms, 50), _pct(direct.ttft_ms, 99)
-                g50, g99 = _pct(via.ttft_ms, 50), _pct(via.ttft_ms, 99)
-                print(
-                    f"| {c} | {direct.rate:,.0f} | {via.rate:,.0f} | {via.rate / direct.rate:.2f}x "
-                    f"| {d50:.2f} / {d99:.2f} | {g50:.2f} / {g99:.2f} | {g50 - d50:+.2f} / {g99 - d99:+.2f} "
-                    f"| {cpu_us:.1f} |",
-                    flush=True,
-                )
+                for api in apis:
+                    _report(api, c, uds, port, gw, ns)
+
+
+def _report(api: str, c: int, uds: str, port: int, gw: psutil.Process, ns: argparse.Namespace) -> None:
+    requests = max(16, c * ns.waves)
+    direct = asyncio.run(drive(("unix", uds), c, requests, ns.chunks, api))
+    cpu0 = sum(gw.cpu_times()[:2])
+    via = asyncio.run(drive(("tcp", port), c, requests, ns.chunks, api))
+    cpu_us = (sum(gw.cpu_times()[:2]) - cpu0) / via.chunks * 1e6
+    d50, d99 = _pct(direct.ttft_ms, 50), _pct(direct.ttft_ms, 99)
+    g50, g99 = _pct(via.ttft_ms, 50), _pct(via.ttft_ms, 99)
+    print(
+        f"| {api} | {c} | {direct.rate:,.0f} | {via.rate:,.0f} | {via.rate / direct.rate:.2f}x "
+        f"| {d50:.2f} / {d99:.2f} | {g50:.2f} / {g99:.2f} | {g50 - d50:+.2f} / {g99 - d99:+.2f} "
+        f"| {cpu_us:.1f} |",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -51,6 +51,12 @@ def wait_ready(url: str, timeout: float) -> dict[str, dict[str, object]]:
         time.sleep(1)
 
 
+# SmolLM2-Instruct's model card samples with temperature 0.2 and top_p 0.9; vLLM's default (the generation config's
+# temperature 1.0, no token cap) rambles for a page.
+SAMPLING_JSON = '"temperature": 0.2, "top_p": 0.9, "max_tokens": 64'
+SAMPLING_PY = "temperature=0.2, top_p=0.9, max_tokens=64"
+
+
 def banner(url: str, models: dict[str, dict[str, object]], logs: list[str]) -> str:
     chat = next((n for n, m in models.items() if m.get("task") == "text-generation"), next(iter(models)))
     embed = next((n for n, m in models.items() if m.get("task") == "feature-extraction"), None)
@@ -64,14 +70,22 @@ def banner(url: str, models: dict[str, dict[str, object]], logs: list[str]) -> s
         "-" * 78,
         " curl:",
         f"   curl {url}/v1/chat/completions -H 'content-type: application/json' \\",
-        f"     -d '{{\"model\": \"{chat}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Say hi\"}}]}}'",
-        " openai (pip install openai):",
+        f"     -d '{{\"model\": \"{chat}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Say hi\"}}], "
+        f"{SAMPLING_JSON}}}'",
+        " openai (pip install openai): chat, then the Responses API:",
         f"   python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='none'); "
-        f"print(c.chat.completions.create(model='{chat}', messages=[{{'role': 'user', 'content': 'Say hi'}}])"
-        '.choices[0].message.content)"',
+        f"print(c.chat.completions.create(model='{chat}', messages=[{{'role': 'user', 'content': 'Say hi'}}], "
+        f"{SAMPLING_PY}).choices[0].message.content)\"",
+        f"   python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='none'); "
+        f"print(c.responses.create(model='{chat}', input='What is the capital of France?', "
+        f"temperature=0.2, top_p=0.9, max_output_tokens=64).output_text)\"",
+        " anthropic (pip install anthropic): Messages, as ANTHROPIC_BASE_URL agents speak it:",
+        f"   python -c \"import anthropic; c = anthropic.Anthropic(base_url='{url}', api_key='none'); "
+        f"print(c.messages.create(model='{chat}', max_tokens=64, messages=[{{'role': 'user', 'content': 'Say hi'}}], "
+        f"extra_body={{'temperature': 0.2, 'top_p': 0.9}}).content[0].text)\"",
         " huggingface_hub InferenceClient:",
         f"   python -c \"from huggingface_hub import InferenceClient; c = InferenceClient(base_url='{url}'); "
-        f"print(c.text_generation('The sky is', max_new_tokens=12))\"",
+        f"print(c.text_generation('The sky is', max_new_tokens=12, temperature=0.2, top_p=0.9))\"",
     ]
     if embed:
         lines.append(

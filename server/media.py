@@ -59,7 +59,8 @@ class MediaLimits:
     @classmethod
     def from_settings(cls, s: Settings) -> MediaLimits:
         root = s.allowed_local_media_path.resolve() if s.allowed_local_media_path is not None else None
-        return cls(s.max_images_per_request, s.max_image_bytes, s.max_image_pixels, s.image_types, root,
+        types = frozenset(t.strip().lower() for t in s.image_types.split(",") if t.strip())
+        return cls(s.max_images_per_request, s.max_image_bytes, s.max_image_pixels, types, root,
                    s.max_audio_bytes, s.max_audio_seconds)
 
 

@@ -126,8 +126,8 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(default=8, ge=0, description="Images one request may carry; more: 400.")
     max_image_bytes: int = Field(default=10 * 1024**2, ge=1, description="Largest image (decoded bytes); more: 413.")
     max_image_pixels: int = Field(default=4096 * 4096, ge=1, description="Largest image (width x height); more: 400.")
-    image_types: Annotated[frozenset[str], NoDecode] = Field(
-        default=frozenset({"image/png", "image/jpeg", "image/webp", "image/gif"}),
+    image_types: str = Field(
+        default="image/png,image/jpeg,image/webp,image/gif",
         description="Image content types accepted (comma-separated), checked against the bytes themselves.",
     )
     allowed_local_media_path: Path | None = Field(
@@ -140,11 +140,6 @@ class Settings(BaseSettings):
         default=True, description="Engines keep Responses (VLLM_ENABLE_RESPONSES_API_STORE) for "
         "GET /v1/responses/{id} and previous_response_id; kept in engine memory until the engine stops.",
     )
-
-    @field_validator("image_types", mode="before")
-    @classmethod
-    def _split_types(cls, v: object) -> object:
-        return frozenset(t.strip().lower() for t in v.split(",") if t.strip()) if isinstance(v, str) else v
 
     @field_validator("api_keys", mode="before")
     @classmethod

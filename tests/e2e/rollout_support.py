@@ -221,7 +221,8 @@ class Outcome:
 class Traffic:
     """Clients calling the server in a loop until stopped: streaming and non-streaming OpenAI completions
     (stream checked for a finish_reason and ``[DONE]``), TGI ``/generate`` and ``/generate_stream`` (the last
-    event must carry generated_text). Every answer is checked whole; anything else is a failure."""
+    event must carry generated_text), OpenAI Responses and Anthropic Messages, streamed (the closing event
+    must come) and not. Every answer is checked whole; anything else is a failure."""
 
     server: Server
     concurrency: int = 4
@@ -232,7 +233,8 @@ class Traffic:
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
-    KINDS = ("openai-stream", "openai", "tgi-stream", "tgi")
+    KINDS = ("openai-stream", "openai", "tgi-stream", "tgi", "responses-stream", "messages", "responses",
+             "messages-stream")
 
     def __enter__(self) -> Traffic:
         for i in range(self.concurrency):
@@ -285,6 +287,36 @@ class Traffic:
     def _tgi(http: httpx.Client, _client: openai.OpenAI) -> tuple[bool, str]:
         r = http.post("/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 8}})
         return r.status_code == 200 and "generated_text" in r.json(), f"HTTP {r.status_code}: {r.text[:300]}"
+
+    @staticmethod
+    def _responses(_http: httpx.Client, client: openai.OpenAI) -> tuple[bool, str]:
+        out = client.responses.create(model=NAME, input="Hello", max_output_tokens=8)
+        return out.status in ("completed", "incomplete"), f"status {out.status}"
+
+    @staticmethod
+    def _responses_stream(http: httpx.Client, _client: openai.OpenAI) -> tuple[bool, str]:
+        return Traffic._events(http, "/v1/responses", {"model": NAME, "input": "Hello", "max_output_tokens": 8,
+                                                       "stream": True}, "response.completed")
+
+    @staticmethod
+    def _messages(http: httpx.Client, _client: openai.OpenAI) -> tuple[bool, str]:
+        body = {"model": NAME, "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}]}
+        r = http.post("/v1/messages", json=body)
+        return r.status_code == 200 and r.json().get("type") == "message", f"HTTP {r.status_code}: {r.text[:300]}"
+
+    @staticmethod
+    def _messages_stream(http: httpx.Client, _client: openai.OpenAI) -> tuple[bool, str]:
+        body = {"model": NAME, "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}], "stream": True}
+        return Traffic._events(http, "/v1/messages", body, "message_stop")
+
+    @staticmethod
+    def _events(http: httpx.Client, path: str, body: dict[str, object], last: str) -> tuple[bool, str]:
+        """A named-event stream (Responses, Messages) must end with its closing event and carry no error."""
+        with http.stream("POST", path, json=body) as r:
+            if r.status_code != 200:
+                return False, f"HTTP {r.status_code}: {r.read()[:300]!r}"
+            types = [json.loads(line[5:]).get("type") for line in r.iter_lines() if line.startswith("data:")]
+        return types[-1:] == [last] and "error" not in types, f"{len(types)} events, last {types[-1:]}"
 
     @staticmethod
     def _tgi_stream(http: httpx.Client, _client: openai.OpenAI) -> tuple[bool, str]:
