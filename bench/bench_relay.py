@@ -95,6 +95,7 @@ async def _one_stream(target: tuple[str, object], request: bytes, expect: int, e
     ttft = 0.0
     seen = 0
     tail = b""
+    recent = b""  # the closing event and the chunked terminator may come in separate reads
     try:
         while True:
             data = await reader.read(1 << 16)
@@ -105,7 +106,8 @@ async def _one_stream(target: tuple[str, object], request: bytes, expect: int, e
             if not ttft and seen:
                 ttft = time.perf_counter() - t0
             tail = window[-16:]
-            if window.endswith(b"0\r\n\r\n") and end in window[-256:]:
+            recent = (recent + data)[-512:]
+            if recent.endswith(b"0\r\n\r\n") and end in recent:
                 break
     finally:
         writer.close()

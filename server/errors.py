@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -246,13 +246,14 @@ def family_of_path(path: str) -> Family:
     return best[1]
 
 
-def family_dependency(family: Family) -> Callable[[Request], None]:
+def family_dependency(family: Family) -> Callable[[Request], Awaitable[None]]:
     """A router dependency that names the API family of its routes: ``APIRouter(dependencies=[Depends(...)])``.
 
-    List it first, before auth, so that errors raised by later dependencies take the family's shape.
+    List it first, before auth, so that errors raised by later dependencies take the family's shape. Async:
+    FastAPI runs a sync dependency in a worker thread, a thread hop on every request (~0.3 ms of TTFT here).
     """
 
-    def set_family(request: Request) -> None:
+    async def set_family(request: Request) -> None:
         request.state.api_family = family
 
     return set_family
