@@ -2,9 +2,10 @@
 
 The store holds SmolLM2-135M-Instruct (text-generation, the default model), all-MiniLM-L6-v2
 (feature-extraction), a tiny random LLaVA (image-text-to-text, chats with images) and a tiny random Whisper
-(automatic-speech-recognition, /v1/audio/*), the last two built by fixtures. It is built the way users build theirs: the models are imported into a seed
-store, served by a real mirror, and ``hubserve sync`` pulls them (smollm2 pinned by branch, resolved
-through models.lock). The mirror is stopped before the server starts: serving needs no network.
+(automatic-speech-recognition, /v1/audio/*), the last two built by fixtures. It is built the way users build
+theirs: the models are imported into a seed store, served by a real mirror, and ``hubserve sync`` pulls them
+(smollm2 pinned by branch, resolved through models.lock). The mirror is stopped before the server starts:
+serving needs no network.
 Tests get it as ``hubserve_server`` (``.url``, ``.api_key``, ``.proc``, ...).
 At the end the server is stopped with SIGTERM and no engine process may survive it.
 """

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from server.registry import Registry
-from tests.fixtures.gateway_app import FLAT_KEY, EngineScript, Keys, asgi_client, build_app, make_keys, served
+from tests.fixtures.gateway_app import FLAT_KEY, EngineScript, Keys, asgi_client, build_app, served
 from tests.fixtures.scripted_engine import ScriptedEngine
 
 pytestmark = pytest.mark.integration
@@ -43,16 +43,6 @@ def image_chat(*urls: str, model: str = "vis") -> dict[str, object]:
     parts: list[dict[str, object]] = [{"type": "text", "text": "what is it?"}]
     parts += [{"type": "image_url", "image_url": {"url": u}} for u in urls]
     return {"model": model, "messages": [{"role": "user", "content": parts}], "max_tokens": 2}
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    return make_keys(tmp_path / "keys.toml")
-
-
-@pytest.fixture
-def script() -> EngineScript:
-    return EngineScript()
 
 
 @pytest.fixture
@@ -153,7 +143,7 @@ async def test_messages_and_responses_usage_counts_for_tpm(client: httpx.AsyncCl
 async def test_responses_retrieve_only_on_the_revision_and_key_that_stored_them(
     built: tuple[object, Registry], client: httpx.AsyncClient, keys: Keys, script: EngineScript
 ) -> None:
-    app, registry = built
+    _, registry = built
     h = bearer(keys.all)
     created = (await client.post("/v1/responses", json={"model": "gen", "input": "hi"}, headers=h)).json()
     async with client.stream("POST", "/v1/responses", json={"model": "org/gen", "input": "hi", "stream": True},

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from server.registry import Registry
-from tests.fixtures.gateway_app import FLAT_KEY, EngineScript, Keys, asgi_client, build_app, make_keys
+from tests.fixtures.gateway_app import FLAT_KEY, EngineScript, Keys, asgi_client, build_app
 
 pytestmark = pytest.mark.integration
 
@@ -59,16 +59,6 @@ ROUTES: dict[tuple[str, str], tuple[dict[str, str], Any, str | None]] = {
     ("POST", "/score"): ({}, {"model": "emb", "text_1": "a", "text_2": "b"}, "emb"),
 }
 UNKNOWN_IDS = {"{response_id}": "resp_unknown"}  # path params of routes not in ROUTES; any other: org/gen
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    return make_keys(tmp_path / "keys.toml")
-
-
-@pytest.fixture
-def script() -> EngineScript:
-    return EngineScript()
 
 
 @pytest.fixture

@@ -27,7 +27,9 @@ def test_find_media_in_every_family_shape() -> None:
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]},
     ]}]}
     refs = find_media(chat)
-    assert [(r.kind, r.where) for r in refs] == [("image", "messages[0].content[1]"), ("audio", "messages[0].content[2]")]
+    assert [(r.kind, r.where) for r in refs] == [
+        ("image", "messages[0].content[1]"), ("audio", "messages[0].content[2]"),
+    ]
     assert refs[0].url == "data:image/png;base64,AA==" and refs[1].media_type == "audio/wav"
     assert [r.url for r in find_media(responses)] == ["https://x/y.png"]
     nested = find_media(anthropic)
