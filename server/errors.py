@@ -83,7 +83,9 @@ class Unauthorized(ServerError):
     anthropic_type = "authentication_error"
     hub_code = "Unauthorized"
 
-    def __init__(self, message: str = "Missing or invalid API key; send 'Authorization: Bearer <key>'.") -> None:
+    def __init__(
+        self, message: str = "Missing or invalid API key; send 'Authorization: Bearer <key>' or 'x-api-key: <key>'."
+    ) -> None:
         super().__init__(message)
 
     def headers(self) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Hub text tasks on vLLM's pooling runner: raw outputs from vLLM, the pipelines' logic (server/hub/tasks.py) here.
+"""Hub text tasks on vLLM's pooling runner: raw outputs from vLLM, the pipelines' logic (server/tasks/answers.py) here.
 
 - text-classification: ``/classify`` with ``use_activation: false`` (raw logits), then labels,
   ``function_to_apply`` and ``top_k``.
@@ -23,8 +23,8 @@ import numpy as np
 from server.engines.base import Engine
 from server.engines.client import post_engine
 from server.errors import GenerationError, InvalidRequest
-from server.hub import tasks
-from server.hub.protocol import (
+from server.tasks import answers as tasks
+from server.tasks.requests import (
     FillMaskRequest,
     TextClassificationRequest,
     TokenClassificationRequest,

@@ -22,7 +22,9 @@ from server.engines.base import Engine
 from server.engines.client import post_engine, read_json
 from server.errors import GenerationError, InvalidRequest
 from server.hub import on_vllm
-from server.hub.protocol import (
+from server.registry import Registry
+from server.tasks.catalog import EMBEDDING_TASKS, GENERATIVE_TASKS
+from server.tasks.requests import (
     TASK_REQUESTS,
     EmbedRequest,
     FillMaskRequest,
@@ -33,8 +35,6 @@ from server.hub.protocol import (
     parse_similarity,
     parse_task,
 )
-from server.registry import Registry
-from server.tasks.catalog import EMBEDDING_TASKS, GENERATIVE_TASKS
 
 log = logging.getLogger("hubserve.hub")
 

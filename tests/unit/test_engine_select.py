@@ -16,8 +16,8 @@ from server.engines.transformers import TransformersEngine, worker_args
 from server.engines.vllm import VLLMEngine
 from server.engines.worker.batcher import Batcher
 from server.errors import InvalidRequest
-from server.hub.protocol import QuestionAnsweringRequest, Seq2SeqRequest, parse_task
 from server.settings import Settings
+from server.tasks.requests import QuestionAnsweringRequest, Seq2SeqRequest, parse_task
 from sync.errors import ConfigError
 
 pytestmark = pytest.mark.unit

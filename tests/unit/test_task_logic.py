@@ -1,4 +1,4 @@
-"""server/hub/tasks.py against transformers' own pipelines: same raw logits in, same answers out."""
+"""server/tasks/answers.py against transformers' own pipelines: same raw logits in, same answers out."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.hub import tasks
+from server.tasks import answers as tasks
 
 pytestmark = pytest.mark.unit
 torch = pytest.importorskip("torch")

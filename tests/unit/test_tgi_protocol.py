@@ -14,10 +14,10 @@ from fastapi.responses import StreamingResponse
 from server.engines.base import ModelInfo
 from server.engines.client import engine_error
 from server.errors import EngineUnavailable, GenerationError, InvalidRequest, Overloaded
-from server.hub.protocol import parse_embed, parse_similarity
 from server.hub.serving import embed, embeddings_body, similarity
 from server.openai.serving import chat_payload
 from server.registry import Registry
+from server.tasks.requests import parse_embed, parse_similarity
 from server.tgi.protocol import GenerateRequest, parse_generate, parse_tokenize
 from server.tgi.serving import TGIService, dump_event, dump_generate
 from server.tgi.tokens import TokenTexts

@@ -23,7 +23,8 @@ from fastapi.responses import JSONResponse
 from server.engines.worker.batcher import Batcher
 from server.engines.worker.runner import Runner
 from server.errors import InvalidRequest
-from server.hub import protocol, tasks
+from server.tasks import answers as tasks
+from server.tasks import requests as protocol
 
 log = logging.getLogger("hubserve.worker")
 DEFAULT_TEMPLATE = "This example is {}."

@@ -1,8 +1,8 @@
 """The model side of the worker: load one revision with transformers, run batches, post-process with
-server/hub/tasks.py. Everything here runs in the worker process (torch is imported here only).
+server/tasks/answers.py. Everything here runs in the worker process (torch is imported here only).
 
 transformers 5 has no question-answering / summarization / translation / text2text pipelines: the
-AutoModelFor* classes and ``generate`` are called directly; the post-processing is ours (server/hub/tasks.py).
+AutoModelFor* classes and ``generate`` are called directly; the post-processing is ours (server/tasks/answers.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from server.hub import tasks
+from server.tasks import answers as tasks
 
 log = logging.getLogger("hubserve.worker")
 

@@ -86,7 +86,7 @@ def parse_similarity(payload: dict[str, Any]) -> SimilarityRequest:
         raise InvalidRequest(f"{loc}: {first['msg']}", param=loc or None) from e
 
 
-# ---- the other text tasks (answered through server/hub/tasks.py by either backend) ----------------------------
+# ---- the other text tasks (answered through server/tasks/answers.py by either backend) ----------------------------
 
 Texts = str | list[str]
 GENERATE_KEYS = frozenset(
