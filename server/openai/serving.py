@@ -17,7 +17,7 @@ from server.engines.capabilities import input_modalities
 from server.errors import Family, InvalidRequest
 from server.media import check_request_media
 from server.openai.protocol import ModelCard, ModelList, RoutingFields
-from server.openai.responses import ResponseIndex, check_response_id, response_index
+from server.openai.responses import ResponseIndex, ResponseNotFound, check_response_id, response_index
 from server.ops import context
 from server.ops.auth import may_see
 from server.proxy import forward
@@ -179,6 +179,9 @@ async def stored_response(request: Request, registry: Registry, response_id: str
     rid = check_response_id(response_id, "response_id")
     index: ResponseIndex = response_index(request.app)
     stored = index.lookup(rid, _owner(), "response_id")
+    path_model = request.path_params.get("repo_id")
+    if path_model and registry.get(path_model).info.name != stored.model:  # /models/{other}/v1/responses/{id}
+        raise ResponseNotFound(f"Response with id '{rid}' not found for model `{path_model}`.", param="response_id")
     engine = registry.get(stored.model)
     request.state.model = engine.info.name
     query = request.url.query

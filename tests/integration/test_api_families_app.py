@@ -156,6 +156,9 @@ async def test_responses_retrieve_only_on_the_revision_and_key_that_stored_them(
         assert script.seen[-1].url.path == f"/v1/responses/{rid}"
     r = await client.post("/v1/responses", json={"input": "more", "previous_response_id": ids[0]}, headers=h)
     assert r.status_code == 200 and json.loads(script.seen[-1].content)["model"] == "gen"  # model from the id
+    elsewhere = await client.get(f"/models/org/emb/v1/responses/{ids[0]}", headers=h)  # another model's path
+    assert elsewhere.status_code == 404 and (await client.get(f"/models/org/gen/v1/responses/{ids[0]}",
+                                                              headers=h)).status_code == 200
     other = await client.get(f"/v1/responses/{ids[0]}", headers=bearer(FLAT_KEY))
     assert other.status_code == 404 and other.json()["error"]["code"] == "response_not_found"
     unknown = await client.get("/v1/responses/resp_never", headers=h)
