@@ -24,14 +24,16 @@ from urllib.parse import unquote, urlsplit
 from server.errors import InvalidRequest, RequestTooLarge
 from server.settings import Settings
 
-Kind = Literal["image", "audio", "video"]
+Kind = Literal["image", "audio", "video", "embeds"]
 # content part / block types → what they carry
 PART_KINDS: dict[str, Kind] = {
     "image_url": "image", "input_image": "image", "image": "image",
     "input_audio": "audio", "audio_url": "audio",
     "video_url": "video", "input_video": "video", "video": "video",
+    "image_embeds": "embeds", "audio_embeds": "embeds",  # raw tensors for the engine: never from the network
 }
-MEDIA_MARKERS = (b'"image', b'"input_image', b'"input_audio', b'"audio_url', b'"video')
+# A JSON string may spell a type with \u escapes ("\u0069mage_url"): such a body is always walked.
+MEDIA_MARKERS = (b'"image', b'"input_image', b'"input_audio', b'"audio_url', b'"audio_embeds', b'"video', b"\\u")
 PIL_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp",
              "TIFF": "image/tiff"}
 DATA_URI = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
@@ -70,6 +72,8 @@ def may_hold_media(body: bytes) -> bool:
 
 
 def _ref(part: dict[str, Any], kind: Kind, where: str) -> MediaRef:
+    if kind == "embeds":
+        raise InvalidRequest(f"{where}: {part['type']} parts are not accepted; send the media itself.", param=where)
     value = part.get(part["type"]) or part.get("image_url")  # Responses: {"type": "input_image", "image_url": ...}
     if part["type"] == "input_audio" and isinstance(value, dict):  # {"data": b64, "format": "wav"}
         fmt = value.get("format")

@@ -38,6 +38,11 @@ def test_find_media_in_every_family_shape() -> None:
     tools = {"messages": [], "tools": [{"type": "function", "function": {"parameters": {"type": "image"}}}]}
     assert find_media(tools) == []  # only messages / input / system are walked
     assert may_hold_media(json.dumps(chat).encode()) and not may_hold_media(b'{"messages": "plain text"}')
+    escaped = json.dumps(chat).replace('"image', '"\\u0069mage').replace('"input_audio', '"\\u0069nput_audio').encode()
+    assert b'"image' not in escaped and b'"input_audio' not in escaped  # the same JSON, no marker spelled out
+    assert may_hold_media(escaped) and len(find_media(json.loads(escaped))) == 2
+    with pytest.raises(InvalidRequest, match="image_embeds parts are not accepted"):
+        find_media({"messages": [{"role": "user", "content": [{"type": "image_embeds", "image_embeds": "AA"}]}]})
 
 
 def test_text_only_model_refuses_images_naming_it() -> None:
