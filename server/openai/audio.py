@@ -1,18 +1,18 @@
 """``/v1/audio/transcriptions`` and ``/translations``: the multipart upload as the ``openai`` SDK sends it,
-checked (bytes, seconds, a readable audio file) off the event loop, then sent on as a multipart body of the
+parsed and checked (bytes, seconds, a readable audio file) off the event loop, then sent on as a multipart body of the
 gateway's own making (fixed file name, the routed model's name) to the model's vLLM engine (engines/select.py
 puts speech recognition on vLLM)."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 from fastapi import Request, Response
-from starlette.datastructures import UploadFile
 
 from server.engines.capabilities import input_modalities
-from server.errors import Family, InvalidRequest
+from server.errors import Family, InvalidRequest, RequestTooLarge
 from server.media import MediaLimits, check_audio
 from server.openai.serving import routed_engine
 from server.proxy import forward
@@ -21,20 +21,49 @@ from server.registry import Registry
 MAX_FIELDS = 32
 
 
+def parse_form(body: bytes, content_type: str, limit: int) -> tuple[bytes, list[tuple[str, str]]]:
+    """The uploaded ``file`` and the text fields of a multipart body (run in a worker thread: a 25 MB upload is
+    parsed off the event loop). InvalidRequest when it is not the form the SDK sends; 413 past ``limit``."""
+    import python_multipart
+    from python_multipart.exceptions import FormParserError
+
+    fields: list[tuple[str, str]] = []
+    files: list[tuple[str, bytes]] = []
+
+    def on_field(field: Any) -> None:
+        if len(fields) >= MAX_FIELDS:
+            raise InvalidRequest(f"The form has more than {MAX_FIELDS} fields.")
+        try:
+            fields.append((field.field_name.decode(), (field.value or b"").decode()))
+        except UnicodeDecodeError as e:
+            raise InvalidRequest("Form fields must be UTF-8 text.") from e
+
+    def on_file(file: Any) -> None:
+        file.file_object.seek(0)
+        files.append((file.field_name.decode(errors="replace"), file.file_object.read(limit + 1)))
+
+    headers = {"Content-Type": content_type.encode("latin-1"), "Content-Length": str(len(body)).encode()}
+    try:
+        parser = python_multipart.create_form_parser(headers, on_field, on_file,
+                                                     config={"MAX_MEMORY_FILE_SIZE": limit + 1})
+        parser.write(body)
+        parser.finalize()
+    except (FormParserError, ValueError) as e:
+        raise InvalidRequest(f"The body is not a multipart form this route reads: {e}.") from e
+    uploads = [data for name, data in files if name == "file"]
+    if len(files) != 1 or not uploads:
+        raise InvalidRequest("The form needs exactly one file part, named `file`, holding the audio.", param="file")
+    if len(uploads[0]) > limit:
+        raise RequestTooLarge(f"file: the audio is over the limit of {limit} bytes (HUBSERVE_MAX_AUDIO_BYTES).",
+                              param="file")
+    return uploads[0], fields
+
+
 async def _read_form(request: Request, limit: int) -> tuple[bytes, list[tuple[str, str]]]:
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise InvalidRequest("Send the audio as multipart/form-data with a `file` part.", param="file")
-    form = await request.form(max_files=1, max_fields=MAX_FIELDS)
-    try:
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise InvalidRequest("The form needs a `file` part holding the audio.", param="file")
-        data = await upload.read(limit + 1)
-        fields = [(k, v) for k, v in form.multi_items() if isinstance(v, str) and k != "file"]
-    finally:
-        await form.close()
-    return data, fields
+    return await asyncio.to_thread(parse_form, await request.body(), content_type, limit)
 
 
 async def transcribe(request: Request, registry: Registry, path: str) -> Response:

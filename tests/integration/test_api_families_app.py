@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import wave
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -55,8 +56,9 @@ def media_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def built(tmp_path: Path, keys: Keys, script: EngineScript, media_dir: Path) -> tuple[object, Registry]:
-    return build_app(tmp_path, script, vision=True, max_images_per_request=2, max_image_bytes=20_000,
-                     max_image_pixels=64 * 64, allowed_local_media_path=media_dir)
+    return build_app(tmp_path, script, vision=True, audio=True, max_images_per_request=2, max_image_bytes=20_000,
+                     max_image_pixels=64 * 64, allowed_local_media_path=media_dir, max_audio_bytes=200_000,
+                     max_audio_seconds=2)
 
 
 @pytest.fixture
@@ -227,6 +229,46 @@ async def test_images_in_responses_and_messages(client: httpx.AsyncClient, keys:
     assert r.json()["type"] == "error" and "pixels" in r.json()["error"]["message"]
     r = await client.post("/v1/messages", json={**msg, "model": "gen"}, headers=h)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+# ---- audio uploads ------------------------------------------------------------------------------------------
+
+
+def wav(seconds: float, rate: int = 8000) -> bytes:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"\x00\x01" * int(seconds * rate))
+    return out.getvalue()
+
+
+def test_audio_uploads_through_the_sdk(url: str, keys: Keys, script: EngineScript) -> None:
+    sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=keys.all, max_retries=0)
+    out = sdk.audio.transcriptions.create(model="org/asr", file=("my\r\nname.wav", wav(1.0), "audio/wav"),
+                                          language="en", timestamp_granularities=["word", "segment"],
+                                          response_format="verbose_json")
+    assert out.text == "hello"
+    sent = script.seen[-1]
+    assert sent.url.path == "/v1/audio/transcriptions" and sent.headers["content-type"].startswith("multipart/")
+    assert b'name="model"\r\n\r\nasr\r\n' in sent.content and wav(1.0) in sent.content  # routed name, same bytes
+    assert sent.content.count(b'name="timestamp_granularities[]"') == 2 and b"my\r\nname" not in sent.content
+    assert sdk.audio.translations.create(model="asr", file=("a.wav", wav(0.5), "audio/wav")).text == "hello"
+    before = len(script.seen)
+    refused: list[tuple[str, bytes, type[openai.APIStatusError], str]] = [
+        ("asr", wav(3.0), openai.BadRequestError, "HUBSERVE_MAX_AUDIO_SECONDS"),
+        ("asr", wav(20.0), openai.APIStatusError, "HUBSERVE_MAX_AUDIO_BYTES"),
+        ("asr", b"no audio here", openai.BadRequestError, "not audio this server reads"),
+        ("gen", wav(1.0), openai.BadRequestError, "does not take audio"),
+    ]
+    for model, data, error, says in refused:
+        with pytest.raises(error, match=says) as caught:
+            sdk.audio.transcriptions.create(model=model, file=("a.wav", data, "audio/wav"))
+        assert caught.value.status_code in (400, 413)
+    assert len(script.seen) == before, "a refused upload reached the engine"
+    r = httpx.post(f"{url}/v1/audio/transcriptions", json={"model": "asr"}, headers=bearer(keys.all))
+    assert r.status_code == 400 and "multipart" in r.json()["error"]["message"]
 
 
 # ---- tokenize, unknown routes -------------------------------------------------------------------------------
