@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sync.errors import HubserveError
@@ -237,6 +238,17 @@ PATH_FAMILIES: tuple[tuple[str, Family], ...] = (
     ("/ready", Family.OPS),
     ("/metrics", Family.OPS),
 )
+
+
+def validation_problem(error: ValidationError) -> tuple[str, str | None]:
+    """(message, param) for the first problem of a pydantic ValidationError, the one way every family words it:
+    ``field: what is wrong``, or the validator's own text where it names the field itself."""
+    first = error.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = str(first["msg"]).removeprefix("Value error, ")
+    if msg.startswith("`") or msg.startswith("you must") or not loc:
+        return msg, loc or None
+    return f"{loc}: {msg}", loc
 
 
 def family_of_path(path: str) -> Family:

@@ -7,7 +7,7 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, validation_problem
 
 VERSION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -28,9 +28,8 @@ def parse_messages(payload: object) -> MessagesFields:
     try:
         return MessagesFields.model_validate(payload)
     except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"])
-        raise InvalidRequest(f"{param}: {first['msg']}.", param=param) from e
+        message, param = validation_problem(e)
+        raise InvalidRequest(message, param=param) from e
 
 
 def check_version(value: str | None) -> None:

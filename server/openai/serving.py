@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from server.engines.base import Engine
 from server.engines.capabilities import input_modalities
-from server.errors import Family, InvalidRequest
+from server.errors import Family, InvalidRequest, validation_problem
 from server.media import check_request_media
 from server.openai.protocol import ModelCard, ModelList, RoutingFields
 from server.openai.responses import ResponseIndex, ResponseNotFound, check_response_id, response_index
@@ -62,9 +62,8 @@ def parse_body(body: bytes) -> tuple[dict[str, object], RoutingFields]:
     try:
         fields = RoutingFields.model_validate(payload)
     except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"])
-        raise InvalidRequest(f"{param}: {first['msg']}.", param=param) from e
+        message, param = validation_problem(e)
+        raise InvalidRequest(message, param=param) from e
     return payload, fields
 
 

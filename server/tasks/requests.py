@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, validation_problem
 
 log = logging.getLogger("hubserve.hub")
 
@@ -53,10 +53,8 @@ def parse_embed(payload: object) -> EmbedRequest:
     try:
         request = EmbedRequest.model_validate(merged)
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        msg = str(first["msg"]).removeprefix("Value error, ")
-        raise InvalidRequest(msg if msg.startswith("`") else f"{loc}: {msg}", param=loc or None) from e
+        message, param = validation_problem(e)
+        raise InvalidRequest(message, param=param) from e
     if request.model_extra:
         log.info("ignoring unknown fields: %s", ", ".join(sorted(request.model_extra)))
     return request
@@ -81,9 +79,8 @@ def parse_similarity(payload: dict[str, Any]) -> SimilarityRequest:
     try:
         return SimilarityRequest.model_validate(payload)
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise InvalidRequest(f"{loc}: {first['msg']}", param=loc or None) from e
+        message, param = validation_problem(e)
+        raise InvalidRequest(message, param=param) from e
 
 
 # ---- the other text tasks (answered through server/tasks/answers.py by either backend) ----------------------------

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, validation_problem
 
 log = logging.getLogger("hubserve.tgi")
 
@@ -260,16 +260,6 @@ class Info(BaseModel):
 # ---- parsing -----------------------------------------------------------------------------------------------
 
 
-def _message(error: ValidationError) -> tuple[str, str | None]:
-    """TGI-style message for the first problem: the validator's own text, else ``field: what is wrong``."""
-    first = error.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    msg = str(first["msg"]).removeprefix("Value error, ")
-    if msg.startswith("`") or msg.startswith("you must") or not loc:
-        return msg, loc or None
-    return f"{loc}: {msg}", loc
-
-
 def parse_generate(payload: object) -> GenerateRequest:
     """Validate a generate body; InvalidRequest (TGI: 422 validation) with TGI's message otherwise."""
     if not isinstance(payload, dict):
@@ -277,7 +267,7 @@ def parse_generate(payload: object) -> GenerateRequest:
     try:
         request = GenerateRequest.model_validate(payload)
     except ValidationError as e:
-        message, param = _message(e)
+        message, param = validation_problem(e)
         raise InvalidRequest(message, param=param) from e
     ignored = request.ignored_fields() + [f"parameters.{k}" for k in request.parameters.ignored_fields()]
     if ignored:
@@ -291,5 +281,5 @@ def parse_tokenize(payload: object) -> TokenizeRequest:
     try:
         return TokenizeRequest.model_validate(payload)
     except ValidationError as e:
-        message, param = _message(e)
+        message, param = validation_problem(e)
         raise InvalidRequest(message, param=param) from e
