@@ -273,6 +273,11 @@ def family_dependency(family: Family) -> Callable[[Request], Awaitable[None]]:
     return set_family
 
 
+async def model_path(repo_id: str) -> None:
+    """Declares the ``{repo_id}`` of a ``/models/{repo_id}/v1/...`` router in the OpenAPI schema (serving code reads
+    it from ``request.path_params``): the dependency of every family's model router."""
+
+
 def family_of(request: Request) -> Family:
     fam = getattr(request.state, "api_family", None)
     return fam if isinstance(fam, Family) else family_of_path(request.url.path)

@@ -6,12 +6,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 
 from server.anthropic.serving import proxy_messages
-from server.errors import Family, family_dependency
+from server.errors import Family, family_dependency, model_path
 from server.ops.auth import require_api_key
 
 DEPENDENCIES = [Depends(family_dependency(Family.ANTHROPIC)), Depends(require_api_key)]
 router = APIRouter(prefix="/v1", tags=["anthropic"], dependencies=DEPENDENCIES)
-model_router = APIRouter(prefix="/models/{repo_id:path}/v1", tags=["anthropic"], dependencies=DEPENDENCIES)
+model_router = APIRouter(prefix="/models/{repo_id:path}/v1", tags=["anthropic"],
+                         dependencies=[*DEPENDENCIES, Depends(model_path)])
 
 
 async def messages(request: Request) -> Response:

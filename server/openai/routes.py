@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from server.engines.client import read_json
 from server.engines.tokenize import tokenize_on_engine
-from server.errors import Family, family_dependency
+from server.errors import Family, family_dependency, model_path
 from server.openai.audio import transcribe
 from server.openai.protocol import ModelCard, ModelList
 from server.openai.serving import (
@@ -26,7 +26,8 @@ from server.ops.auth import require_api_key
 DEPENDENCIES = [Depends(family_dependency(Family.OPENAI)), Depends(require_api_key)]
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=DEPENDENCIES)
 # Registered before the Hub family's POST /models/{repo_id:path}, whose path would swallow these.
-model_router = APIRouter(prefix="/models/{repo_id:path}/v1", tags=["openai"], dependencies=DEPENDENCIES)
+model_router = APIRouter(prefix="/models/{repo_id:path}/v1", tags=["openai"],
+                         dependencies=[*DEPENDENCIES, Depends(model_path)])
 # The same routes without /v1 (TEI, Jina and vLLM clients post to /rerank, /score, /detokenize).
 root_router = APIRouter(tags=["openai"], dependencies=DEPENDENCIES)
 
