@@ -59,6 +59,7 @@ async def forward(
     method: str = "POST",
     *,
     content_type: str = "application/json",
+    payload: dict[str, Any] | None = None,
     admitted: Callable[[Engine], None] | None = None,
     on_event: EventHook | None = None,
 ) -> Response:
@@ -67,11 +68,13 @@ async def forward(
 
     JSON answers come back whole with vLLM's status; ``text/event-stream`` answers are streamed chunk by
     chunk as they arrive. If the engine dies mid-stream, one SSE error event in ``family``'s shape ends it.
-    ``admitted(engine)`` may refuse the engine the request was admitted to (raise: the slot is freed);
+    ``payload``: ``body`` already parsed by the caller (the max-tokens cap then reads it instead of parsing the
+    body again); ``admitted(engine)`` may refuse the engine the request was admitted to (raise: the slot is freed);
     ``on_event(obj)`` sees each JSON object of a successful answer (the whole answer, or each SSE event).
     """
     if path in CAPPED_PATHS and registry.settings.max_new_tokens is not None:
-        body = _capped(body, registry.settings.max_new_tokens, MAX_TOKENS_PATHS.get(path, MAX_TOKENS_FIELDS))
+        fields = MAX_TOKENS_PATHS.get(path, MAX_TOKENS_FIELDS)
+        body = _capped(body, payload, registry.settings.max_new_tokens, fields)
     slot = await registry.admit(engine)
     engine = slot.engine
     try:
@@ -148,12 +151,14 @@ async def _relay(
         usage.close()
 
 
-def _capped(body: bytes, cap: int, fields: tuple[str, ...]) -> bytes:
-    """The body with max_tokens capped (HUBSERVE_MAX_NEW_TOKENS); InvalidRequest when it asks for more."""
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidRequest(f"The request body is not valid JSON: {e}.") from e
+def _capped(body: bytes, payload: object, cap: int, fields: tuple[str, ...]) -> bytes:
+    """The body with max_tokens capped (HUBSERVE_MAX_NEW_TOKENS); InvalidRequest when it asks for more.
+    ``payload``: the body's JSON when the caller has it (else parsed here)."""
+    if payload is None:
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidRequest(f"The request body is not valid JSON: {e}.") from e
     if not isinstance(payload, dict):
         return body
     capped = cap_max_tokens(payload, cap, fields)

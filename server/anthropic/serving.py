@@ -4,35 +4,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from typing import Any
 
 from fastapi import Request, Response
 
-from server.anthropic.protocol import MessagesFields, check_version, parse_messages
+from server.anthropic.protocol import check_version, parse_messages
+from server.engines.client import read_json_body
 from server.errors import Family, InvalidRequest
 from server.media import check_request_media
 from server.proxy import forward
 from server.registry import Registry
 from server.tasks.catalog import GENERATIVE_TASKS
 
-PARSE_IN_THREAD_BYTES = 256 * 1024  # bigger bodies (inline images) are parsed off the event loop
-
-
-def _parse(body: bytes) -> tuple[dict[str, Any], MessagesFields]:
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidRequest(f"The request body is not valid JSON: {e}.") from e
-    return payload, parse_messages(payload)
-
 
 async def proxy_messages(request: Request, registry: Registry, path: str) -> Response:
     """``path``: ``/v1/messages`` or ``/v1/messages/count_tokens`` on the engine of the named model."""
     check_version(request.headers.get("anthropic-version"))
-    body = await request.body()
-    payload, fields = await asyncio.to_thread(_parse, body) if len(body) > PARSE_IN_THREAD_BYTES else _parse(body)
+    body, payload = await read_json_body(request)
+    fields = parse_messages(payload)
     engine = registry.get(request.path_params.get("repo_id") or fields.model)
     request.state.model = engine.info.name
     if engine.info.task not in GENERATIVE_TASKS or engine.backend == "transformers":
@@ -40,5 +29,6 @@ async def proxy_messages(request: Request, registry: Registry, path: str) -> Res
                              "text-generation model.", param="model")
     await check_request_media(body, payload, engine.info.name, engine.info.snapshot, registry.settings)
     if fields.model not in engine.info.served_names:
-        body = json.dumps({**payload, "model": engine.info.name}).encode()
-    return await forward(registry, engine, path, body, request.headers, Family.ANTHROPIC)
+        payload = {**payload, "model": engine.info.name}
+        body = json.dumps(payload).encode()
+    return await forward(registry, engine, path, body, request.headers, Family.ANTHROPIC, payload=payload)

@@ -7,6 +7,7 @@ calls whose answer the gateway reads or translates.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from typing import Any
@@ -68,10 +69,25 @@ async def post_engine(engine: Engine, path: str, body: dict[str, Any]) -> httpx.
     return response
 
 
-async def read_json(request: Request) -> Any:
-    """The request body as JSON; InvalidRequest (a 4xx in every family) when it is not JSON."""
-    body = await request.body()
+PARSE_IN_THREAD_BYTES = 256 * 1024  # bigger bodies (inline images, audio) are parsed off the event loop
+
+
+def parse_json(body: bytes) -> Any:
+    """``body`` as JSON; InvalidRequest (a 4xx in every family) when it is not JSON."""
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"The request body is not valid JSON: {e}.") from e
+
+
+async def read_json_body(request: Request) -> tuple[bytes, Any]:
+    """The request's raw body and its JSON (parsed in a worker thread when the body is big)."""
+    body = await request.body()
+    if len(body) > PARSE_IN_THREAD_BYTES:
+        return body, await asyncio.to_thread(parse_json, body)
+    return body, parse_json(body)
+
+
+async def read_json(request: Request) -> Any:
+    """The request body as JSON; InvalidRequest (a 4xx in every family) when it is not JSON."""
+    return (await read_json_body(request))[1]

@@ -13,8 +13,6 @@ from server.errors import Family, family_dependency, model_path
 from server.openai.audio import transcribe
 from server.openai.protocol import ModelCard, ModelList
 from server.openai.serving import (
-    RERANK_TASKS,
-    SCORE_TASKS,
     create_response,
     list_models,
     model_card,
@@ -22,6 +20,7 @@ from server.openai.serving import (
     stored_response,
 )
 from server.ops.auth import require_api_key
+from server.tasks.catalog import RERANK_TASKS, SCORE_TASKS
 
 DEPENDENCIES = [Depends(family_dependency(Family.OPENAI)), Depends(require_api_key)]
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=DEPENDENCIES)

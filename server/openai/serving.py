@@ -4,7 +4,6 @@ them, for whom) so that retrieve, cancel and ``previous_response_id`` reach the 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from typing import Any
@@ -14,6 +13,7 @@ from pydantic import ValidationError
 
 from server.engines.base import Engine
 from server.engines.capabilities import input_modalities
+from server.engines.client import read_json_body
 from server.errors import Family, InvalidRequest, validation_problem
 from server.media import check_request_media
 from server.openai.protocol import ModelCard, ModelList, RoutingFields
@@ -22,11 +22,8 @@ from server.ops import context
 from server.ops.auth import may_see
 from server.proxy import forward
 from server.registry import Registry
-from server.tasks.catalog import RERANK_TASKS, SCORE_TASKS
 
-__all__ = ["RERANK_TASKS", "SCORE_TASKS"]
 QUERY_RE = re.compile(r"^[A-Za-z0-9_.~%&=+-]{1,1000}$")  # GET /v1/responses/{id}?stream=true&starting_after=3
-PARSE_IN_THREAD_BYTES = 256 * 1024  # bigger bodies (inline images) are parsed off the event loop
 
 
 def model_card(engine: Engine, started: float) -> ModelCard:
@@ -51,29 +48,20 @@ def list_models(registry: Registry, started: float) -> ModelList:
     return ModelList(data=[model_card(e, started) for e in registry.engines.values() if may_see(e.info)])
 
 
-def parse_body(body: bytes) -> tuple[dict[str, object], RoutingFields]:
-    """The JSON object of an OpenAI request and its routing fields; InvalidRequest (400) otherwise."""
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidRequest(f"The request body is not valid JSON: {e}.") from e
+def routing_fields(payload: object) -> RoutingFields:
+    """The routing fields of an OpenAI request's JSON object; InvalidRequest (400) otherwise."""
     if not isinstance(payload, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     try:
-        fields = RoutingFields.model_validate(payload)
+        return RoutingFields.model_validate(payload)
     except ValidationError as e:
         message, param = validation_problem(e)
         raise InvalidRequest(message, param=param) from e
-    return payload, fields
 
 
 async def read_body(request: Request) -> tuple[bytes, dict[str, Any], RoutingFields]:
-    body = await request.body()
-    if len(body) > PARSE_IN_THREAD_BYTES:
-        payload, fields = await asyncio.to_thread(parse_body, body)
-    else:
-        payload, fields = parse_body(body)
-    return body, payload, fields
+    body, payload = await read_json_body(request)
+    return body, payload, routing_fields(payload)
 
 
 def chat_payload(payload: dict[str, Any], model: str) -> dict[str, Any]:
@@ -125,8 +113,9 @@ async def proxy_openai(
     _check_task(engine, path, tasks)
     await check_request_media(body, payload, engine.info.name, engine.info.snapshot, registry.settings)
     if fields.model not in engine.info.served_names or _is_tgi_response_format(payload.get("response_format")):
-        body = json.dumps(chat_payload(payload, engine.info.name)).encode()
-    return await forward(registry, engine, path, body, request.headers, Family.OPENAI)
+        payload = chat_payload(payload, engine.info.name)
+        body = json.dumps(payload).encode()
+    return await forward(registry, engine, path, body, request.headers, Family.OPENAI, payload=payload)
 
 
 # ---- Responses ---------------------------------------------------------------------------------------------
@@ -157,7 +146,8 @@ async def create_response(request: Request, registry: Registry) -> Response:
                              f"`{engine.info.name}`.", param="previous_response_id")
     await check_request_media(body, payload, engine.info.name, engine.info.snapshot, registry.settings)
     if fields.model not in engine.info.served_names:
-        body = json.dumps({**payload, "model": engine.info.name}).encode()
+        payload = {**payload, "model": engine.info.name}
+        body = json.dumps(payload).encode()
     name, served = engine.info.name, engine.info.commit
 
     def admitted(now: Engine) -> None:  # after a swap the request runs on the new revision: remember that one
@@ -170,7 +160,7 @@ async def create_response(request: Request, registry: Registry) -> Response:
         index.observe(event, name, served, owner)
 
     return await forward(registry, engine, "/v1/responses", body, request.headers, Family.OPENAI,
-                         admitted=admitted, on_event=remember)
+                         payload=payload, admitted=admitted, on_event=remember)
 
 
 async def stored_response(request: Request, registry: Registry, response_id: str, action: str) -> Response:

@@ -305,3 +305,17 @@ async def test_every_path_parameter_is_declared_in_the_schema(client: httpx.Asyn
             missing += [f"{method.upper()} {path}: {name}" for name in re.findall(r"\{(\w+)", path)
                         if name not in declared]
     assert not missing
+
+
+async def test_max_new_tokens_cap_on_responses_and_messages(tmp_path: Path, keys: Keys, script: EngineScript) -> None:
+    """HUBSERVE_MAX_NEW_TOKENS reads each family's own field from the body the route parsed (rewritten or not)."""
+    app, _ = build_app(tmp_path, script, max_new_tokens=64)
+    h = bearer(keys.all)
+    async with asgi_client(app) as c:
+        r = await c.post("/v1/responses", json={"model": "gen", "input": "hi", "max_output_tokens": 65}, headers=h)
+        assert r.status_code == 400 and "`max_output_tokens` must be <= 64" in r.json()["error"]["message"]
+        r = await c.post("/v1/messages", json={"model": "gen", "max_tokens": 65, "messages": HI}, headers=h)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+        assert (await c.post("/v1/responses", json={"input": "hi"}, headers=h)).status_code == 200  # the default
+        sent = json.loads(script.seen[-1].content)
+        assert sent["max_output_tokens"] == 64 and sent["model"] == "gen"  # capped and renamed in one body
