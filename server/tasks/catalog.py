@@ -1,9 +1,107 @@
-"""Task kinds every family and both backends agree on (Hub pipeline tags)."""
+"""The task catalog: every Hub task hubserve knows, what it takes in, what it answers and how long it may take.
+
+One table (``TASKS``) is the vocabulary every family and both backends agree on: the Hub routes read the input
+kind to know how to read a body (JSON text, an image, audio), the worker reads it to know what to decode, the
+gateway reads ``timeout_s`` when a model sets none. The task sets below are views of it.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Input = Literal["text", "image", "audio", "image+question", "table", "messages"]
+Output = Literal["json", "image", "audio", "stream"]
+Kind = Literal["generation", "embedding", "classification", "media"]
+
+# Default time limits by kind of work (the seed: embeddings/classification short, generation long, images and
+# audio longer still); a model's `timeout_s` in models.toml replaces its default.
+DEFAULT_TIMEOUT_S: dict[Kind, float] = {"classification": 60.0, "embedding": 60.0, "generation": 600.0,
+                                        "media": 900.0}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One Hub pipeline tag as hubserve serves it."""
+
+    name: str
+    input: Input
+    output: Output
+    kind: Kind
+    client_method: str  # huggingface_hub.InferenceClient's method for it
+    expects: str = ""  # the body it takes, for error messages
+
+    @property
+    def timeout_s(self) -> float:
+        return DEFAULT_TIMEOUT_S[self.kind]
+
+
+_IMAGE_BODY = "the image's bytes as the body, or {\"inputs\": \"<base64 image>\", \"parameters\": {...}}"
+_AUDIO_BODY = "the audio's bytes as the body, or {\"inputs\": \"<base64 audio>\", \"parameters\": {...}}"
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        # text (served since issue 5)
+        Task("text-generation", "text", "stream", "generation", "text_generation"),
+        Task("conversational", "messages", "stream", "generation", "chat_completion"),
+        Task("image-text-to-text", "messages", "stream", "generation", "chat_completion"),
+        Task("text2text-generation", "text", "json", "generation", "text_generation"),
+        Task("summarization", "text", "json", "generation", "summarization"),
+        Task("translation", "text", "json", "generation", "translation"),
+        Task("feature-extraction", "text", "json", "embedding", "feature_extraction"),
+        Task("sentence-similarity", "text", "json", "embedding", "sentence_similarity"),
+        Task("text-ranking", "text", "json", "classification", "-"),
+        Task("text-classification", "text", "json", "classification", "text_classification"),
+        Task("token-classification", "text", "json", "classification", "token_classification"),
+        Task("fill-mask", "text", "json", "classification", "fill_mask"),
+        Task("zero-shot-classification", "text", "json", "classification", "zero_shot_classification"),
+        Task("question-answering", "text", "json", "classification", "question_answering"),
+        # images, audio and tables (issue 14)
+        Task("image-classification", "image", "json", "media", "image_classification", _IMAGE_BODY),
+        Task("zero-shot-image-classification", "image", "json", "media", "zero_shot_image_classification",
+             _IMAGE_BODY + " with parameters.candidate_labels"),
+        Task("object-detection", "image", "json", "media", "object_detection", _IMAGE_BODY),
+        Task("image-segmentation", "image", "json", "media", "image_segmentation", _IMAGE_BODY),
+        Task("image-to-text", "image", "json", "media", "image_to_text", _IMAGE_BODY),
+        Task("visual-question-answering", "image+question", "json", "media", "visual_question_answering",
+             '{"inputs": {"image": "<base64 image>", "question": "..."}} (or "image"/"question" at the root)'),
+        Task("document-question-answering", "image+question", "json", "media", "document_question_answering",
+             '{"inputs": {"image": "<base64 image>", "question": "..."}, "parameters": {...}}'),
+        Task("automatic-speech-recognition", "audio", "json", "media", "automatic_speech_recognition", _AUDIO_BODY),
+        Task("audio-classification", "audio", "json", "media", "audio_classification", _AUDIO_BODY),
+        Task("text-to-speech", "text", "audio", "media", "text_to_speech", '{"inputs": "a text", "parameters": {...}}'),
+        Task("text-to-audio", "text", "audio", "media", "text_to_speech", '{"inputs": "a text", "parameters": {...}}'),
+        Task("text-to-image", "text", "image", "media", "text_to_image",
+             '{"inputs": "a prompt", "parameters": {"negative_prompt", "height", "width", "num_inference_steps", '
+             '"guidance_scale", "seed"}}'),
+        Task("image-to-image", "image", "image", "media", "image_to_image",
+             _IMAGE_BODY + ' with parameters {"prompt", "negative_prompt", "num_inference_steps", ...}'),
+        Task("table-question-answering", "table", "json", "media", "table_question_answering",
+             '{"inputs": {"query": "...", "table": {"column": ["cell", ...]}}}'),
+    )
+}
+
+# Tasks of the Hub that hubserve refuses, and why (a 400 naming the task; models.toml refuses them too).
+NOT_SERVED: dict[str, str] = {
+    "tabular-classification": "transformers has no tabular models (they are scikit-learn/joblib pickles, which "
+    "hubserve does not load: they run arbitrary code)",
+    "tabular-regression": "transformers has no tabular models (they are scikit-learn/joblib pickles, which "
+    "hubserve does not load: they run arbitrary code)",
+    "audio-to-audio": "transformers has no audio-to-audio pipeline (speech enhancement and source separation "
+    "models are SpeechBrain/Asteroid checkpoints)",
+}
 
 GENERATIVE_TASKS = frozenset({"text-generation", "text2text-generation", "conversational", "image-text-to-text"})
 EMBEDDING_TASKS = frozenset({"feature-extraction", "sentence-similarity", "embedding"})
 RERANK_TASKS = frozenset({"text-ranking"})
 SCORE_TASKS = RERANK_TASKS | EMBEDDING_TASKS  # vLLM's /v1/score: cross-encoders, or cosine of embeddings
 TRANSCRIPTION_TASKS = frozenset({"automatic-speech-recognition"})
+MEDIA_TASKS = frozenset(name for name, t in TASKS.items() if t.kind == "media")
+IMAGE_OUTPUT_TASKS = frozenset(name for name, t in TASKS.items() if t.output == "image")  # diffusers pipelines
+
+
+def task_timeout_s(task: str) -> float:
+    """The default time limit of ``task``'s requests (the generation default for a task not in the table)."""
+    spec = TASKS.get(task)
+    return spec.timeout_s if spec is not None else DEFAULT_TIMEOUT_S["generation"]

@@ -2,8 +2,9 @@
 
 Routes (private; the gateway is the only client): ``GET /health`` (200 once the model is loaded: the socket
 appears only then), ``GET /info``, ``POST /run`` (the Hub Inference API body of the model's task → the answer in
-the Hub's shape), ``POST /rerank`` (cross-encoders: the Cohere/Jina/vLLM rerank shape). Errors: ``{"error"}``
-with 400 for input that does not fit the task, 500 otherwise.
+the Hub's shape; image and audio tasks take the gateway's normalized body, media in base64, and may answer
+image or audio bytes), ``POST /rerank`` (cross-encoders: the Cohere/Jina/vLLM rerank shape). Errors:
+``{"error"}`` with 400 for input that does not fit the task, 500 otherwise.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
+from server.engines.worker import media
 from server.engines.worker.batcher import Batcher
-from server.engines.worker.runner import Runner
+from server.engines.worker.runner import Runner, select_device
 from server.errors import InvalidRequest
 from server.tasks import answers as tasks
 from server.tasks import requests as protocol
+from server.tasks.media_requests import parse_media_task
 
 log = logging.getLogger("hubserve.worker")
 DEFAULT_TEMPLATE = "This example is {}."
@@ -101,6 +104,9 @@ class Worker:
 
     _summarization = _translation = _text2text_generation = _seq2seq
 
+    def batchers(self) -> tuple[Batcher[Any, Any], ...]:
+        return (self.logits, self.entities, self.fill, self.answers, self.generate)
+
     async def rerank(self, payload: Any) -> Any:
         """vLLM's /rerank answer for a cross-encoder: relevance = sigmoid of the single logit."""
         if not isinstance(payload, dict) or not isinstance(payload.get("query"), str):
@@ -123,17 +129,48 @@ class Worker:
                 "usage": {"total_tokens": tokens}, "results": results}
 
 
-def make_app(worker: Worker) -> FastAPI:
+class MediaWorker:
+    """Image, audio and table tasks: parse the normalized body, batch the model work (engines/worker/media.py)."""
+
+    def __init__(self, model: media.MediaModel, name: str, max_batch: int, window_s: float, device: Any) -> None:
+        self.model = model
+        self.name = name
+        self.device = device
+        self.runner = self  # /info reads runner.info()
+        executor = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.batcher = Batcher(model.run, max_batch, window_s, executor)
+
+    async def run(self, payload: Any) -> Any:
+        request = parse_media_task(self.model.task, payload, self.name)
+        item, key = self.model.prepare(request)
+        (answer,) = await self.batcher.submit([item], key)
+        return answer
+
+    def info(self) -> dict[str, Any]:
+        return {"task": self.model.task, "device": str(self.device), "max_model_len": self.model.max_len,
+                **self.model.info()}
+
+    async def rerank(self, payload: Any) -> Any:
+        raise InvalidRequest(f"Model `{self.name}` serves {self.model.task}; it does not rerank.")
+
+    def batchers(self) -> tuple[Batcher[Any, Any], ...]:
+        return (self.batcher,)
+
+
+def make_app(worker: Worker | MediaWorker) -> FastAPI:
     app = FastAPI(title="hubserve worker", openapi_url=None, docs_url=None, redoc_url=None)
     started = time.time()
 
-    async def answer(call: Any, request: Request) -> JSONResponse:
+    async def answer(call: Any, request: Request) -> Response:
         try:
             payload = await request.json()
         except ValueError as e:
             return JSONResponse({"error": f"The request body is not valid JSON: {e}."}, status_code=400)
         try:
-            return JSONResponse(await call(payload))
+            result = await call(payload)
+            if isinstance(result, media.Binary):
+                return Response(result.data, media_type=result.content_type)
+            return JSONResponse(result)
         except InvalidRequest as e:
             return JSONResponse({"error": e.message}, status_code=400)
         except Exception as e:
@@ -146,17 +183,17 @@ def make_app(worker: Worker) -> FastAPI:
 
     @app.get("/info")
     async def info() -> dict[str, Any]:
-        batchers = (worker.logits, worker.entities, worker.fill, worker.answers, worker.generate)
+        batchers = worker.batchers()
         return worker.runner.info() | {"name": worker.name, "started": started,
                                        "batches": sum(b.batches for b in batchers),
                                        "items": sum(b.items for b in batchers)}
 
     @app.post("/run")
-    async def run(request: Request) -> JSONResponse:
+    async def run(request: Request) -> Response:
         return await answer(worker.run, request)
 
     @app.post("/rerank")
-    async def rerank(request: Request) -> JSONResponse:
+    async def rerank(request: Request) -> Response:
         return await answer(worker.rerank, request)
 
     return app
@@ -177,10 +214,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
-    runner = Runner(args.repo, args.revision, args.task, args.device, args.trust_remote_code, args.dtype)
-    log.info("loaded %s@%s for %s on %s in %.1f s", args.repo, args.revision[:12], args.task, runner.device,
+    worker: Worker | MediaWorker
+    if args.task in media.TASK_MODULES:
+        device, dtype = select_device(args.device, args.dtype)
+        spec = media.LoadSpec(args.repo, args.revision, args.task, device, dtype, args.trust_remote_code)
+        worker = MediaWorker(media.load(spec), args.name, args.max_batch_size, args.batch_wait_ms / 1000, device)
+    else:
+        runner = Runner(args.repo, args.revision, args.task, args.device, args.trust_remote_code, args.dtype)
+        device = runner.device
+        worker = Worker(runner, args.name, args.max_batch_size, args.batch_wait_ms / 1000)
+    log.info("loaded %s@%s for %s on %s in %.1f s", args.repo, args.revision[:12], args.task, device,
              time.monotonic() - started)
-    worker = Worker(runner, args.name, args.max_batch_size, args.batch_wait_ms / 1000)
     config = uvicorn.Config(make_app(worker), uds=args.uds, log_level="warning", access_log=False)
     asyncio.run(uvicorn.Server(config).serve())
 

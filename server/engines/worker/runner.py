@@ -33,6 +33,16 @@ OUTPUT_KEYS = {
 QA_MAX_SEQ_LEN = 384
 
 
+def select_device(device: str, dtype: str) -> tuple[Any, Any]:
+    """(torch device, dtype): CUDA when asked for or present; on CPU float32 (fast kernels, exact scores), on a
+    GPU the checkpoint's dtype unless the manifest names one."""
+    import torch
+
+    use_cuda = device == "gpu" or (device == "auto" and torch.cuda.is_available())
+    torch_dtype: Any = getattr(torch, dtype) if dtype not in ("auto", "") else ("auto" if use_cuda else torch.float32)
+    return torch.device("cuda" if use_cuda else "cpu"), torch_dtype
+
+
 class Runner:
     """One model revision (offline, from the store at ``revision``) and a batch function per task family."""
 
@@ -43,11 +53,7 @@ class Runner:
 
         self.torch = torch
         self.task = task
-        use_cuda = device == "gpu" or (device == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda" if use_cuda else "cpu")
-        # On CPU float32 (fast kernels, exact scores); on a GPU the checkpoint's dtype unless the manifest says.
-        torch_dtype: Any = getattr(torch, dtype) if dtype not in ("auto", "") else (
-            "auto" if use_cuda else torch.float32)
+        self.device, torch_dtype = select_device(device, dtype)
         kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(repo, **kwargs)
         model_cls = getattr(transformers, MODEL_CLASSES[task])
