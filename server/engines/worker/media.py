@@ -1,6 +1,6 @@
 """The worker's contract for image, audio and table tasks, and the decoding they share.
 
-A media task module (vision.py, audio.py, tables.py, diffusion.py) exposes ``load(spec) -> MediaModel`` for
+A media task module (vision.py, vision_language.py, audio.py, tables.py, diffusion.py) exposes ``load(spec) -> MediaModel`` for
 the tasks it serves (``TASK_MODULES`` says which module serves which task). A ``MediaModel`` splits a request
 into a per-request item and a batch key (``prepare``, on the event loop: cheap, no decoding) and runs a batch of
 items with one key (``run``, on the model thread: decoding of images and audio happens there, inside the
@@ -27,9 +27,9 @@ TASK_MODULES = {
     "zero-shot-image-classification": "vision",
     "object-detection": "vision",
     "image-segmentation": "vision",
-    "image-to-text": "vision",
-    "visual-question-answering": "vision",
-    "document-question-answering": "vision",
+    "image-to-text": "vision_language",
+    "visual-question-answering": "vision_language",
+    "document-question-answering": "vision_language",
     "automatic-speech-recognition": "audio",
     "audio-classification": "audio",
     "text-to-speech": "audio",
