@@ -147,6 +147,33 @@ def check_media(refs: list[MediaRef], limits: MediaLimits) -> None:
             check_audio(ref.where, data, limits)
 
 
+def check_bytes(kind: Literal["image", "audio"], where: str, data: bytes, declared: str | None,
+                limits: MediaLimits) -> None:
+    """One image or audio file's bytes against the limits (type sniffed, declared type must agree)."""
+    if kind == "image":
+        if len(data) > limits.max_image_bytes:
+            raise _too_large(where, "image", len(data), limits.max_image_bytes)
+        _check_image(where, data, declared, limits)
+    else:
+        check_audio(where, data, limits)
+
+
+def decode_inline(kind: Literal["image", "audio"], where: str, text: str, limits: MediaLimits
+                  ) -> tuple[bytes, str | None]:
+    """An inline item of a Hub task request (base64, or a data: URI) as bytes and its declared type; remote URLs
+    are refused (the server is offline)."""
+    cap = limits.max_image_bytes if kind == "image" else limits.max_audio_bytes
+    head = text[:16].lower()
+    if head.startswith(("http://", "https://")):
+        raise InvalidRequest(f"{where}: remote URLs are not fetched (this server is offline); send the {kind}'s bytes "
+                             "as the body, or base64 in JSON.", param=where)
+    match = DATA_URI.match(text) if head.startswith("data:") else None
+    if match:
+        declared = match.group("type").lower() if match.group("type") else None
+        return _b64decode(where, text[match.end():], kind, cap), declared
+    return _b64decode(where, text, kind, cap), None
+
+
 def _too_large(where: str, kind: str, size: int, cap: int) -> RequestTooLarge:
     setting = "HUBSERVE_MAX_IMAGE_BYTES" if kind == "image" else "HUBSERVE_MAX_AUDIO_BYTES"
     return RequestTooLarge(f"{where}: the {kind} is {size} bytes; the limit is {cap} bytes ({setting}).", param=where)

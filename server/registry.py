@@ -31,8 +31,9 @@ from typing import Any
 from server.engines.base import Admission, Engine, EngineState, ModelInfo
 from server.errors import EngineUnavailable, InvalidRequest, ModelNotFound, ModelNotVerified, Overloaded
 from server.ops.auth import authorize
-from server.ops.context import note_queue
+from server.ops.context import bound_time, note_queue
 from server.settings import RolloutStrategy, Settings
+from server.tasks.catalog import task_timeout_s
 from sync.lock import pinned_commit, read_lock
 from sync.manifest import Config
 from sync.store import Store
@@ -99,6 +100,7 @@ def desired_models(config: Config, keep: dict[str, ModelInfo] | None = None) -> 
                 default=default is not None and default.name == spec.name,
                 weights_bytes=sum(f.size for f in record.files if f.path.endswith(WEIGHT_SUFFIXES)),
                 backend=spec.backend,
+                timeout_s=spec.timeout_s,
             )
         )
     return Desired(models, waiting, pending)
@@ -261,7 +263,12 @@ class Registry:
         if served is None:
             raise ModelNotFound(name_or_repo, self.names())
         authorize(served.info)  # the request's key may use this model (403 otherwise); every family comes here
+        bound_time(self.timeout_s(served.info))  # the model's time limit replaces the server's
         return served
+
+    def timeout_s(self, info: ModelInfo) -> float:
+        """How long one request to ``info`` may take: its ``timeout_s``, else its task kind's default."""
+        return info.timeout_s or task_timeout_s(info.task, self.settings.request_timeout_s)
 
     def get(self, name_or_repo: str | None) -> Engine:
         """The engine serving ``name_or_repo`` (served name first, then repo id); None → ``default()``."""

@@ -22,9 +22,22 @@ REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/%-]{0,254}$")
 TASKS = (
     "text-generation", "feature-extraction", "sentence-similarity", "text-classification",
     "token-classification", "fill-mask", "zero-shot-classification", "summarization", "translation",
-    "text2text-generation", "question-answering", "text-ranking", "image-classification", "image-text-to-text",
-    "automatic-speech-recognition",
+    "text2text-generation", "question-answering", "text-ranking", "image-text-to-text",
+    # images, audio and tables (the transformers worker; Whisper ASR on vLLM)
+    "image-classification", "zero-shot-image-classification", "object-detection", "image-segmentation",
+    "image-to-text", "visual-question-answering", "document-question-answering", "automatic-speech-recognition",
+    "audio-classification", "text-to-speech", "text-to-audio", "text-to-image", "image-to-image",
+    "table-question-answering",
 )
+# Hub tasks hubserve does not serve, and why (the server's Hub routes answer the same reason as a 400).
+UNSERVED_TASKS = {
+    "tabular-classification": "tabular models are scikit-learn/joblib pickles, which run arbitrary code when "
+    "loaded; hubserve loads only safetensors weights into transformers or diffusers",
+    "tabular-regression": "tabular models are scikit-learn/joblib pickles, which run arbitrary code when loaded; "
+    "hubserve loads only safetensors weights into transformers or diffusers",
+    "audio-to-audio": "transformers and diffusers have no audio-to-audio pipeline (speech enhancement and source "
+    "separation models are SpeechBrain/Asteroid checkpoints)",
+}
 BACKENDS = ("auto", "vllm", "transformers")
 
 
@@ -83,6 +96,11 @@ class ModelSpec(_Strict):
     default: bool = Field(False, description="Serve this model on routes that name no model (TGI, /).")
     follow: bool = Field(False, description="The daemon re-resolves the branch/tag and moves the pin when it moves.")
     engine: dict[str, Any] = Field(default_factory=dict, description="Engine arguments (vLLM), passed through.")
+    timeout_s: float | None = Field(
+        None, gt=0, le=86400,
+        description="Longest one request may take (then 504); default by task kind: embeddings and "
+        "classification 60 s, generation HUBSERVE_REQUEST_TIMEOUT_S, images and audio 900 s.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -108,6 +126,8 @@ class ModelSpec(_Strict):
     @field_validator("task")
     @classmethod
     def _task(cls, v: str | None) -> str | None:
+        if v in UNSERVED_TASKS:
+            raise ValueError(f"{v!r} is not served: {UNSERVED_TASKS[v]}")
         if v is not None and v not in TASKS:
             raise ValueError(f"{v!r} is not a supported task; accepted: {', '.join(TASKS)}")
         return v

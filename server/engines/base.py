@@ -48,6 +48,7 @@ class ModelInfo:
     default: bool = False
     weights_bytes: int = 0  # size of the weight files in the store (for the memory budget)
     backend: str = "auto"  # models.toml `backend`: auto | vllm | transformers (engines/select.py decides auto)
+    timeout_s: float | None = None  # models.toml `timeout_s` (None: the default of the task's kind)
 
     @property
     def served_names(self) -> tuple[str, ...]:

@@ -7,24 +7,16 @@ A snapshot never changes, so the answer is cached per snapshot path. Vision-lang
 
 from __future__ import annotations
 
-import functools
-import json
-from pathlib import Path
+from server.tasks.snapshot import model_config
 
 IMAGE_KEYS = ("vision_config", "image_token_index", "image_token_id", "vision_tower")
 AUDIO_KEYS = ("audio_config", "audio_token_index", "audio_token_id")
 SPEECH_MODEL_TYPES = frozenset({"whisper"})
 
 
-@functools.lru_cache(maxsize=256)
 def input_modalities(snapshot: str) -> tuple[str, ...]:
     """``("text",)``, ``("text", "image")``, ``("audio",)`` ...: what requests to this model may carry."""
-    try:
-        config = json.loads((Path(snapshot) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return ("text",)
-    if not isinstance(config, dict):
-        return ("text",)
+    config = model_config(snapshot)
     if config.get("model_type") in SPEECH_MODEL_TYPES:
         return ("audio",)
     found = ["text"]

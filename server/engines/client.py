@@ -56,16 +56,28 @@ def lost(engine: Engine, error: Exception) -> EngineUnavailable:
     )
 
 
-async def post_engine(engine: Engine, path: str, body: dict[str, Any]) -> httpx.Response:
-    """POST a JSON body to the engine; a lost connection is EngineUnavailable, an error answer its ServerError."""
+USAGE_PARSE_BYTES = 64 * 1024  # bigger answers (masks, vectors) are not parsed on the event loop for `usage`
+
+
+async def post_engine(engine: Engine, path: str, body: dict[str, Any] | None = None, *,
+                      content: bytes | None = None) -> httpx.Response:
+    """POST a JSON body (``body``, or ``content`` already serialized) to the engine; a lost connection is
+    EngineUnavailable, an error answer its ServerError."""
+    headers = engine_headers()
     try:
-        response = await engine.client().post(path, json=body, headers=engine_headers())
+        if content is not None:
+            headers = {**headers, "content-type": "application/json"}
+            response = await engine.client().post(path, content=content, headers=headers)
+        else:
+            response = await engine.client().post(path, json=body, headers=headers)
     except httpx.TransportError as e:
         raise lost(engine, e) from e
     if response.status_code >= 400:
         raise engine_error(response.status_code, response.content)
-    with contextlib.suppress(ValueError, AttributeError):
-        note_usage(response.json().get("usage"))  # tokens in/out for the request log and metrics
+    if len(response.content) <= USAGE_PARSE_BYTES and response.headers.get("content-type", "").startswith(
+            "application/json"):
+        with contextlib.suppress(ValueError, AttributeError):
+            note_usage(response.json().get("usage"))  # tokens in/out for the request log and metrics
     return response
 
 

@@ -9,28 +9,28 @@ architectures vLLM lacks (DistilBERT, DeBERTa, ...). Pure except for reading con
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from server.engines.base import Engine, ModelInfo
 from server.settings import Settings
+from server.tasks.catalog import MEDIA_TASKS, NOT_SERVED, TRANSCRIPTION_TASKS
+from server.tasks.snapshot import architecture
 from server.tasks.tokenizer import has_fast_tokenizer
 from sync.errors import ConfigError
 
 VLLM = "vllm"
 TRANSFORMERS = "transformers"
 
-# Tasks only vLLM serves here (generation with its server's full feature set, embeddings, chats with images,
-# transcription: /v1/audio/* is vLLM's).
-VLLM_ONLY = frozenset({"text-generation", "feature-extraction", "sentence-similarity", "image-classification",
-                       "image-text-to-text", "automatic-speech-recognition"})
-# Tasks the transformers worker serves.
+# Tasks only vLLM serves here (generation with its server's full feature set, embeddings, chats with images).
+VLLM_ONLY = frozenset({"text-generation", "feature-extraction", "sentence-similarity", "image-text-to-text"})
+# Speech recognition: vLLM for the architectures it runs (Whisper: also /v1/audio/*), the worker for the rest
+# (CTC models such as wav2vec2) or when models.toml says backend = "transformers".
+VLLM_SPEECH = frozenset({"WhisperForConditionalGeneration"})
+# Tasks the transformers worker serves (images, audio and tables included: server/engines/worker/media.py).
 WORKER_TASKS = frozenset(
     {
         "text-classification", "token-classification", "fill-mask", "zero-shot-classification",
         "question-answering", "summarization", "translation", "text2text-generation", "text-ranking",
     }
-)
+) | MEDIA_TASKS
 # Architectures vLLM 0.32's pooling runner serves per task, with the task logic hubserve does around it.
 VLLM_ARCHITECTURES: dict[str, frozenset[str]] = {
     "text-classification": frozenset(
@@ -53,19 +53,22 @@ VLLM_ARCHITECTURES["fill-mask"] = frozenset({"BertForMaskedLM"})
 GATEWAY_TOKENIZED = frozenset({"token-classification", "fill-mask"})
 
 
-def architecture(snapshot: str) -> str | None:
-    """The first architecture named by the snapshot's config.json, if any."""
-    try:
-        config = json.loads((Path(snapshot) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    names = config.get("architectures") if isinstance(config, dict) else None
-    return str(names[0]) if isinstance(names, list) and names else None
-
-
 def choose_backend(info: ModelInfo) -> str:
     """``vllm`` or ``transformers`` for ``info``; ConfigError when the chosen backend cannot serve its task."""
     wanted = info.backend
+    if info.task in NOT_SERVED:
+        raise ConfigError(f"model '{info.name}': {info.task} is not served: {NOT_SERVED[info.task]}")
+    if info.task in TRANSCRIPTION_TASKS:
+        on_vllm = architecture(info.snapshot) in VLLM_SPEECH
+        if wanted == VLLM and not on_vllm:
+            raise ConfigError(f"model '{info.name}': vLLM runs {info.task} for {', '.join(sorted(VLLM_SPEECH))} "
+                              f"only, not {architecture(info.snapshot)}; use \"transformers\" or \"auto\"")
+        return VLLM if on_vllm and wanted != TRANSFORMERS else TRANSFORMERS
+    if info.task in MEDIA_TASKS:
+        if wanted == VLLM:
+            raise ConfigError(f"model '{info.name}': backend = \"vllm\" does not serve {info.task}; "
+                              "use \"transformers\" or \"auto\"")
+        return TRANSFORMERS
     if info.task in VLLM_ONLY:
         if wanted == TRANSFORMERS:
             raise ConfigError(f"model '{info.name}': backend = \"transformers\" does not serve {info.task}; "

@@ -27,6 +27,7 @@ from server.engines.base import ModelInfo
 from server.engines.capabilities import input_modalities
 from server.engines.process import ProcessEngine
 from server.tasks.catalog import GENERATIVE_TASKS
+from server.tasks.snapshot import model_config
 from sync.errors import ConfigError
 
 from ..settings import Device, Settings
@@ -67,10 +68,7 @@ def detect_device(setting: Device) -> Device:
 
 
 def _model_context(snapshot: str) -> int | None:
-    try:
-        config = json.loads((Path(snapshot) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    config = model_config(snapshot)
     for source in (config, config.get("text_config") or {}):
         for key in CONTEXT_KEYS:
             if isinstance(source.get(key), int) and source[key] > 0:

@@ -12,18 +12,18 @@
 from __future__ import annotations
 
 import base64
-import functools
-import json
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
 from server.engines.base import Engine
-from server.engines.client import post_engine
+from server.engines.client import engine_error, lost, post_engine
 from server.errors import GenerationError, InvalidRequest
+from server.ops.context import engine_headers
 from server.tasks import answers as tasks
+from server.tasks.media_requests import SpeechRecognitionRequest
 from server.tasks.requests import (
     FillMaskRequest,
     TextClassificationRequest,
@@ -31,19 +31,10 @@ from server.tasks.requests import (
     fill_mask_options,
     token_classification_options,
 )
+from server.tasks.snapshot import model_config
 from server.tasks.tokenizer import SnapshotTokenizer, for_snapshot
 
 DEFAULT_CONTEXT = 512
-
-
-@functools.lru_cache(maxsize=64)
-def model_config(snapshot: str) -> dict[str, Any]:
-    """The snapshot's config.json (a snapshot never changes)."""
-    try:
-        config = json.loads((Path(snapshot) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
 
 
 def label_config(snapshot: str) -> tuple[dict[int, str], str]:
@@ -155,3 +146,52 @@ async def fill_mask(engine: Engine, request: FillMaskRequest) -> Any:
             per_mask.append(fills)
         out.append(per_mask[0] if single else per_mask)
     return out[0] if isinstance(request.inputs, str) else out
+
+
+# ---- automatic-speech-recognition (Whisper on vLLM: /v1/audio/transcriptions) ------------------------------------
+
+# InferenceClient's generation parameters → the fields of vLLM's transcription request
+TRANSCRIPTION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
+                        "max_new_tokens": "max_completion_tokens", "repetition_penalty": "repetition_penalty"}
+
+
+def transcription_fields(request: SpeechRecognitionRequest, model: str) -> dict[str, str]:
+    """The multipart form fields of vLLM's transcription request for a Hub ASR request. Pure."""
+    p = request.parameters
+    generate = p.generate()
+    unknown = sorted(set(generate) - set(TRANSCRIPTION_FIELDS))
+    if unknown:
+        raise InvalidRequest(f"Model `{model}` (speech recognition on vLLM) does not take {', '.join(unknown)}; "
+                             'set backend = "transformers" in models.toml for the full generate() parameters.',
+                             param="parameters")
+    if p.return_timestamps not in (None, False, True):
+        raise InvalidRequest(f"Model `{model}` (Whisper on vLLM) gives segment timestamps only "
+                             "(return_timestamps: true).", param="return_timestamps")
+    fields = {"model": model, "response_format": "verbose_json" if p.return_timestamps else "json"}
+    return fields | {TRANSCRIPTION_FIELDS[k]: str(v).lower() if isinstance(v, bool) else str(v)
+                     for k, v in generate.items()}
+
+
+def transcription_answer(data: dict[str, Any], timestamps: bool) -> dict[str, Any]:
+    """vLLM's (verbose) transcription as the Hub's ``{text, chunks?}``. Pure."""
+    text = data.get("text")
+    if not isinstance(text, str):
+        raise GenerationError("The engine answered an unexpected transcription payload.")
+    if not timestamps:
+        return {"text": text}
+    chunks = [{"text": str(s.get("text", "")), "timestamp": [float(s.get("start", 0.0)), float(s.get("end", 0.0))]}
+              for s in data.get("segments") or [] if isinstance(s, dict)]
+    return {"text": text, "chunks": chunks}
+
+
+async def transcribe(engine: Engine, audio: bytes, request: SpeechRecognitionRequest) -> dict[str, Any]:
+    fields = transcription_fields(request, engine.info.name)
+    files = {"file": ("audio", audio, "application/octet-stream")}
+    try:
+        response = await engine.client().post("/v1/audio/transcriptions", data=fields, files=files,
+                                               headers=engine_headers())
+    except httpx.TransportError as e:
+        raise lost(engine, e) from e
+    if response.status_code >= 400:
+        raise engine_error(response.status_code, response.content)
+    return transcription_answer(response.json(), bool(request.parameters.return_timestamps))

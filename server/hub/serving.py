@@ -4,15 +4,14 @@
 text-generation behaves as TGI's ``POST /`` (errors in TGI's shape, which InferenceClient turns into typed
 exceptions), feature-extraction embeds through the engine's ``/v1/embeddings``. Chat is the OpenAI family's.
 The other text tasks go to the transformers worker (which answers in the Hub's shape) or, for the tasks vLLM's
-pooling runner serves (text- and token-classification, fill-mask), through server/hub/on_vllm.py.
+pooling runner serves (text- and token-classification, fill-mask), through server/hub/on_vllm.py. Image, audio
+and table tasks: server/hub/media_tasks.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 from fastapi import Request, Response
@@ -22,8 +21,9 @@ from server.engines.base import Engine
 from server.engines.client import post_engine, read_json
 from server.errors import GenerationError, InvalidRequest
 from server.hub import on_vllm
+from server.hub.media_tasks import run_media_task
 from server.registry import Registry
-from server.tasks.catalog import EMBEDDING_TASKS, GENERATIVE_TASKS
+from server.tasks.catalog import EMBEDDING_TASKS, GENERATIVE_TASKS, MEDIA_TASKS, NOT_SERVED
 from server.tasks.requests import (
     TASK_REQUESTS,
     EmbedRequest,
@@ -35,6 +35,7 @@ from server.tasks.requests import (
     parse_similarity,
     parse_task,
 )
+from server.tasks.snapshot import snapshot_json
 
 log = logging.getLogger("hubserve.hub")
 
@@ -45,6 +46,8 @@ async def infer(request: Request, engine: Engine) -> Response:
     """Run the request body as the model's task; the answer in the Inference API's shape for that task."""
     request.state.model = engine.info.name
     task = engine.info.task
+    if task in MEDIA_TASKS:
+        return await run_media_task(request.app.state.registry, engine, request)
     if task in TASK_REQUESTS and (engine.backend != "vllm" or task not in GENERATIVE_TASKS):
         return await run_task(request.app.state.registry, engine, task, await read_json(request))
     if task in GENERATIVE_TASKS:
@@ -64,6 +67,8 @@ async def infer(request: Request, engine: Engine) -> Response:
 
 def check_task(engine: Engine, task: str) -> None:
     """``POST /models/{repo}/pipeline/{task}``: the task must be the model's (embedding tasks are one family)."""
+    if task in NOT_SERVED:
+        raise InvalidRequest(f"{task} is not served by hubserve: {NOT_SERVED[task]}.", param="task")
     if task != engine.info.task and not (task in EMBEDDING and engine.info.task in EMBEDDING):
         raise InvalidRequest(f"Model `{engine.info.name}` serves {engine.info.task}, not {task}.", param="task")
 
@@ -106,10 +111,7 @@ def sentence_prompt(snapshot: str, name: str | None) -> str:
     """The text of a named sentence-transformers prompt; InvalidRequest when the model has no such prompt."""
     if name is None:
         return ""
-    try:
-        config = json.loads((Path(snapshot) / "config_sentence_transformers.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        config = {}
+    config = snapshot_json(snapshot, "config_sentence_transformers.json")
     prompts = config.get("prompts") or {}
     if name not in prompts:
         known = ", ".join(sorted(prompts)) or "none"

@@ -45,6 +45,10 @@ class RequestContext:
     queue_s: float = 0.0
     tokens_in: int | None = None
     tokens_out: int | None = None
+    # the request's time limit: the gateway's cancel scope, when it started (anyio's clock) and the limit in s
+    deadline: Any = None
+    started_at: float = 0.0
+    timeout_s: float = 0.0
 
     def add_tokens(self, tokens_in: int | None, tokens_out: int | None) -> None:
         if tokens_in is not None:
@@ -95,6 +99,14 @@ def engine_headers() -> dict[str, str]:
     """Headers for a call to the engine on behalf of the current request (vLLM uses X-Request-Id as its id)."""
     ctx = _current.get()
     return {"X-Request-Id": ctx.engine_request_id} if ctx is not None else {}
+
+
+def bound_time(seconds: float) -> None:
+    """Set the request's time limit to ``seconds`` from its start (the model's, once the model is known)."""
+    ctx = _current.get()
+    if ctx is not None and ctx.deadline is not None and seconds != ctx.timeout_s:
+        ctx.timeout_s = seconds
+        ctx.deadline.deadline = ctx.started_at + seconds
 
 
 def note_queue(seconds: float) -> None:

@@ -104,13 +104,15 @@ class GatewayMiddleware:
     async def _run(self, scope: Scope, receive: Receive, send: Send, ctx: RequestContext, ex: _Exchange) -> None:
         disconnected = anyio.Event()
 
-        app_scope = anyio.CancelScope(deadline=anyio.current_time() + self.settings.request_timeout_s)
+        ctx.started_at, ctx.timeout_s = anyio.current_time(), self.settings.request_timeout_s
+        app_scope = anyio.CancelScope(deadline=ctx.started_at + ctx.timeout_s)
+        ctx.deadline = app_scope  # the registry sets the model's limit on it (context.bound_time)
         try:
             await self._supervise(scope, receive, send, ctx, ex, app_scope, disconnected)
         except BaseExceptionGroup as group:  # the task group wraps what the app raised: re-raise it plain
             raise group.exceptions[0] if len(group.exceptions) == 1 else group from None
         if app_scope.cancelled_caught and not disconnected.is_set():
-            await self._timed_out(scope, send, ex, ctx.request_id)
+            await self._timed_out(scope, send, ex, ctx)
 
     async def _supervise(
         self, scope: Scope, receive: Receive, send: Send, ctx: RequestContext, ex: _Exchange,
@@ -154,8 +156,10 @@ class GatewayMiddleware:
                 await self.app(scope, app_receive, self._wrap_send(send, ex, ctx.request_id))
             tg.cancel_scope.cancel()  # stop the watcher
 
-    async def _timed_out(self, scope: Scope, send: Send, ex: _Exchange, rid: str) -> None:
-        err = RequestTimeout(f"The request ran past the limit of {self.settings.request_timeout_s:g} s.")
+    async def _timed_out(self, scope: Scope, send: Send, ex: _Exchange, ctx: RequestContext) -> None:
+        rid = ctx.request_id
+        limit = f"the limit of {ctx.timeout_s:g} s" + (f" of model `{ctx.model}`" if ctx.model else "")
+        err = RequestTimeout(f"The request ran past {limit}.")
         if ex.status is None:
             await self._send_error(scope, send, ex, rid, err)
         elif not ex.complete:

@@ -10,14 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from sync.manifest import UNSERVED_TASKS
+
 Input = Literal["text", "image", "audio", "image+question", "table", "messages"]
 Output = Literal["json", "image", "audio", "stream"]
 Kind = Literal["generation", "embedding", "classification", "media"]
 
 # Default time limits by kind of work (the seed: embeddings/classification short, generation long, images and
-# audio longer still); a model's `timeout_s` in models.toml replaces its default.
-DEFAULT_TIMEOUT_S: dict[Kind, float] = {"classification": 60.0, "embedding": 60.0, "generation": 600.0,
-                                        "media": 900.0}
+# audio longer still); a model's `timeout_s` in models.toml replaces its default. Generation's is the server's
+# HUBSERVE_REQUEST_TIMEOUT_S (None here).
+DEFAULT_TIMEOUT_S: dict[Kind, float | None] = {"classification": 60.0, "embedding": 60.0, "generation": None,
+                                               "media": 900.0}
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class Task:
     expects: str = ""  # the body it takes, for error messages
 
     @property
-    def timeout_s(self) -> float:
+    def timeout_s(self) -> float | None:
         return DEFAULT_TIMEOUT_S[self.kind]
 
 
@@ -83,14 +86,7 @@ TASKS: dict[str, Task] = {
 }
 
 # Tasks of the Hub that hubserve refuses, and why (a 400 naming the task; models.toml refuses them too).
-NOT_SERVED: dict[str, str] = {
-    "tabular-classification": "transformers has no tabular models (they are scikit-learn/joblib pickles, which "
-    "hubserve does not load: they run arbitrary code)",
-    "tabular-regression": "transformers has no tabular models (they are scikit-learn/joblib pickles, which "
-    "hubserve does not load: they run arbitrary code)",
-    "audio-to-audio": "transformers has no audio-to-audio pipeline (speech enhancement and source separation "
-    "models are SpeechBrain/Asteroid checkpoints)",
-}
+NOT_SERVED = UNSERVED_TASKS
 
 GENERATIVE_TASKS = frozenset({"text-generation", "text2text-generation", "conversational", "image-text-to-text"})
 EMBEDDING_TASKS = frozenset({"feature-extraction", "sentence-similarity", "embedding"})
@@ -101,7 +97,8 @@ MEDIA_TASKS = frozenset(name for name, t in TASKS.items() if t.kind == "media")
 IMAGE_OUTPUT_TASKS = frozenset(name for name, t in TASKS.items() if t.output == "image")  # diffusers pipelines
 
 
-def task_timeout_s(task: str) -> float:
-    """The default time limit of ``task``'s requests (the generation default for a task not in the table)."""
+def task_timeout_s(task: str, generation_s: float) -> float:
+    """The default time limit of ``task``'s requests; ``generation_s`` for generation and unknown tasks."""
     spec = TASKS.get(task)
-    return spec.timeout_s if spec is not None else DEFAULT_TIMEOUT_S["generation"]
+    default = spec.timeout_s if spec is not None else None
+    return default if default is not None else generation_s

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from server.errors import InvalidRequest
 from server.tasks.catalog import TASKS
-from server.tasks.requests import GENERATE_KEYS, MAX_NEW_TOKENS
+from server.tasks.requests import GENERATE_KEYS, MAX_NEW_TOKENS, refuse_unserved
 
 log = logging.getLogger("hubserve.hub")
 
@@ -283,6 +283,7 @@ def normalize(task: str, payload: dict[str, Any]) -> dict[str, Any]:
 
 def parse_media_task(task: str, payload: object, model: str) -> _MediaRequest:
     """The request for ``model``'s media ``task``; InvalidRequest names the model, its task and what it expects."""
+    refuse_unserved(payload)
     cls = MEDIA_REQUESTS[task]
     expects = f"Model `{model}` serves {task} and expects {TASKS[task].expects}"
     if not isinstance(payload, dict) or ("inputs" not in payload and "image" not in payload):

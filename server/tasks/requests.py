@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from server.errors import InvalidRequest, validation_problem
+from sync.manifest import UNSERVED_TASKS
 
 log = logging.getLogger("hubserve.hub")
 
@@ -235,8 +236,17 @@ EXPECTED_INPUT = {
 }
 
 
+def refuse_unserved(payload: object) -> None:
+    """InferenceClient's tabular_classification / tabular_regression body (``{"table": ...}``, no ``inputs``): a 400
+    that says why hubserve serves no tabular task, whatever the model."""
+    if isinstance(payload, dict) and "table" in payload and "inputs" not in payload:
+        raise InvalidRequest(f"tabular-classification and tabular-regression are not served: "
+                             f"{UNSERVED_TASKS['tabular-classification']}.", param="table")
+
+
 def parse_task(task: str, payload: object, model: str) -> _TaskRequest:
     """The request for ``model``'s ``task``; InvalidRequest names the model, its task and the input it expects."""
+    refuse_unserved(payload)
     cls = TASK_REQUESTS[task]
     expects = f"Model `{model}` serves {task} and expects {EXPECTED_INPUT[task]}"
     if not isinstance(payload, dict) or "inputs" not in payload:

@@ -10,24 +10,16 @@ each output row belongs to. tests/unit/test_snapshot_tokenizer.py checks it agai
 from __future__ import annotations
 
 import functools
-import json
 import threading
 from pathlib import Path
-from typing import Any
 
 from tokenizers import Encoding, Tokenizer
+
+from server.tasks.snapshot import snapshot_json
 
 # transformers' clean_up_tokenization (WordPiece tokenizers with clean_up_tokenization_spaces; never BPE).
 CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _token_text(value: object) -> str | None:
@@ -49,8 +41,8 @@ class SnapshotTokenizer:
         self._tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
         self._tokenizer.no_padding()
         self._lock = threading.Lock()  # truncation is tokenizer state: one encode at a time (calls run in threads)
-        config = _read_json(root / "tokenizer_config.json")
-        special = _read_json(root / "special_tokens_map.json")
+        config = snapshot_json(snapshot, "tokenizer_config.json")
+        special = snapshot_json(snapshot, "special_tokens_map.json")
         self.mask_token = _token_text(config.get("mask_token")) or _token_text(special.get("mask_token"))
         unk = _token_text(config.get("unk_token")) or _token_text(special.get("unk_token"))
         self.mask_id = self.token_id(self.mask_token) if self.mask_token else None
@@ -63,6 +55,11 @@ class SnapshotTokenizer:
 
     def token_id(self, token: str) -> int | None:
         return self._tokenizer.token_to_id(token)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the added tokens marked special in tokenizer.json."""
+        return frozenset(int(i) for i, t in self._tokenizer.get_added_tokens_decoder().items() if t.special)
 
     def windows(self, text: str, max_length: int, stride: int = 0) -> list[Encoding]:
         """``text`` cut to ``max_length`` tokens; with ``stride`` every overflowing window too (overlapping by
@@ -90,9 +87,10 @@ class SnapshotTokenizer:
         decoder = self._tokenizer.decoder
         return decoder.decode(tokens) if decoder is not None else " ".join(tokens)
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = False, clean_up: bool | None = None) -> str:
+        """``ids`` as text; ``clean_up`` (default: as tokenizer_config.json says) joins WordPiece punctuation."""
         text = self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-        if self._clean_up:
+        if self._clean_up if clean_up is None else clean_up:
             for old, new in CLEANUPS:
                 text = text.replace(old, new)
         return text

@@ -8,10 +8,12 @@ has a fallback, so the gateway still works where a model has no tokenizer.json.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
+
+from server.tasks.snapshot import snapshot_json
+from server.tasks.tokenizer import SnapshotTokenizer, for_snapshot, has_fast_tokenizer
 
 log = logging.getLogger("hubserve.tgi")
 
@@ -19,23 +21,20 @@ log = logging.getLogger("hubserve.tgi")
 class TokenTexts:
     """What the gateway knows about one model's vocabulary: special ids, and (if it loads) the fast tokenizer."""
 
-    def __init__(self, special_ids: frozenset[int], tokenizer: Any | None = None) -> None:
+    def __init__(self, special_ids: frozenset[int], tokenizer: SnapshotTokenizer | None = None) -> None:
         self.special_ids = special_ids
         self._tokenizer = tokenizer
 
     @classmethod
     def from_snapshot(cls, snapshot: str | Path) -> TokenTexts:
-        folder = Path(snapshot)
-        special = _special_ids(folder)
-        tokenizer = None
-        path = folder / "tokenizer.json"
-        if path.is_file():
+        """The snapshot's tokenizer (server/tasks/tokenizer.py loads each tokenizer.json once) and special ids."""
+        tokenizer: SnapshotTokenizer | None = None
+        if has_fast_tokenizer(str(snapshot)):
             try:
-                from tokenizers import Tokenizer
-
-                tokenizer = Tokenizer.from_file(str(path))
+                tokenizer = for_snapshot(str(snapshot))
             except Exception as e:  # an unusual tokenizer.json must not break generation; offsets degrade
-                log.warning("cannot load %s for token texts and offsets: %s", path, e)
+                log.warning("cannot load the tokenizer of %s for token texts and offsets: %s", snapshot, e)
+        special = _configured_special_ids(str(snapshot)) | (tokenizer.special_ids if tokenizer else frozenset())
         return cls(special, tokenizer)
 
     @property
@@ -49,7 +48,7 @@ class TokenTexts:
         """The text of one token ("" when no tokenizer is loaded)."""
         if self._tokenizer is None:
             return ""
-        return str(self._tokenizer.decode([token_id], skip_special_tokens=False))
+        return self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up=False)
 
     def offsets(self, text: str, add_special_tokens: bool = True) -> list[tuple[int, int, int]] | None:
         """``(id, start, stop)`` per token of ``text`` (character offsets), or None without a tokenizer."""
@@ -59,21 +58,15 @@ class TokenTexts:
         return [(int(i), int(s), int(e)) for i, (s, e) in zip(encoding.ids, encoding.offsets, strict=True)]
 
 
-def _special_ids(folder: Path) -> frozenset[int]:
-    """Ids of special tokens, from tokenizer.json's added_tokens and tokenizer_config.json's decoder table."""
+def _configured_special_ids(snapshot: str) -> frozenset[int]:
+    """Ids of special tokens in tokenizer_config.json's decoder table (also where there is no tokenizer.json)."""
     ids: set[int] = set()
-    for name, key in (("tokenizer.json", "added_tokens"), ("tokenizer_config.json", "added_tokens_decoder")):
-        try:
-            data = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        entries = data.get(key) or []
-        if isinstance(entries, dict):  # tokenizer_config: {"<id>": {"content", "special", ...}}
-            entries = [{"id": k, **v} for k, v in entries.items() if isinstance(v, dict)]
-        for entry in entries:
+    entries: Any = snapshot_json(snapshot, "tokenizer_config.json").get("added_tokens_decoder") or {}
+    if isinstance(entries, dict):  # {"<id>": {"content", "special", ...}}
+        for key, entry in entries.items():
             if isinstance(entry, dict) and entry.get("special"):
                 try:
-                    ids.add(int(entry["id"]))
-                except (KeyError, TypeError, ValueError):
+                    ids.add(int(key))
+                except (TypeError, ValueError):
                     continue
     return frozenset(ids)

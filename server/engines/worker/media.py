@@ -1,11 +1,11 @@
 """The worker's contract for image, audio and table tasks, and the decoding they share.
 
-A media task module (vision.py, vision_language.py, audio.py, tables.py, diffusion.py) exposes ``load(spec) -> MediaModel`` for
-the tasks it serves (``TASK_MODULES`` says which module serves which task). A ``MediaModel`` splits a request
-into a per-request item and a batch key (``prepare``, on the event loop: cheap, no decoding) and runs a batch of
-items with one key (``run``, on the model thread: decoding of images and audio happens there, inside the
-worker process, never in the gateway). ``run`` answers one value per item: a JSON-able object, or ``Binary``
-(image or audio bytes with their content type).
+A media task module (vision.py, vision_language.py, audio.py, tables.py, diffusion.py) exposes
+``load(spec) -> MediaModel`` for the tasks it serves (``TASK_MODULES`` says which module serves which task).
+A ``MediaModel`` splits a request into a per-request item and a batch key (``prepare``, on the event loop:
+cheap, no decoding) and runs a batch of items with one key (``run``, on the model thread: decoding of images
+and audio happens there, inside the worker process, never in the gateway). ``run`` answers one value per item:
+a JSON-able object, or ``Binary`` (image or audio bytes with their content type).
 """
 
 from __future__ import annotations
