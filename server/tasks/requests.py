@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from server.errors import InvalidRequest, validation_problem
+from server.tasks.catalog import TASKS
 from sync.manifest import UNSERVED_TASKS
 
 log = logging.getLogger("hubserve.hub")
@@ -221,19 +222,6 @@ TASK_REQUESTS: dict[str, type[_TaskRequest]] = {
     "translation": Seq2SeqRequest,
     "text2text-generation": Seq2SeqRequest,
 }
-EXPECTED_INPUT = {
-    "text-classification": '{"inputs": "a text" (or a list), "parameters": {"top_k", "function_to_apply"}}',
-    "token-classification": '{"inputs": "a text" (or a list), "parameters": {"aggregation_strategy", '
-    '"ignore_labels", "stride"}}',
-    "fill-mask": '{"inputs": "a text with the mask token", "parameters": {"targets", "top_k"}}',
-    "zero-shot-classification": '{"inputs": "a text", "parameters": {"candidate_labels": [...], "multi_label", '
-    '"hypothesis_template"}}',
-    "question-answering": '{"inputs": {"question": "...", "context": "..."}, "parameters": {"top_k", '
-    '"max_answer_len", "handle_impossible_answer", "doc_stride"}}',
-    "summarization": '{"inputs": "a text", "parameters": {"generate_parameters", "clean_up_tokenization_spaces"}}',
-    "translation": '{"inputs": "a text", "parameters": {"src_lang", "tgt_lang", "generate_parameters"}}',
-    "text2text-generation": '{"inputs": "a text", "parameters": {"max_new_tokens", ...}}',
-}
 
 
 def refuse_unserved(payload: object) -> None:
@@ -248,7 +236,7 @@ def parse_task(task: str, payload: object, model: str) -> _TaskRequest:
     """The request for ``model``'s ``task``; InvalidRequest names the model, its task and the input it expects."""
     refuse_unserved(payload)
     cls = TASK_REQUESTS[task]
-    expects = f"Model `{model}` serves {task} and expects {EXPECTED_INPUT[task]}"
+    expects = f"Model `{model}` serves {task} and expects {TASKS[task].expects}"
     if not isinstance(payload, dict) or "inputs" not in payload:
         raise InvalidRequest(f"{expects}.")
     try:
