@@ -84,7 +84,9 @@ class GenerationParameters(_Parameters):
     generate_kwargs: dict[str, Any] | None = None  # transformers' own name for them
 
     def generate(self) -> dict[str, Any]:
-        return _generate_kwargs({"max_new_tokens": self.max_new_tokens},
+        """``generate`` arguments: flat ones (text_to_speech sends them so), then the nested dicts."""
+        flat = {k: v for k, v in (self.model_extra or {}).items() if k in GENERATE_KEYS}
+        return _generate_kwargs({**flat, "max_new_tokens": self.max_new_tokens},
                                 {**(self.generate_kwargs or {}), **(self.generation_parameters or {})})
 
 
@@ -303,7 +305,8 @@ def parse_media_task(task: str, payload: object, model: str) -> _MediaRequest:
     if isinstance(request, ZeroShotImageRequest) and not request.parameters.labels:
         raise InvalidRequest("`candidate_labels` must name at least one label.", param="candidate_labels")
     parameters = getattr(request, "parameters", None)
-    extra = sorted((request.model_extra or {}).keys() | ((parameters and parameters.model_extra) or {}).keys())
+    taken = GENERATE_KEYS if isinstance(parameters, GenerationParameters) else frozenset()
+    extra = sorted((request.model_extra or {}).keys() | ((parameters and parameters.model_extra) or {}).keys() - taken)
     if extra:
         log.info("ignoring unknown fields: %s", ", ".join(extra))
     return request
