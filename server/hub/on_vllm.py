@@ -152,7 +152,8 @@ async def fill_mask(engine: Engine, request: FillMaskRequest) -> Any:
 
 # InferenceClient's generation parameters → the fields of vLLM's transcription request
 TRANSCRIPTION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
-                        "max_new_tokens": "max_completion_tokens", "repetition_penalty": "repetition_penalty"}
+                        "max_new_tokens": "max_completion_tokens", "repetition_penalty": "repetition_penalty",
+                        "language": "language", "task": "task"}
 
 
 def transcription_fields(request: SpeechRecognitionRequest, model: str) -> dict[str, str]:
@@ -167,6 +168,8 @@ def transcription_fields(request: SpeechRecognitionRequest, model: str) -> dict[
     if p.return_timestamps not in (None, False, True):
         raise InvalidRequest(f"Model `{model}` (Whisper on vLLM) gives segment timestamps only "
                              "(return_timestamps: true).", param="return_timestamps")
+    if generate.get("task", "transcribe") not in ("transcribe", "translate"):
+        raise InvalidRequest("`task` is transcribe or translate.", param="task")
     fields = {"model": model, "response_format": "verbose_json" if p.return_timestamps else "json"}
     return fields | {TRANSCRIPTION_FIELDS[k]: str(v).lower() if isinstance(v, bool) else str(v)
                      for k, v in generate.items()}
@@ -186,9 +189,10 @@ def transcription_answer(data: dict[str, Any], timestamps: bool) -> dict[str, An
 
 async def transcribe(engine: Engine, audio: bytes, request: SpeechRecognitionRequest) -> dict[str, Any]:
     fields = transcription_fields(request, engine.info.name)
+    route = "/v1/audio/translations" if fields.pop("task", "transcribe") == "translate" else "/v1/audio/transcriptions"
     files = {"file": ("audio", audio, "application/octet-stream")}
     try:
-        response = await engine.client().post("/v1/audio/transcriptions", data=fields, files=files,
+        response = await engine.client().post(route, data=fields, files=files,
                                                headers=engine_headers())
     except httpx.TransportError as e:
         raise lost(engine, e) from e

@@ -29,10 +29,11 @@ class _Parameters(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-def _generate_kwargs(flat: dict[str, Any], nested: dict[str, Any] | None) -> dict[str, Any]:
+def _generate_kwargs(flat: dict[str, Any], nested: dict[str, Any] | None,
+                     also: frozenset[str] = frozenset()) -> dict[str, Any]:
     """``generate`` arguments: the flat ones, then ``generation_parameters``; only known keys, bounded."""
     merged = {k: v for k, v in {**flat, **(nested or {})}.items() if v is not None}
-    unknown = sorted(set(merged) - GENERATE_KEYS)
+    unknown = sorted(set(merged) - GENERATE_KEYS - also)
     if unknown:
         raise ValueError(f"unknown generation parameters: {', '.join(unknown)}")
     for key in ("max_new_tokens", "max_length"):
@@ -83,15 +84,20 @@ class GenerationParameters(_Parameters):
     generation_parameters: dict[str, Any] | None = None
     generate_kwargs: dict[str, Any] | None = None  # transformers' own name for them
 
+    _also: frozenset[str] = frozenset()  # keys beyond GENERATE_KEYS this task's generate() takes
+
     def generate(self) -> dict[str, Any]:
         """``generate`` arguments: flat ones (text_to_speech sends them so), then the nested dicts."""
         flat = {k: v for k, v in (self.model_extra or {}).items() if k in GENERATE_KEYS}
         return _generate_kwargs({**flat, "max_new_tokens": self.max_new_tokens},
-                                {**(self.generate_kwargs or {}), **(self.generation_parameters or {})})
+                                {**(self.generate_kwargs or {}), **(self.generation_parameters or {})}, self._also)
 
 
 class SpeechRecognitionParameters(GenerationParameters):
+    """Whisper's generate also takes ``language`` (e.g. "en", "english") and ``task`` (transcribe, translate)."""
+
     return_timestamps: bool | Literal["word", "char"] | None = None
+    _also: frozenset[str] = frozenset({"language", "task"})
 
 
 class VQAParameters(_Parameters):
