@@ -134,8 +134,8 @@ class TextToImageParameters(_Parameters):
 
 
 class TargetSize(BaseModel):
-    height: int = Field(gt=0, le=8192)
-    width: int = Field(gt=0, le=8192)
+    height: int = Field(gt=0, le=8192, multiple_of=8)
+    width: int = Field(gt=0, le=8192, multiple_of=8)
 
 
 class ImageToImageParameters(TextToImageParameters):
@@ -147,7 +147,7 @@ class ImageToImageParameters(TextToImageParameters):
 class TableQAParameters(_Parameters):
     padding: Literal["do_not_pad", "longest", "max_length"] | bool | None = None
     sequential: bool | None = None
-    truncation: bool | str | None = None
+    truncation: Literal["drop_rows_to_fit", "do_not_truncate"] | bool | None = None
 
 
 class TextToSpeechParameters(GenerationParameters):
@@ -237,9 +237,12 @@ class TextToImageRequest(_MediaRequest):
     parameters: TextToImageParameters = Field(default_factory=lambda: TextToImageParameters())
 
 
+Cell = str | bool | int | float
+
+
 class Table(BaseModel):
     query: str = Field(min_length=1)
-    table: dict[str, list[str | int | float]] = Field(min_length=1)
+    table: dict[str, list[Cell]] = Field(min_length=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -248,12 +251,13 @@ class Table(BaseModel):
             data = {**data, "query": data["question"]}
         return data
 
-    @model_validator(mode="after")
-    def _rectangular(self) -> Table:
-        lengths = {len(cells) for cells in self.table.values()}
+    @field_validator("table")
+    @classmethod
+    def _rectangular(cls, table: dict[str, list[Cell]]) -> dict[str, list[Cell]]:
+        lengths = {len(cells) for cells in table.values()}
         if len(lengths) != 1 or 0 in lengths:
             raise ValueError("every column of `table` must hold the same number of cells (at least one)")
-        return self
+        return table
 
 
 class TableQARequest(_MediaRequest):
@@ -289,6 +293,15 @@ def normalize(task: str, payload: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _is_field(part: object) -> bool:
+    """Whether a pydantic error location part names a field or an index (not a union member's type tag)."""
+    text = str(part)
+    return isinstance(part, int) or (text.isidentifier() and text.lower() not in _TYPE_TAGS)
+
+
 def parse_media_task(task: str, payload: object, model: str) -> _MediaRequest:
     """The request for ``model``'s media ``task``; InvalidRequest names the model, its task and what it expects."""
     refuse_unserved(payload)
@@ -303,7 +316,7 @@ def parse_media_task(task: str, payload: object, model: str) -> _MediaRequest:
             parameters.generate()
     except ValidationError as e:
         first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
+        loc = ".".join(str(p) for p in first["loc"] if _is_field(p))
         msg = str(first["msg"]).removeprefix("Value error, ")
         raise InvalidRequest(f"{expects}; got {loc}: {msg}.", param=loc or None) from e
     except ValueError as e:

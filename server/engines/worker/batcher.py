@@ -16,7 +16,8 @@ class Batcher(Generic[I, O]):
 
     A batch starts once ``window_s`` has passed since the first waiting item arrived (so concurrent requests
     join it), or at once when ``max_batch`` items wait; items that arrive while a batch runs form the next one.
-    ``run`` is blocking (a model forward) and runs on ``executor``, one batch at a time.
+    ``run`` is blocking (a model forward) and runs on ``executor``, one batch at a time. An exception it returns in
+    place of an item's output fails that item's request alone; one it raises fails the batch.
     """
 
     def __init__(self, run: Callable[[list[I], Hashable], list[O]], max_batch: int, window_s: float,
@@ -66,7 +67,11 @@ class Batcher(Generic[I, O]):
             self.batches += 1
             self.items += len(live)
             for (_, _, future), output in zip(live, outputs, strict=True):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(output, BaseException):  # ``run`` may fail one item without failing its batch
+                    future.set_exception(output)
+                else:
                     future.set_result(output)
 
     async def close(self) -> None:
