@@ -112,7 +112,8 @@ class DocumentQAParameters(_Parameters):
     max_answer_len: int | None = Field(default=None, gt=0)
     max_question_len: int | None = Field(default=None, gt=0)
     max_seq_len: int | None = Field(default=None, gt=0)
-    word_boxes: list[list[float] | str] | None = None
+    # the words and their boxes: pairs ([["word", [x0, y0, x1, y1]], ...]) or the flat form the Hub spec gives
+    word_boxes: list[tuple[str, list[float]] | list[float] | str] | None = None
 
 
 class TextToImageParameters(_Parameters):
