@@ -3,8 +3,9 @@
 ``auto`` picks vLLM where its model registry has the architecture for the task (read from the snapshot's
 config.json) and hubserve's task logic around vLLM covers the task; the transformers worker serves the rest:
 question answering, seq2seq models (vLLM 0.32 dropped encoder-decoder), sentence pairs for zero-shot
-classification (vLLM's /classify sends no ``token_type_ids``, so BERT-style pairs score wrong there) and
-architectures vLLM lacks (DistilBERT, DeBERTa, ...). Pure except for reading config.json.
+classification (vLLM's /classify sends no ``token_type_ids``, so BERT-style pairs score wrong there),
+architectures vLLM lacks (DistilBERT, DeBERTa, ...) and every image, audio and table task (speech recognition
+goes to vLLM for Whisper, to the worker for CTC models). Pure except for reading config.json.
 """
 
 from __future__ import annotations
