@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import requests
 import soundfile
 from huggingface_hub import AsyncInferenceClient, InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
@@ -137,8 +138,8 @@ def test_image_classification_red_is_red_and_matches_transformers(media_server: 
 
 def test_raw_bytes_post_as_the_inference_api_docs_show(media_server: HubserveServer, pipelines: Any) -> None:
     image = vt.colour_image("green", seed=11)
-    r = httpx.post(f"{media_server.url}/models/hubserve-test/tiny-vit-colours", content=png(image),
-                   headers=media_server.headers, timeout=60)
+    api_url = f"{media_server.url}/models/hubserve-test/tiny-vit-colours"
+    r = requests.post(api_url, headers=media_server.headers, data=png(image), timeout=60)
     assert r.status_code == 200, r.text
     same(r.json(), pipelines("image-classification", "vit")(image), ("label",))
 
@@ -267,8 +268,8 @@ def test_speech_recognition_ctc_matches_transformers(media_server: HubserveServe
     samples, _ = soundfile.read(io.BytesIO(wav), dtype="float32")
     want = pipelines("automatic-speech-recognition", "ctc")(samples.copy())
     assert client(media_server, "ctc").automatic_speech_recognition(wav).text == want["text"]
-    r = httpx.post(f"{media_server.url}/models/ctc", content=wav, headers={**media_server.headers,
-                                                                            "content-type": "audio/wav"}, timeout=60)
+    r = requests.post(f"{media_server.url}/models/ctc", headers={**media_server.headers, "content-type": "audio/wav"},
+                      data=wav, timeout=60)
     assert r.status_code == 200 and r.json() == {"text": want["text"]}
     got = client(media_server, "ctc").automatic_speech_recognition(wav, extra_body={"return_timestamps": "char"})
     want = pipelines("automatic-speech-recognition", "ctc")(samples.copy(), return_timestamps="char")
