@@ -29,6 +29,7 @@ class Batcher(Generic[I, O]):
         self._pending: list[tuple[I, Hashable, asyncio.Future[O]]] = []
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._first_at = 0.0  # when the oldest waiting item arrived (loop time)
         self.batches = 0  # batches run (for tests and /info)
         self.items = 0
 
@@ -38,6 +39,8 @@ class Batcher(Generic[I, O]):
             self._task = asyncio.create_task(self._loop(), name="batcher")
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[O]] = [loop.create_future() for _ in items]
+        if not self._pending:
+            self._first_at = loop.time()
         self._pending.extend((item, key, f) for item, f in zip(items, futures, strict=True))
         self._arrived.set()
         return list(await asyncio.gather(*futures))
@@ -46,14 +49,18 @@ class Batcher(Generic[I, O]):
         loop = asyncio.get_running_loop()
         while True:
             await self._arrived.wait()
-            if len(self._pending) < self.max_batch and self.window_s > 0:
-                await asyncio.sleep(self.window_s)
+            # the window counts from the first waiting item: items that waited through the last batch run at once
+            remaining = self._first_at + self.window_s - loop.time()
+            if len(self._pending) < self.max_batch and remaining > 0:
+                await asyncio.sleep(remaining)
             key = self._pending[0][1]
             batch = [p for p in self._pending if p[1] == key][: self.max_batch]
             taken = {id(p) for p in batch}
             self._pending = [p for p in self._pending if id(p) not in taken]
             if not self._pending:
                 self._arrived.clear()
+            else:
+                self._first_at = loop.time()  # the rest (another key, or past max_batch) waits from now
             live = [p for p in batch if not p[2].done()]  # a cancelled request's items are skipped
             if not live:
                 continue
