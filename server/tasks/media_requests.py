@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from server.errors import InvalidRequest
 from server.tasks.catalog import TASKS
-from server.tasks.requests import GENERATE_KEYS, MAX_NEW_TOKENS, refuse_unserved
+from server.tasks.requests import GENERATE_KEYS, MAX_NEW_TOKENS, ZeroShotBase, refuse_unserved
 
 log = logging.getLogger("hubserve.hub")
 
@@ -49,17 +49,7 @@ class ClassificationParameters(_Parameters):
     function_to_apply: Literal["sigmoid", "softmax", "none"] | None = None
 
 
-class ZeroShotImageParameters(_Parameters):
-    candidate_labels: list[str] | str = Field(min_length=1)
-    hypothesis_template: str | None = None
-
-    @field_validator("hypothesis_template")
-    @classmethod
-    def _template(cls, v: str | None) -> str | None:
-        if v is not None and "{}" not in v:
-            raise ValueError("`hypothesis_template` must contain `{}` (where the label goes)")
-        return v
-
+class ZeroShotImageParameters(ZeroShotBase):
     @property
     def labels(self) -> list[str]:
         given = self.candidate_labels.split(",") if isinstance(self.candidate_labels, str) else self.candidate_labels

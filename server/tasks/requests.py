@@ -118,9 +118,10 @@ class FillMaskParameters(_Parameters):
     top_k: int | None = Field(default=None, gt=0, le=1000)
 
 
-class ZeroShotParameters(_Parameters):
+class ZeroShotBase(_Parameters):
+    """Zero-shot classification of texts and of images: candidate labels put into a hypothesis template."""
+
     candidate_labels: list[str] | str = Field(min_length=1)
-    multi_label: bool | None = False
     hypothesis_template: str | None = None
 
     @field_validator("hypothesis_template")
@@ -129,6 +130,10 @@ class ZeroShotParameters(_Parameters):
         if v is not None and "{}" not in v:
             raise ValueError("`hypothesis_template` must contain `{}` (where the label goes)")
         return v
+
+
+class ZeroShotParameters(ZeroShotBase):
+    multi_label: bool | None = False
 
 
 class QuestionAnsweringParameters(_Parameters):

@@ -19,6 +19,7 @@ from server.engines.worker.media import Binary, LoadSpec
 from server.errors import InvalidRequest
 from server.tasks.media_requests import parse_media_task
 from tests.fixtures.diffusion_models import tiny_sd_dir
+from tests.fixtures.tiny import torch_threads
 
 pytestmark = pytest.mark.integration
 
@@ -28,13 +29,8 @@ SIZE = {"height": 32, "width": 32}
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
-    """Tensors this small gain nothing from more threads, and on a busy machine their barriers spin: 3x slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):  # tiny models: one torch thread is faster, more so on a busy machine
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from server.engines.worker.vision import load
 from server.errors import InvalidRequest
 from server.tasks.media_requests import parse_media_task
 from tests.fixtures import vision_tasks as vt
+from tests.fixtures.tiny import torch_threads
 
 pytestmark = pytest.mark.integration
 
@@ -48,13 +49,8 @@ def _loaded(task: str, build: Callable[[], Path]) -> Loaded:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
-    """Tiny models: one torch thread is faster than several, more so on a busy machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):  # tiny models: one torch thread is faster, more so on a busy machine
+        yield
 
 
 @pytest.fixture(scope="module")
