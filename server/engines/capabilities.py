@@ -7,6 +7,7 @@ A snapshot never changes, so the answer is cached per snapshot path. Vision-lang
 
 from __future__ import annotations
 
+from server.tasks.catalog import TASKS
 from server.tasks.snapshot import model_config
 
 IMAGE_KEYS = ("vision_config", "image_token_index", "image_token_id", "vision_tower")
@@ -25,3 +26,13 @@ def input_modalities(snapshot: str) -> tuple[str, ...]:
     if any(k in config for k in AUDIO_KEYS):
         found.append("audio")
     return tuple(found)
+
+
+TASK_INPUTS = {"image": ("image",), "image+question": ("image", "text"), "audio": ("audio",)}
+
+
+def task_modalities(snapshot: str, task: str) -> tuple[str, ...]:
+    """What a model takes in for its task (as /v1/models lists it): an image classifier images, a speech
+    recognizer audio; chat models what their config says."""
+    spec = TASKS.get(task)
+    return TASK_INPUTS.get(spec.input, input_modalities(snapshot)) if spec is not None else input_modalities(snapshot)

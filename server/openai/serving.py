@@ -12,7 +12,7 @@ from fastapi import Request, Response
 from pydantic import ValidationError
 
 from server.engines.base import Engine
-from server.engines.capabilities import input_modalities
+from server.engines.capabilities import task_modalities
 from server.engines.client import read_json_body
 from server.errors import Family, InvalidRequest, validation_problem
 from server.media import check_request_media
@@ -39,7 +39,7 @@ def model_card(engine: Engine, started: float) -> ModelCard:
         state=engine.state.value,
         max_model_len=engine.max_model_len,
         aliases=[n for n in info.served_names if n != info.name],
-        input_modalities=list(input_modalities(info.snapshot)),
+        input_modalities=list(task_modalities(info.snapshot, info.task)),
     )
 
 

@@ -384,3 +384,12 @@ def test_refusals_in_the_hub_shape(media_server: HubserveServer) -> None:
     body = {"inputs": base64.b64encode(png(vt.colour_image("red"))).decode(), "parameters": {"candidate_labels": []}}
     r = httpx.post(f"{media_server.url}/models/clip", json=body, headers=media_server.headers)
     assert r.status_code == 400 and "candidate_labels" in r.json()["error"]
+
+
+def test_models_list_what_each_takes_in(media_server: HubserveServer) -> None:
+    data = httpx.get(f"{media_server.url}/v1/models", headers=media_server.headers).json()["data"]
+    listed = {m["id"]: m for m in data}
+    assert listed["vit"]["input_modalities"] == ["image"] and listed["ctc"]["input_modalities"] == ["audio"]
+    assert listed["vilt"]["input_modalities"] == ["image", "text"] and listed["vits"]["input_modalities"] == ["text"]
+    health = httpx.get(f"{media_server.url}/health").json()
+    assert {m["backend"] for m in health["models"].values()} == {"transformers"}, health
