@@ -60,14 +60,17 @@ USAGE_PARSE_BYTES = 64 * 1024  # bigger answers (masks, vectors) are not parsed 
 
 
 async def post_engine(engine: Engine, path: str, body: dict[str, Any] | None = None, *,
-                      content: bytes | None = None) -> httpx.Response:
-    """POST a JSON body (``body``, or ``content`` already serialized) to the engine; a lost connection is
-    EngineUnavailable, an error answer its ServerError."""
+                      content: bytes | None = None, form: dict[str, str] | None = None,
+                      files: dict[str, Any] | None = None) -> httpx.Response:
+    """POST to the engine a JSON body (``body``, or ``content`` already serialized) or a multipart form (``form``
+    fields and ``files``); a lost connection is EngineUnavailable, an error answer its ServerError."""
     headers = engine_headers()
     try:
         if content is not None:
             headers = {**headers, "content-type": "application/json"}
             response = await engine.client().post(path, content=content, headers=headers)
+        elif files is not None:
+            response = await engine.client().post(path, data=form, files=files, headers=headers)
         else:
             response = await engine.client().post(path, json=body, headers=headers)
     except httpx.TransportError as e:

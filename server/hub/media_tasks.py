@@ -81,7 +81,8 @@ def prepare(task: str, model: str, body: bytes, content_type: str, limits: Media
             data, declared = decode_inline(kind, where, text, limits)
             check_bytes(kind, where, data, declared, limits)
             raw = data
-            _set_base64(request, where, data)
+            if text[:5].lower() == "data:":  # the worker takes plain base64; other text goes on as it came
+                _set_base64(request, where, data)
     _check_output_size(request, max_image_pixels)
     normalized = request.model_dump(mode="json", exclude_none=True)
     return Prepared(request, json.dumps(normalized).encode(), raw if kind == "audio" else None)

@@ -15,13 +15,11 @@ import base64
 from collections import Counter
 from typing import Any
 
-import httpx
 import numpy as np
 
 from server.engines.base import Engine
-from server.engines.client import engine_error, lost, post_engine
+from server.engines.client import post_engine
 from server.errors import GenerationError, InvalidRequest
-from server.ops.context import engine_headers
 from server.tasks import answers as tasks
 from server.tasks.media_requests import SpeechRecognitionRequest
 from server.tasks.requests import (
@@ -191,11 +189,5 @@ async def transcribe(engine: Engine, audio: bytes, request: SpeechRecognitionReq
     fields = transcription_fields(request, engine.info.name)
     route = "/v1/audio/translations" if fields.pop("task", "transcribe") == "translate" else "/v1/audio/transcriptions"
     files = {"file": ("audio", audio, "application/octet-stream")}
-    try:
-        response = await engine.client().post(route, data=fields, files=files,
-                                               headers=engine_headers())
-    except httpx.TransportError as e:
-        raise lost(engine, e) from e
-    if response.status_code >= 400:
-        raise engine_error(response.status_code, response.content)
+    response = await post_engine(engine, route, form=fields, files=files)
     return transcription_answer(response.json(), bool(request.parameters.return_timestamps))
