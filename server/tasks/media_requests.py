@@ -11,13 +11,19 @@ and sends to the worker, and what the worker parses again. Pure: nothing here de
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.errors import InvalidRequest
 from server.tasks.catalog import TASKS
-from server.tasks.requests import GENERATE_KEYS, MAX_NEW_TOKENS, ZeroShotBase, refuse_unserved
+from server.tasks.requests import (
+    GENERATE_KEYS,
+    MAX_NEW_TOKENS,
+    ZeroShotBase,
+    refuse_unserved,
+    validate_task_request,
+)
 
 log = logging.getLogger("hubserve.hub")
 
@@ -75,6 +81,7 @@ class GenerationParameters(_Parameters):
     generate_kwargs: dict[str, Any] | None = None  # transformers' own name for them
 
     _also: frozenset[str] = frozenset()  # keys beyond GENERATE_KEYS this task's generate() takes
+    flat_keys: ClassVar[frozenset[str]] = GENERATE_KEYS  # generate() reads them from the extra fields
 
     def generate(self) -> dict[str, Any]:
         """``generate`` arguments: flat ones (text_to_speech sends them so), then the nested dicts."""
@@ -284,15 +291,6 @@ def normalize(task: str, payload: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
-_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
-
-
-def _is_field(part: object) -> bool:
-    """Whether a pydantic error location part names a field or an index (not a union member's type tag)."""
-    text = str(part)
-    return isinstance(part, int) or (text.isidentifier() and text.lower() not in _TYPE_TAGS)
-
-
 def parse_media_task(task: str, payload: object, model: str) -> _MediaRequest:
     """The request for ``model``'s media ``task``; InvalidRequest names the model, its task and what it expects."""
     refuse_unserved(payload)
@@ -300,23 +298,14 @@ def parse_media_task(task: str, payload: object, model: str) -> _MediaRequest:
     expects = f"Model `{model}` serves {task} and expects {TASKS[task].expects}"
     if not isinstance(payload, dict) or ("inputs" not in payload and "image" not in payload):
         raise InvalidRequest(f"{expects}.")
-    try:
-        request = cls.model_validate(normalize(task, payload))
+
+    def check(request: _MediaRequest) -> None:
         parameters = getattr(request, "parameters", None)
         if isinstance(parameters, GenerationParameters):
             parameters.generate()
-    except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"] if _is_field(p))
-        msg = str(first["msg"]).removeprefix("Value error, ")
-        raise InvalidRequest(f"{expects}; got {loc}: {msg}.", param=loc or None) from e
-    except ValueError as e:
-        raise InvalidRequest(f"{expects}; got {e}.", param="parameters") from e
+
+    request = validate_task_request(cls, normalize(task, payload), expects, check)
     if isinstance(request, ZeroShotImageRequest) and not request.parameters.labels:
         raise InvalidRequest("`candidate_labels` must name at least one label.", param="candidate_labels")
-    parameters = getattr(request, "parameters", None)
-    taken = GENERATE_KEYS if isinstance(parameters, GenerationParameters) else frozenset()
-    extra = sorted((request.model_extra or {}).keys() | ((parameters and parameters.model_extra) or {}).keys() - taken)
-    if extra:
-        log.info("ignoring unknown fields: %s", ", ".join(extra))
     return request
+

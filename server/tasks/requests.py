@@ -8,7 +8,8 @@ logged; the legacy serverless ``options`` ({"wait_for_model", "use_cache"}) is a
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -237,29 +238,55 @@ def refuse_unserved(payload: object) -> None:
                              f"{UNSERVED_TASKS['tabular-classification']}.", param="table")
 
 
-def parse_task(task: str, payload: object, model: str) -> _TaskRequest:
-    """The request for ``model``'s ``task``; InvalidRequest names the model, its task and the input it expects."""
-    refuse_unserved(payload)
-    cls = TASK_REQUESTS[task]
-    expects = f"Model `{model}` serves {task} and expects {TASKS[task].expects}"
-    if not isinstance(payload, dict) or "inputs" not in payload:
-        raise InvalidRequest(f"{expects}.")
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _is_field(part: object) -> bool:
+    """Whether a pydantic error location part names a field or an index (not a union member's type tag)."""
+    text = str(part)
+    return isinstance(part, int) or (text.isidentifier() and text.lower() not in _TYPE_TAGS)
+
+
+Request = TypeVar("Request", bound=BaseModel)
+
+
+def validate_task_request(cls: type[Request], payload: dict[str, Any], expects: str,
+                          check: Callable[[Request], object] | None = None) -> Request:
+    """``payload`` as ``cls`` (then ``check``, which may raise ValueError): InvalidRequest says what the task
+    ``expects`` and where the body went wrong. Unknown fields are accepted and logged (but for the ``flat_keys``
+    of its parameters: not fields, used all the same)."""
     try:
         request = cls.model_validate(payload)
-        if isinstance(request, Seq2SeqRequest):
-            request.parameters.generate_kwargs()
+        if check is not None:
+            check(request)
     except ValidationError as e:
         first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
+        loc = ".".join(str(p) for p in first["loc"] if _is_field(p))
         msg = str(first["msg"]).removeprefix("Value error, ")
         raise InvalidRequest(f"{expects}; got {loc}: {msg}.", param=loc or None) from e
     except ValueError as e:
         raise InvalidRequest(f"{expects}; got {e}.", param="parameters") from e
     parameters = getattr(request, "parameters", None)
-    extra = sorted((request.model_extra or {}).keys() | ((parameters and parameters.model_extra) or {}).keys())
+    taken: frozenset[str] = getattr(parameters, "flat_keys", frozenset())
+    unknown_parameters = ((parameters and parameters.model_extra) or {}).keys() - taken
+    extra = sorted((request.model_extra or {}).keys() | unknown_parameters)
     if extra:
         log.info("ignoring unknown fields: %s", ", ".join(extra))
     return request
+
+
+def parse_task(task: str, payload: object, model: str) -> _TaskRequest:
+    """The request for ``model``'s ``task``; InvalidRequest names the model, its task and the input it expects."""
+    refuse_unserved(payload)
+    expects = f"Model `{model}` serves {task} and expects {TASKS[task].expects}"
+    if not isinstance(payload, dict) or "inputs" not in payload:
+        raise InvalidRequest(f"{expects}.")
+
+    def check(request: _TaskRequest) -> None:
+        if isinstance(request, Seq2SeqRequest):
+            request.parameters.generate_kwargs()
+
+    return validate_task_request(TASK_REQUESTS[task], payload, expects, check)
 
 
 # ---- request options both backends check the same way -------------------------------------------------------
