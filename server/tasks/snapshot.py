@@ -17,18 +17,20 @@ MAX_CACHED_BYTES = 4 * 1024**2  # bigger files are parsed but not kept
 
 def snapshot_json(snapshot: str, name: str) -> dict[str, Any]:
     """The JSON object in ``snapshot/name`` ({} when it is missing or not a JSON object)."""
-    path = Path(snapshot) / name
-    try:
-        if path.stat().st_size > MAX_CACHED_BYTES:
-            return _parse(path)
-    except OSError:
-        return {}
-    return _cached(snapshot, name)
+    cached = _cached(snapshot, name)
+    return cached if cached is not None else _parse(Path(snapshot) / name)
 
 
 @functools.lru_cache(maxsize=1024)
-def _cached(snapshot: str, name: str) -> dict[str, Any]:
-    return _parse(Path(snapshot) / name)
+def _cached(snapshot: str, name: str) -> dict[str, Any] | None:
+    """The parsed file, or None for a file too big to keep (it is parsed at each call instead)."""
+    path = Path(snapshot) / name
+    try:
+        if path.stat().st_size > MAX_CACHED_BYTES:
+            return None
+    except OSError:
+        return {}
+    return _parse(path)
 
 
 def _parse(path: Path) -> dict[str, Any]:
