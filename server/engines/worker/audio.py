@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from server.engines.worker.media import Binary, LoadSpec, MediaModel, decode_audio, encode_flac
+from server.engines.worker.media import Binary, LoadSpec, MediaModel, decode_audio, encode_flac, load_pipeline
 from server.errors import InvalidRequest
 from server.tasks.media_requests import (
     AudioClassificationRequest,
@@ -34,14 +34,6 @@ from server.tasks.media_requests import (
 )
 
 log = logging.getLogger("hubserve.worker")
-
-
-def _pipeline(spec: LoadSpec) -> Any:
-    import transformers
-
-    make: Any = transformers.pipeline  # its overloads want a literal task name
-    return make(spec.task, model=spec.repo, revision=spec.revision, device=spec.device, dtype=spec.dtype,
-                trust_remote_code=spec.trust_remote_code, model_kwargs={"use_safetensors": True})
 
 
 def _receptive_field(config: Any) -> int:
@@ -81,7 +73,7 @@ class _AudioPipeline(MediaModel):
 
         self.torch = torch
         self.task = spec.task
-        self.pipe = _pipeline(spec)
+        self.pipe = load_pipeline(spec)
         self.sampling_rate = int(self.pipe.feature_extractor.sampling_rate)
         self.min_samples = _receptive_field(self.pipe.model.config)
         self.fixed = False  # set by subclasses: every clip (up to `window` samples) gets features of one shape
@@ -271,7 +263,7 @@ class SpeechSynthesizer(MediaModel):
 
         self.torch = torch
         self.task = spec.task
-        self.pipe = _pipeline(spec)
+        self.pipe = load_pipeline(spec)
         self.generates = bool(self.pipe.model.can_generate())
 
     def info(self) -> dict[str, Any]:

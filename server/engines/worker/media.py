@@ -78,6 +78,15 @@ class MediaModel(ABC):
         return {}
 
 
+def load_pipeline(spec: LoadSpec) -> Any:
+    """transformers' pipeline for ``spec.task``, offline from the store at the pinned commit, safetensors only."""
+    import transformers
+
+    make: Any = transformers.pipeline  # its overloads want a literal task name; ours is a str
+    return make(spec.task, model=spec.repo, revision=spec.revision, device=spec.device, dtype=spec.dtype,
+                trust_remote_code=spec.trust_remote_code, model_kwargs={"use_safetensors": True})
+
+
 def load(spec: LoadSpec) -> MediaModel:
     module = importlib.import_module(f"server.engines.worker.{TASK_MODULES[spec.task]}")
     model: MediaModel = module.load(spec)

@@ -15,7 +15,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from server.engines.worker.media import LoadSpec, MediaModel
+from server.engines.worker.media import LoadSpec, MediaModel, load_pipeline
 from server.errors import InvalidRequest
 from server.tasks.media_requests import MediaRequest, TableQARequest
 
@@ -44,13 +44,9 @@ class TableQA(MediaModel):
 
     def __init__(self, spec: LoadSpec) -> None:
         import torch
-        import transformers
 
         self.torch = torch
-        self.pipe: Any = transformers.pipeline(
-            "table-question-answering", model=spec.repo, revision=spec.revision, device=spec.device,
-            dtype=spec.dtype, trust_remote_code=spec.trust_remote_code, model_kwargs={"use_safetensors": True},
-        )
+        self.pipe: Any = load_pipeline(spec)
         if self.pipe.type != "tapas":
             raise ValueError(f"`{spec.repo}` is not a TAPAS model; table-question-answering serves TAPAS models only")
         self.model = self.pipe.model.eval()

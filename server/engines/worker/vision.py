@@ -14,7 +14,7 @@ import copy
 from collections.abc import Hashable
 from typing import Any, cast
 
-from server.engines.worker.media import LoadSpec, MediaModel, decode_image, png_base64
+from server.engines.worker.media import LoadSpec, MediaModel, decode_image, load_pipeline, png_base64
 from server.errors import InvalidRequest
 from server.tasks.media_requests import (
     ImageClassificationRequest,
@@ -50,13 +50,8 @@ class VisionModel(MediaModel):
     """One image pipeline; ``prepare`` turns the request's parameters into the pipeline's keyword arguments."""
 
     def __init__(self, spec: LoadSpec) -> None:
-        import transformers
-
         self.task = spec.task
-        pipeline: Any = transformers.pipeline  # typed per literal task name; ours is a str
-        self.pipe: Any = pipeline(
-            spec.task, model=spec.repo, revision=spec.revision, device=spec.device, dtype=spec.dtype,
-            trust_remote_code=spec.trust_remote_code, model_kwargs={"use_safetensors": True})
+        self.pipe: Any = load_pipeline(spec)
         self.config = self.pipe.model.config
         self.fixed_size = _fixed_size(self.pipe.image_processor)
         self.subtasks = [s for s in SUBTASKS if hasattr(self.pipe.image_processor, f"post_process_{s}_segmentation")]

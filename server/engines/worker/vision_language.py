@@ -26,7 +26,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from server.engines.worker.media import LoadSpec, MediaModel, decode_image
+from server.engines.worker.media import LoadSpec, MediaModel, decode_image, load_pipeline
 from server.errors import InvalidRequest
 from server.tasks.media_requests import DocumentQARequest, ImageToTextRequest, MediaRequest, VQARequest
 
@@ -279,14 +279,10 @@ class DocumentQA(MediaModel):
 
     def __init__(self, spec: LoadSpec) -> None:
         import torch
-        import transformers
         from transformers.pipelines.document_question_answering import ModelType
 
         self.torch = torch
-        self.pipe = transformers.pipeline(
-            "document-question-answering", model=spec.repo, revision=spec.revision, device=spec.device,
-            dtype=spec.dtype, trust_remote_code=spec.trust_remote_code, model_kwargs={"use_safetensors": True},
-        )
+        self.pipe = load_pipeline(spec)
         self.model = self.pipe.model.eval()
         self.tokenizer: Any = self.pipe.tokenizer
         self.generative = self.pipe.model_type == ModelType.VisionEncoderDecoder
