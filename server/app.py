@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from server.errors import document_errors, install_error_handlers
+from server.desired import desired_models
+from server.errors import ModelNotVerified, document_errors, install_error_handlers
 from server.ops.auth import KeyChecker
 from server.ops.gateway import GatewayMiddleware
 from server.ops.keys import KeyRing
 from server.ops.metrics import Metrics
-from server.registry import Registry, desired_models, resolve_models
+from server.registry import Registry
 from server.settings import Settings
 from server.watch import ManifestWatcher
 
@@ -68,14 +69,13 @@ def build_registry(settings: Settings) -> Registry:
     from sync.manifest import load_config
 
     config = load_config(settings.config, settings.store)
-    if not settings.wait_for_sync:
-        return Registry.from_models(resolve_models(config), settings)
     desired = desired_models(config)
-    registry = Registry.from_models(desired.models, settings)
-    registry.waiting = dict(desired.waiting)
+    missing = [reason for name, reason in desired.waiting.items() if config.manifest.base_of(name) is None]
+    if missing and not settings.wait_for_sync:
+        raise ModelNotVerified(missing[0])
     for reason in desired.waiting.values():
         log.warning("%s (waiting for it)", reason)
-    return registry
+    return Registry.from_desired(desired, settings)
 
 
 async def _boot(registry: Registry, watcher: ManifestWatcher | None) -> None:

@@ -61,6 +61,10 @@ class ServerError(HubserveError):
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after is not None else {}
 
+    def hub_fields(self) -> dict[str, Any]:
+        """Fields the Hub family's error body carries beside ``error``."""
+        return {}
+
 
 class InvalidRequest(ServerError):
     """The request is malformed: not JSON, a missing or mistyped field, a value out of range, over a cap."""
@@ -185,6 +189,22 @@ class EngineUnavailable(ServerError):
     tgi_type = "unhealthy"
     anthropic_type = "overloaded_error"
     hub_code = "ModelNotReady"
+
+
+class ModelLoading(EngineUnavailable):
+    """The model is loading (on demand) and the client would not wait that long: 503 with Retry-After and, on
+    Hub routes, the Inference API's ``{"error": "... is loading", "estimated_time": s}``."""
+
+    code = "model_loading"
+    hub_code = "ModelLoading"
+
+    def __init__(self, name: str, estimated_time: float) -> None:
+        super().__init__(f"Model `{name}` is loading (about {estimated_time:.0f} s more); retry later.",
+                         retry_after=estimated_time)
+        self.estimated_time = round(estimated_time, 1)
+
+    def hub_fields(self) -> dict[str, Any]:
+        return {"estimated_time": self.estimated_time}
 
 
 class GenerationError(ServerError):
@@ -319,7 +339,7 @@ def error_response(exc: ServerError, family: Family) -> JSONResponse:
     if family is Family.TGI:
         body: dict[str, Any] = tgi_body(exc)
     elif family is Family.HUB:
-        body = {"error": exc.message}
+        body = {"error": exc.message, **exc.hub_fields()}
         headers |= {"X-Error-Code": exc.hub_code or exc.code, "X-Error-Message": _header_safe(exc.message)}
     elif family is Family.ANTHROPIC:
         body = anthropic_body(exc)

@@ -76,17 +76,20 @@ async def forward(
         fields = MAX_TOKENS_PATHS.get(path, MAX_TOKENS_FIELDS)
         body = _capped(body, payload, registry.settings.max_new_tokens, fields)
     slot = await registry.admit(engine)
-    engine = slot.engine
     try:
+        if slot.engine.model_id != engine.model_id:  # an adapter moved since the body was made: the new name
+            body = _renamed(body, payload, slot.engine.model_id)
+        engine = slot.engine
         if admitted is not None:
             admitted(engine)
     except BaseException:
         slot.release()
         raise
+    rename = ModelRename(engine.model_id, engine.info.name) if engine.model_id != engine.info.name else None
     uds = engine.uds
     if uds is not None:
         return await _forward_socket(
-            engine, uds, slot, method, path, body, request_headers, family, content_type, on_event
+            engine, uds, slot, method, path, body, request_headers, family, content_type, on_event, rename
         )
     try:
         client = engine.client()
@@ -105,13 +108,15 @@ async def forward(
             finally:
                 await upstream.aclose()
                 slot.release()  # a whole answer is done with its slot here (found by the TGI/Hub work)
+            if rename is not None:
+                content = rename.whole(content)
             _note_json_usage(content, on_event if upstream.status_code < 400 else None)
             return Response(content, status_code=upstream.status_code, headers=_response_headers(upstream))
     except BaseException:
         slot.release()
         raise
     return RelayResponse(
-        _relay(engine, upstream, family, on_event if upstream.status_code < 400 else None),
+        _relay(engine, upstream, family, on_event if upstream.status_code < 400 else None, rename),
         status_code=upstream.status_code,
         headers=_response_headers(upstream),
         upstream=upstream,
@@ -137,18 +142,59 @@ class RelayResponse(StreamingResponse):
 
 
 async def _relay(
-    engine: Engine, upstream: httpx.Response, family: Family, on_event: EventHook | None
+    engine: Engine, upstream: httpx.Response, family: Family, on_event: EventHook | None,
+    rename: ModelRename | None = None,
 ) -> AsyncIterator[bytes]:
     usage = StreamUsage(on_event)
     try:
         async for chunk in upstream.aiter_raw():
+            if rename is not None:
+                chunk = rename.feed(chunk)
             usage.feed(chunk)
             yield chunk
+        if rename is not None and (tail := rename.flush()):
+            yield tail
     except httpx.TransportError as e:
         log.warning("model %s: stream broken: %s", engine.info.name, type(e).__name__)
         yield sse_error_event(lost(engine, e), family)
     finally:
         usage.close()
+
+
+class ModelRename:
+    """Puts an adapter's served name where the engine answers with its engine name (``"poet@0123456789ab"``), in
+    an answer passed through as bytes, however the stream is cut into reads: a read ending in what may be the start
+    of the name is held back until the next one."""
+
+    def __init__(self, engine_name: str, served_name: str) -> None:
+        self.old = json.dumps(engine_name).encode()
+        self.new = json.dumps(served_name).encode()
+        self._held = b""
+
+    def whole(self, data: bytes) -> bytes:
+        return data.replace(self.old, self.new)
+
+    def feed(self, data: bytes) -> bytes:
+        data = (self._held + data).replace(self.old, self.new)
+        keep = next((k for k in range(min(len(self.old) - 1, len(data)), 0, -1) if data.endswith(self.old[:k])), 0)
+        self._held = data[len(data) - keep:] if keep else b""
+        return data[: len(data) - keep] if keep else data
+
+    def flush(self) -> bytes:
+        held, self._held = self._held, b""
+        return held
+
+
+def _renamed(body: bytes, payload: dict[str, Any] | None, model: str) -> bytes:
+    """The JSON body with its ``model`` replaced."""
+    if payload is None:
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidRequest(f"The request body is not valid JSON: {e}.") from e
+    if not isinstance(payload, dict):
+        return body
+    return json.dumps({**payload, "model": model}).encode()
 
 
 def _capped(body: bytes, payload: object, cap: int, fields: tuple[str, ...]) -> bytes:
@@ -230,6 +276,7 @@ async def _forward_socket(
     family: Family,
     content_type: str,
     on_event: EventHook | None,
+    rename: ModelRename | None = None,
 ) -> Response:
     writer: asyncio.StreamWriter | None = None
     try:
@@ -253,6 +300,8 @@ async def _forward_socket(
                 writer.close()
                 slot.release()
                 content = answer.take()
+                if rename is not None:
+                    content = rename.whole(content)
                 _note_json_usage(content, on_event if status < 400 else None)
                 return Response(content, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
         except (OSError, httptools.HttpParserError) as e:
@@ -264,6 +313,7 @@ async def _forward_socket(
         raise
     relay = SocketRelay(engine, family, slot, status, headers, answer, parser, reader, writer)
     relay.on_event = on_event if status < 400 else None
+    relay.rename = rename
     return relay
 
 
@@ -290,6 +340,7 @@ class SocketRelay(Response):
         self._answer, self._parser, self._reader, self._writer = answer, parser, reader, writer
         self._client_gone = False
         self.on_event: EventHook | None = None
+        self.rename: ModelRename | None = None
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -307,9 +358,13 @@ class SocketRelay(Response):
                 while True:
                     if answer.pieces:
                         piece = answer.take()
+                        if self.rename is not None:
+                            piece = self.rename.feed(piece)
                         usage.feed(piece)
                         await send({"type": "http.response.body", "body": piece, "more_body": True})
                     if answer.complete:
+                        if self.rename is not None and (tail := self.rename.flush()):
+                            await send({"type": "http.response.body", "body": tail, "more_body": True})
                         break
                     data = await reader.read(READ_SIZE)
                     if not data:

@@ -122,6 +122,18 @@ class Settings(BaseSettings):
     cpu_kvcache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE per engine on CPU (GiB).")
     cpu_max_model_len: int = Field(default=2048, ge=16, description="max_model_len on CPU when a model sets none.")
 
+    # ---- loading on demand ------------------------------------------------------------------------------------
+    max_loaded_models: int = Field(
+        default=0, ge=0, description="Models loaded at once (0: as the memory budget allows); the least recently "
+        "used idle on-demand model is unloaded to make room.",
+    )
+    load_timeout_s: float = Field(
+        default=600.0, gt=0, description="How long a request waits for its model to load (models.toml "
+        "`load_timeout_s`, and the X-Scale-Up-Timeout header, may say less); then 503 with Retry-After.",
+    )
+    idle_check_s: float = Field(default=1.0, gt=0, description="How often idle models are checked for unloading.")
+    max_loras: int = Field(default=4, ge=1, description="vLLM --max-loras: adapters in one batch of a base engine.")
+
     # ---- media in requests (images and audio in chats, responses, messages, transcriptions) ------------------
     max_images_per_request: int = Field(default=8, ge=0, description="Images one request may carry; more: 400.")
     max_image_bytes: int = Field(default=10 * 1024**2, ge=1, description="Largest image (decoded bytes); more: 413.")

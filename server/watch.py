@@ -17,7 +17,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from server.registry import Registry, desired_models
+from server.desired import desired_models
+from server.registry import Registry
 from server.settings import Settings
 from sync.errors import HubserveError
 from sync.manifest import find_config, load_config
@@ -61,7 +62,8 @@ class ManifestWatcher:
             log.info("%s is valid again; applying it", self.config_path.name)
             self._last_error = None
         keep = {name: engine.info for name, engine in self.registry.engines.items()}
-        desired = desired_models(config, keep)
+        keep_adapters = {a.name: a for _, a in self.registry.adapters()}
+        desired = desired_models(config, keep, keep_adapters)
         await self.registry.apply(desired)
         return {"applied": True, "waiting": desired.waiting, "pending": desired.pending}
 

@@ -144,7 +144,7 @@ class Daemon:
 
     def _reconcile(self, trigger: str, only: set[str] | None) -> None:
         cfg = self.config
-        follow = {m.name for m in cfg.manifest.models if m.follow}
+        follow = {m.name for m in cfg.manifest.pinned if m.follow}
         if only is not None:
             follow &= only
         self.metrics.reconciles.labels(trigger).inc()
@@ -162,7 +162,7 @@ class Daemon:
         for result in report.models:
             self._log_result(result, result.name in follow)
         self._refresh_locked()
-        repo_of = {m.name: m.repo for m in cfg.manifest.models}
+        repo_of = {m.name: m.repo for m in cfg.manifest.pinned}
         moved = {repo_of[r.name] for r in report.models if r.error is None and r.old_commit and r.name in repo_of}
         if moved and cfg.manifest.daemon.prune:
             self._prune(cfg, moved, repo_of)
@@ -313,7 +313,7 @@ class Daemon:
         return os.environ.get(env) or None if env else None
 
     def on_webhook(self, event: HubEvent) -> dict[str, Any]:
-        models = self.config.manifest.models
+        models = self.config.manifest.pinned
         if not known_repo(event, models):
             log.info("webhook for %r: not in models.toml, ignored", event.repo)
             return {"models": []}
@@ -344,7 +344,7 @@ class Daemon:
             "interval_s": self.interval,
             "models": {
                 m.name: {"repo": m.repo, "revision": m.revision, "follow": m.follow, "commit": self._locked.get(m.name)}
-                for m in cfg.manifest.models
+                for m in cfg.manifest.pinned
             },
         }
 

@@ -24,7 +24,7 @@ def model_status(cfg: Config) -> list[ModelStatus]:
     store = Store(cfg.store_path)
     lock = read_lock(cfg.lock_path)
     out = []
-    for spec in cfg.manifest.models:
+    for spec in cfg.manifest.pinned:
         commit = pinned_commit(lock, spec.name, spec.repo, spec.revision)
         if commit is None:
             out.append(ModelStatus(spec.name, spec.repo, None, "unresolved", 0, None))
@@ -47,7 +47,7 @@ def gc_keep(cfg: Config) -> tuple[set[tuple[str, str]], list[str]]:
     lock = read_lock(cfg.lock_path)
     keep: set[tuple[str, str]] = set()
     warnings = []
-    for spec in cfg.manifest.models:
+    for spec in cfg.manifest.pinned:
         commit = pinned_commit(lock, spec.name, spec.repo, spec.revision)
         if commit is None:
             warnings.append(f"{spec.name}: pin {spec.revision!r} not in models.lock; keeping all of {spec.repo}")

@@ -31,6 +31,8 @@ class LockedModel:
     history: tuple[str, ...] = ()
     # Set by `hubserve rollback`: the commit rolled back from. Following a branch never moves back to it.
     rolled_back_from: str | None = None
+    # For a LoRA adapter: the served name of the model it adapts (its entry is filed under that model's).
+    base: str | None = None
 
     def moved_to(self, new: LockedModel) -> LockedModel:
         """``new`` as the successor of this entry: the old commit joins the history when the pin moves."""
@@ -56,12 +58,13 @@ class Lock:
         return entry
 
     def to_toml(self) -> str:
-        doc = {"version": LOCK_VERSION, "models": [_entry_doc(m) for m in sorted(self.models.values(), key=_name)]}
+        doc = {"version": LOCK_VERSION, "models": [_entry_doc(m) for m in sorted(self.models.values(), key=_order)]}
         return HEADER + tomli_w.dumps(doc)
 
 
-def _name(m: LockedModel) -> str:
-    return m.name
+def _order(m: LockedModel) -> tuple[str, str]:
+    """Models by name, each followed by its adapters."""
+    return (m.base, m.name) if m.base else (m.name, "")
 
 
 def _entry_doc(m: LockedModel) -> dict[str, object]:
@@ -72,6 +75,8 @@ def _entry_doc(m: LockedModel) -> dict[str, object]:
         "commit": m.commit,
         "selection": m.selection,
     }
+    if m.base:
+        doc["base"] = m.base
     if m.history:
         doc["history"] = list(m.history)
     if m.rolled_back_from:
@@ -102,6 +107,7 @@ def read_lock(path: Path) -> Lock:
                 files=tuple(FileEntry(**f) for f in m.get("files", [])),
                 history=history,
                 rolled_back_from=rolled_back_from,
+                base=m.get("base"),
             )
     except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"{path}: unreadable lock file ({e}); fix it or delete it and run `hubserve sync`") from e

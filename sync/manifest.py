@@ -39,6 +39,9 @@ UNSERVED_TASKS = {
     "separation models are SpeechBrain/Asteroid checkpoints)",
 }
 BACKENDS = ("auto", "vllm", "transformers")
+LOAD_POLICIES = ("startup", "on-demand")
+# What a PEFT adapter repo needs (and its card); anything else in it (training state, pickles) is not fetched.
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "README.md"]
 
 
 class _Strict(BaseModel):
@@ -81,6 +84,46 @@ class DaemonConfig(_Strict):
     )
 
 
+class AdapterSpec(_Strict):
+    """A LoRA adapter of a model, pinned like a model: ``[[models.adapters]]``."""
+
+    name: str = Field(description="Served name: the OpenAI `model`, TGI `adapter_id`.")
+    repo: str = Field(description="Hub repo id of a PEFT LoRA adapter (adapter_config.json + safetensors).")
+    revision: str = Field("main", description="40-hex commit, or a branch/tag resolved once into models.lock.")
+    follow: bool = Field(False, description="The daemon re-resolves the branch/tag and moves the pin when it moves.")
+    include: list[str] | None = Field(None, description="Glob patterns of files to fetch (default: the adapter's).")
+    exclude: list[str] = Field(default_factory=list, description="Glob patterns of files to skip.")
+
+    _name = field_validator("name")(lambda cls, v: _check_name(v))
+    _repo = field_validator("repo")(lambda cls, v: _check_repo(v))
+    _revision = field_validator("revision")(lambda cls, v: _check_revision(v))
+
+    def as_model(self, base: ModelSpec) -> ModelSpec:
+        """The adapter as sync sees it: one more pinned repo (its files, its lock entry, its revisions)."""
+        return ModelSpec.model_validate({
+            "name": self.name, "repo": self.repo, "revision": self.revision, "follow": self.follow, "task": base.task,
+            "include": self.include if self.include is not None else list(ADAPTER_FILES), "exclude": self.exclude,
+        })
+
+
+def _check_name(v: str) -> str:
+    if not NAME_RE.match(v):
+        raise ValueError(f"{v!r} is not a valid served name (letters, digits, '._:/-', max 128)")
+    return v
+
+
+def _check_repo(v: str) -> str:
+    if not REPO_ID_RE.match(v) or ".." in v or "--" in v:
+        raise ValueError(f"{v!r} is not a repo id of the form 'org/name'")
+    return v
+
+
+def _check_revision(v: str) -> str:
+    if not REVISION_RE.match(v) or ".." in v:
+        raise ValueError(f"{v!r} is not a 40-hex commit, branch or tag")
+    return v
+
+
 class ModelSpec(_Strict):
     name: str = Field(description="Served name: the OpenAI `model`, an alias on Hub routes.")
     repo: str = Field(description="Hub repo id, org/name.")
@@ -101,26 +144,24 @@ class ModelSpec(_Strict):
         description="Longest one request may take (then 504); default by task kind: embeddings and "
         "classification 60 s, generation HUBSERVE_REQUEST_TIMEOUT_S, images and audio 900 s.",
     )
+    load: str = Field("startup", description="startup (loaded when the server starts) or on-demand "
+                      "(loaded by its first request; unloaded first when memory or HUBSERVE_MAX_LOADED_MODELS "
+                      "runs short).")
+    idle_unload_s: float = Field(0, ge=0, description="Unload the model after this many idle seconds (0: never).")
+    load_timeout_s: float | None = Field(
+        None, gt=0, description="Longest a request waits for the model to load (default HUBSERVE_LOAD_TIMEOUT_S)."
+    )
+    adapters: list[AdapterSpec] = Field(default_factory=list, description="LoRA adapters served on this model.")
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"{v!r} is not a valid served name (letters, digits, '._:/-', max 128)")
-        return v
+    _name = field_validator("name")(lambda cls, v: _check_name(v))
+    _repo = field_validator("repo")(lambda cls, v: _check_repo(v))
+    _revision = field_validator("revision")(lambda cls, v: _check_revision(v))
 
-    @field_validator("repo")
+    @field_validator("load")
     @classmethod
-    def _repo(cls, v: str) -> str:
-        if not REPO_ID_RE.match(v) or ".." in v or "--" in v:
-            raise ValueError(f"{v!r} is not a repo id of the form 'org/name'")
-        return v
-
-    @field_validator("revision")
-    @classmethod
-    def _revision(cls, v: str) -> str:
-        if not REVISION_RE.match(v) or ".." in v:
-            raise ValueError(f"{v!r} is not a 40-hex commit, branch or tag")
+    def _load(cls, v: str) -> str:
+        if v not in LOAD_POLICIES:
+            raise ValueError(f"{v!r} is not a load policy; accepted: {', '.join(LOAD_POLICIES)}")
         return v
 
     @field_validator("task")
@@ -141,8 +182,13 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _follow_needs_ref(self) -> ModelSpec:
-        if self.follow and is_commit(self.revision):
-            raise ValueError(f"follow = true needs a branch or tag to follow, not the commit {self.revision!r}")
+        specs: list[ModelSpec | AdapterSpec] = [self, *self.adapters]
+        for spec in specs:
+            if spec.follow and is_commit(spec.revision):
+                raise ValueError(f"follow = true needs a branch or tag to follow, not the commit {spec.revision!r}")
+        if self.adapters and self.backend == "transformers":
+            raise ValueError("LoRA adapters are served on vLLM; a model with adapters cannot use backend = "
+                             "\"transformers\"")
         return self
 
     def wants(self, path: str) -> bool:
@@ -173,23 +219,37 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> Manifest:
-        names = [m.name for m in self.models]
+        names = self.names()
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"duplicate model names: {', '.join(dupes)}")
+            raise ValueError(f"duplicate model names (models and adapters share one namespace): {', '.join(dupes)}")
         defaults = [m.name for m in self.models if m.default]
         if len(defaults) > 1:
             raise ValueError(f"more than one model has default = true: {', '.join(defaults)}")
         return self
 
-    def model(self, name: str) -> ModelSpec:
+    @property
+    def pinned(self) -> list[ModelSpec]:
+        """Every pinned repo, as sync treats it: each model, then each of its adapters (as a ModelSpec)."""
+        out: list[ModelSpec] = []
         for m in self.models:
+            out += [m, *(a.as_model(m) for a in m.adapters)]
+        return out
+
+    def base_of(self, name: str) -> ModelSpec | None:
+        """The model an adapter named ``name`` belongs to (None: ``name`` is no adapter)."""
+        return next((m for m in self.models if any(a.name == name for a in m.adapters)), None)
+
+    def model(self, name: str) -> ModelSpec:
+        """A model or an adapter (as sync sees it) by its served name."""
+        for m in self.pinned:
             if m.name == name:
                 return m
         raise ConfigError(f"no model named {name!r} in the manifest; known: {', '.join(self.names()) or 'none'}")
 
     def names(self) -> list[str]:
-        return [m.name for m in self.models]
+        """Served names of every model and adapter."""
+        return [m.name for m in self.pinned]
 
     def default_model(self) -> ModelSpec | None:
         for m in self.models:

@@ -11,10 +11,12 @@ import logging
 import threading
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rich.console import Console
 
-from sync.errors import HubserveError
+from sync.adapters import check_adapter, in_folder
+from sync.errors import ConfigError, HubserveError
 from sync.lock import Lock, LockedModel, read_lock, write_lock
 from sync.manifest import Config, ModelSpec
 from sync.plan import check_against_lock, choose_pin, missing_blobs, select_files
@@ -96,7 +98,7 @@ class Syncer:
         with self.store.locked():
             lock = read_lock(self.config.lock_path)
             try:
-                for spec in self.config.manifest.models:
+                for spec in self.config.manifest.pinned:
                     if only and spec.name not in only:
                         continue
                     self._check_cancel()
@@ -165,10 +167,35 @@ class Syncer:
                 refs=() if spec.revision == commit else (spec.revision,),
             )
             self._check_cancel()
+            base = self._check_adapter(spec, record, lock)
             self.store.promote(record)
             result.promoted = True
+        else:
+            base = self._check_adapter(spec, record, lock)
         self._write_refs(spec, commit)
-        lock.put(LockedModel(spec.name, spec.repo, spec.revision, commit, selection.files, spec.selection_key()))
+        lock.put(LockedModel(spec.name, spec.repo, spec.revision, commit, selection.files, spec.selection_key(),
+                             base=base))
+
+    def _check_adapter(self, spec: ModelSpec, record: RevisionRecord, lock: Lock) -> str | None:
+        """For an adapter: its base's served name, once it fits the base's pinned revision (else ConfigError,
+        before the adapter's revision is promoted or pinned)."""
+        base = self.config.manifest.base_of(spec.name)
+        if base is None:
+            return None
+        locked = lock.get(base.name)
+        base_record = self.store.get_revision(base.repo, locked.commit) if locked else None
+        if base_record is None:
+            raise ConfigError(f"adapter {spec.name!r}: its base model {base.name!r} is not synced; sync it first")
+        store = self.store
+
+        def adapter_file(path: str) -> Path | None:
+            entry = record.file(path)
+            return store.blob_path(spec.repo, entry.etag) if entry is not None else None
+
+        base_dir = store.snapshot_dir(base.repo, base_record.commit)
+        check_adapter(adapter_file, in_folder(base_dir), f"{spec.name!r} ({spec.repo})", base.repo,
+                      f"{base.name!r} ({base.repo}@{base_record.commit[:12]})")
+        return base.name
 
     def _pipeline_tag(self, spec: ModelSpec, commit: str) -> str | None:
         try:

@@ -28,7 +28,7 @@ async def proxy_messages(request: Request, registry: Registry, path: str) -> Res
         raise InvalidRequest(f"Model `{engine.info.name}` ({engine.info.task}) does not chat; Messages needs a "
                              "text-generation model.", param="model")
     await check_request_media(body, payload, engine.info.name, engine.info.snapshot, registry.settings)
-    if fields.model not in engine.info.served_names:
-        payload = {**payload, "model": engine.info.name}
+    if not engine.accepts_model(fields.model):
+        payload = {**payload, "model": engine.model_id}
         body = json.dumps(payload).encode()
     return await forward(registry, engine, path, body, request.headers, Family.ANTHROPIC, payload=payload)

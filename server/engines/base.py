@@ -25,6 +25,8 @@ import httpx
 
 from server.errors import EngineUnavailable, Overloaded
 
+GIB = 1024**3
+
 
 class EngineState(enum.StrEnum):
     STOPPED = "stopped"  # not started yet, or stopped on shutdown
@@ -49,6 +51,10 @@ class ModelInfo:
     weights_bytes: int = 0  # size of the weight files in the store (for the memory budget)
     backend: str = "auto"  # models.toml `backend`: auto | vllm | transformers (engines/select.py decides auto)
     timeout_s: float | None = None  # models.toml `timeout_s` (None: the default of the task's kind)
+    on_demand: bool = False  # models.toml `load = "on-demand"`: loaded by its first request, evicted first
+    idle_unload_s: float = 0.0  # unloaded after this many idle seconds (0: never)
+    load_timeout_s: float | None = None  # longest a request waits for it to load (None: HUBSERVE_LOAD_TIMEOUT_S)
+    max_lora_rank: int = 0  # the engine starts with LoRA enabled up to this rank (0: no adapters, LoRA off)
 
     @property
     def served_names(self) -> tuple[str, ...]:
@@ -56,21 +62,47 @@ class ModelInfo:
         return (self.name,) if self.name == self.repo else (self.name, self.repo)
 
 
+@dataclass(frozen=True)
+class AdapterInfo:
+    """One LoRA adapter revision served on a base model's engine."""
+
+    name: str  # served name (OpenAI `model`, TGI `adapter_id`)
+    repo: str  # Hub repo id of the adapter
+    commit: str
+    snapshot: str  # the adapter's verified snapshot in the store (what the engine loads)
+    base: str  # served name of the base model
+    rank: int
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        return (self.name,) if self.name == self.repo else (self.name, self.repo)
+
+    @property
+    def engine_name(self) -> str:
+        """The adapter's name inside the engine: one per commit, so a moved adapter loads beside the old one and
+        each request runs on the revision it was admitted to."""
+        return f"{self.name}@{self.commit[:12]}"
+
+
 class Admission:
     """One admitted request: holds a slot of ``engine``'s in-flight limit until released.
 
     ``engine`` is the engine the request must use: after a revision swap it may differ from the one a route
-    looked up before it was admitted.
+    looked up before it was admitted. ``inner``: the slot an adapter's admission holds on its base engine.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, inner: Admission | None = None) -> None:
         self.engine = engine
+        self.inner = inner
         self._held = True
 
     def release(self) -> None:
         if self._held:
             self._held = False
             self.engine._in_flight -= 1
+            self.engine.last_used = time.monotonic()
+            if self.inner is not None:
+                self.inner.release()
             if self.engine.on_release is not None:
                 self.engine.on_release()
 
@@ -89,9 +121,11 @@ class Engine(ABC):
     """
 
     backend = "none"  # which engine implementation serves the model (shown in /health and /v1/models)
+    device = "cpu"  # "gpu" when it runs on GPUs (its start then takes a share of their memory)
     # Set by the registry before start when other engines run on the same CPU cores (several models, or a
     # blue/green swap): the engine must not pin its threads to the cores it would take on an idle machine.
     shares_cores = False
+    supports_adapters = False  # whether set_adapters can load LoRA adapters into the running engine
 
     def __init__(self, info: ModelInfo, max_in_flight: int = 128, retry_after_s: float = 5.0) -> None:
         self.info = info
@@ -102,6 +136,7 @@ class Engine(ABC):
         self.restarts = 0
         self.last_error: str | None = None
         self.ready_since: float | None = None
+        self.last_used = time.monotonic()  # when a request last ended (or the engine was made): LRU eviction
 
     # ---- what implementations provide ---------------------------------------------------------------
     @property
@@ -137,6 +172,32 @@ class Engine(ABC):
 
     @abstractmethod
     async def check_health(self) -> bool: ...
+
+    @property
+    def model_id(self) -> str:
+        """The model name requests to the engine carry (an adapter's differs from its served name)."""
+        return self.info.name
+
+    def accepts_model(self, name: str | None) -> bool:
+        """Whether a body naming ``name`` as its model reaches this engine as is (else ``model_id`` replaces it)."""
+        return name in self.info.served_names
+
+    def memory_estimate(self) -> int:
+        """Host memory the engine needs while it starts and runs (the registry's memory budget)."""
+        return self.info.weights_bytes * 2 + 2 * GIB
+
+    def gpu_memory_share(self) -> float:
+        """The fraction of each of its GPUs' memory the engine takes (0 on CPU)."""
+        return 0.0
+
+    async def set_adapters(self, adapters: list[AdapterInfo]) -> None:
+        """Serve exactly these LoRA adapters (loaded into the running engine, no restart)."""
+        if adapters:
+            raise NotImplementedError(f"the {self.backend} engine serves no LoRA adapters")
+
+    def adapter(self, name: str) -> Engine | None:
+        """The engine view that serves the adapter ``name`` (a served name or repo id) now, if loaded."""
+        return None
 
     def lower_priority(self, niceness: int) -> int | None:
         """Make the engine's processes ``niceness`` nicer; the niceness before, or None if nothing changed."""

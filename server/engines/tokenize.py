@@ -54,7 +54,7 @@ async def tokenize_on_engine(request: Request, path: str, payload: object) -> Re
     engine = registry.get(request.path_params.get("repo_id") or model)
     request.state.model = engine.info.name
     if engine.backend != "transformers":  # vLLM answers itself
-        body = json.dumps({**payload, "model": engine.info.name}).encode()
+        body = json.dumps({**payload, "model": engine.model_id}).encode()
         return await forward(registry, engine, path, body, request.headers, Family.OPENAI)
     if not has_fast_tokenizer(engine.info.snapshot):
         raise InvalidRequest(f"Model `{engine.info.name}` has no tokenizer.json to tokenize with.", param="model")

@@ -23,8 +23,9 @@ from typing import Any
 
 import httpx
 
-from server.engines.base import ModelInfo
+from server.engines.base import AdapterInfo, Engine, ModelInfo
 from server.engines.capabilities import input_modalities
+from server.engines.lora import AdapterSet
 from server.engines.process import ProcessEngine
 from server.tasks.catalog import GENERATIVE_TASKS
 from server.tasks.snapshot import model_config
@@ -89,6 +90,10 @@ def effective_engine_args(info: ModelInfo, device: Device, settings: Settings) -
         if info.task in GENERATIVE_TASKS and "max_model_len" not in args:
             ctx = _model_context(info.snapshot)
             args["max_model_len"] = min(settings.cpu_max_model_len, ctx) if ctx else settings.cpu_max_model_len
+    if info.max_lora_rank:  # adapters are loaded at runtime (/v1/load_lora_adapter), up to this rank
+        args.setdefault("enable_lora", True)
+        args.setdefault("max_lora_rank", info.max_lora_rank)
+        args.setdefault("max_loras", settings.max_loras)
     return args
 
 
@@ -134,6 +139,24 @@ class VLLMEngine(ProcessEngine):
         self.device = detect_device(settings.device)
         self.args = effective_engine_args(info, self.device, settings)
         self._max_model_len: int | None = None
+        self.adapters = AdapterSet(self, settings.drain_timeout_s)
+
+    @property
+    def supports_adapters(self) -> bool:  # type: ignore[override]
+        return bool(self.args.get("enable_lora"))
+
+    async def set_adapters(self, adapters: list[AdapterInfo]) -> None:
+        if adapters and not self.supports_adapters:
+            raise NotImplementedError(f"model {self.info.name!r} was started without LoRA")
+        await self.adapters.apply(adapters)
+
+    def adapter(self, name: str) -> Engine | None:
+        return self.adapters.lookup(name)
+
+    def gpu_memory_share(self) -> float:
+        if self.device is not Device.GPU:
+            return 0.0
+        return float(self.info.engine_args.get("gpu_memory_utilization", 0.9))
 
     @property
     def max_model_len(self) -> int | None:
@@ -177,6 +200,8 @@ class VLLMEngine(ProcessEngine):
 
     def environment(self) -> dict[str, str]:
         env = super().environment() | {"VLLM_NO_USAGE_STATS": "1"}
+        if self.supports_adapters:
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"  # /v1/load_lora_adapter and /v1/unload_lora_adapter
         if self.settings.responses_store and self.info.task in GENERATIVE_TASKS:
             env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"  # GET /v1/responses/{id}, previous_response_id
         if self.device is Device.CPU:
@@ -199,3 +224,9 @@ class VLLMEngine(ProcessEngine):
 
     async def _on_ready(self, client: httpx.AsyncClient) -> None:
         self._max_model_len = await self._read_max_model_len(client)
+        if self.supports_adapters:
+            await self.adapters.load_all(client)
+
+    async def stop(self) -> None:
+        await self.adapters.close()
+        await super().stop()

@@ -53,7 +53,7 @@ def context_length(engine: Engine, tokenizer: SnapshotTokenizer) -> int:
 
 async def classify(engine: Engine, request: TextClassificationRequest) -> list[list[dict[str, object]]]:
     texts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
-    body = {"model": engine.info.name, "input": texts, "use_activation": False}
+    body = {"model": engine.model_id, "input": texts, "use_activation": False}
     response = await post_engine(engine, "/classify", body)
     data = sorted(response.json().get("data") or [], key=lambda d: d.get("index", 0))
     if len(data) != len(texts):
@@ -65,7 +65,7 @@ async def classify(engine: Engine, request: TextClassificationRequest) -> list[l
 
 async def token_logits(engine: Engine, windows: list[list[int]]) -> list[np.ndarray]:
     """vLLM's raw per-token logits for each window of token ids: one (tokens x outputs) array per window."""
-    body = {"model": engine.info.name, "input": windows, "task": "token_classify", "use_activation": False,
+    body = {"model": engine.model_id, "input": windows, "task": "token_classify", "use_activation": False,
             "add_special_tokens": False, "encoding_format": "base64", "embed_dtype": "float32",
             "endianness": "little"}
     response = await post_engine(engine, "/pooling", body)
@@ -186,7 +186,7 @@ def transcription_answer(data: dict[str, Any], timestamps: bool) -> dict[str, An
 
 
 async def transcribe(engine: Engine, audio: bytes, request: SpeechRecognitionRequest) -> dict[str, Any]:
-    fields = transcription_fields(request, engine.info.name)
+    fields = transcription_fields(request, engine.model_id)
     route = "/v1/audio/translations" if fields.pop("task", "transcribe") == "translate" else "/v1/audio/transcriptions"
     files = {"file": ("audio", audio, "application/octet-stream")}
     response = await post_engine(engine, route, form=fields, files=files)

@@ -122,7 +122,7 @@ def sentence_prompt(snapshot: str, name: str | None) -> str:
 async def embed(registry: Registry, engine: Engine, request: EmbedRequest) -> list[list[float]]:
     async with registry.using(engine) as engine:
         prompt = sentence_prompt(engine.info.snapshot, request.prompt_name)
-        body = embeddings_body(request, engine.info.name, prompt)
+        body = embeddings_body(request, engine.model_id, prompt)
         response = await post_engine(engine, "/v1/embeddings", body)
     data = response.json().get("data") or []
     vectors = [item.get("embedding") for item in sorted(data, key=lambda d: d.get("index", 0))]

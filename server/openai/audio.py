@@ -76,7 +76,7 @@ async def transcribe(request: Request, registry: Registry, path: str) -> Respons
         raise InvalidRequest(f"Model `{engine.info.name}` ({engine.info.task}) does not take audio; name a "
                              "speech-recognition model.", param="model")
     await asyncio.to_thread(check_audio, "file", data, MediaLimits.from_settings(settings))
-    sent: dict[str, list[str]] = {"model": [engine.info.name]}
+    sent: dict[str, list[str]] = {"model": [engine.model_id]}
     for key, value in fields:
         if key != "model":
             sent.setdefault(key, []).append(value)  # repeated fields (timestamp_granularities[]) stay repeated

@@ -112,8 +112,8 @@ async def proxy_openai(
     engine = routed_engine(request, registry, fields.model)
     _check_task(engine, path, tasks)
     await check_request_media(body, payload, engine.info.name, engine.info.snapshot, registry.settings)
-    if fields.model not in engine.info.served_names or _is_tgi_response_format(payload.get("response_format")):
-        payload = chat_payload(payload, engine.info.name)
+    if not engine.accepts_model(fields.model) or _is_tgi_response_format(payload.get("response_format")):
+        payload = chat_payload(payload, engine.model_id)
         body = json.dumps(payload).encode()
     return await forward(registry, engine, path, body, request.headers, Family.OPENAI, payload=payload)
 

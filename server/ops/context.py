@@ -17,6 +17,15 @@ from collections.abc import Callable
 from typing import Any
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+SCALE_UP_TIMEOUT_RE = re.compile(r"^\d{1,6}(\.\d{1,3})?$")
+
+
+def scale_up_timeout(header: str | None) -> float | None:
+    """The seconds an ``X-Scale-Up-Timeout`` header asks to wait for a model to load (Inference Endpoints' header);
+    None when absent or not a plain non-negative number. Pure."""
+    if header is None or not SCALE_UP_TIMEOUT_RE.match(header.strip()):
+        return None
+    return float(header.strip())
 
 
 @dataclasses.dataclass
@@ -49,6 +58,7 @@ class RequestContext:
     deadline: Any = None
     started_at: float = 0.0
     timeout_s: float = 0.0
+    scale_up_timeout_s: float | None = None  # X-Scale-Up-Timeout: how long the client waits for a model to load
 
     def add_tokens(self, tokens_in: int | None, tokens_out: int | None) -> None:
         if tokens_in is not None:

@@ -71,6 +71,7 @@ class GatewayMiddleware:
         given = headers.get("x-request-id")
         rid, engine_rid = context.new_request_id(given if given and REQUEST_ID_RE.match(given) else None)
         ctx = RequestContext(rid, engine_rid)
+        ctx.scale_up_timeout_s = context.scale_up_timeout(headers.get("x-scale-up-timeout"))
         scope.setdefault("state", {})["request_id"] = rid
         ex = _Exchange()
         token = context.begin(ctx)

@@ -110,7 +110,7 @@ class TGIService:
             )
         if wanted is not None and (engine.max_model_len is None or wanted < engine.max_model_len):
             return wanted
-        data = await self._post(engine, "/tokenize", {"model": engine.info.name, "prompt": request.inputs})
+        data = await self._post(engine, "/tokenize", {"model": engine.model_id, "prompt": request.inputs})
         count = int(data.get("count") or len(data.get("tokens") or []))
         total = int(data.get("max_model_len") or engine.max_model_len or 0)
         if request.parameters.truncate is not None:
@@ -137,7 +137,7 @@ class TGIService:
         self._require_generative(engine)
         async with self.registry.using(engine) as engine:
             max_new = await self._max_new_tokens(engine, request)
-            body = completion_body(request, engine.info.name, max_new, stream=False)
+            body = completion_body(request, engine.model_id, max_new, stream=False)
             completion = await self._post(engine, "/v1/completions", body)
         return generate_response(request, completion, await self.vocab(engine))
 
@@ -158,7 +158,7 @@ class TGIService:
         try:
             translator = StreamTranslator(request, await self.vocab(engine))
             max_new = await self._max_new_tokens(engine, request)
-            body = completion_body(request, engine.info.name, max_new, stream=True)
+            body = completion_body(request, engine.model_id, max_new, stream=True)
             client = engine.client()
             try:
                 upstream_request = client.build_request("POST", "/v1/completions", json=body, headers=engine_headers())
@@ -220,7 +220,7 @@ class TGIService:
             return [SimpleToken(id=i, text=request.inputs[s:e], start=s, stop=e) for i, s, e in spans]
         async with self.registry.using(engine) as engine:  # no local tokenizer: vLLM's ids and strings
             data = await self._post(
-                engine, "/tokenize", {"model": engine.info.name, "prompt": request.inputs, "return_token_strs": True}
+                engine, "/tokenize", {"model": engine.model_id, "prompt": request.inputs, "return_token_strs": True}
             )
         out, pos = [], 0
         for tid, piece in zip(data.get("tokens") or [], data.get("token_strs") or [], strict=False):

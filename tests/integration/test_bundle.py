@@ -24,7 +24,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from server.registry import resolve_models
+from server.desired import resolve_models
 from sync.bundle import MANIFEST_NAME, export_bundle, import_bundle, plan_export
 from sync.bundle_parts import BundleError, part_path
 from sync.bundle_sign import load_public_key

@@ -12,9 +12,10 @@ import dataclasses
 import httpx
 import pytest
 
+from server.desired import Desired
 from server.engines.base import EngineState, ModelInfo
 from server.errors import EngineStartError, ModelNotFound, Overloaded
-from server.registry import Desired, Registry
+from server.registry import Registry
 from server.settings import Settings
 from tests.fixtures.scripted_engine import ScriptedEngine
 

@@ -9,7 +9,7 @@ import pytest
 
 from server.engines.base import ModelInfo
 from server.engines.vllm import effective_engine_args, engine_flags
-from server.registry import start_waves
+from server.lifecycle import start_waves
 from server.settings import Device, Settings
 from sync.errors import ConfigError
 
