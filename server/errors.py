@@ -336,8 +336,8 @@ def _header_safe(text: str) -> str:
 def error_response(exc: ServerError, family: Family) -> JSONResponse:
     """The HTTP answer for ``exc`` in ``family``'s shape, with Retry-After and auth headers as needed."""
     headers = exc.headers()
-    if family is Family.TGI:
-        body: dict[str, Any] = tgi_body(exc)
+    if family is Family.TGI:  # the Hub's text-generation task answers in TGI's shape, with the Hub's fields
+        body: dict[str, Any] = tgi_body(exc) | exc.hub_fields()
     elif family is Family.HUB:
         body = {"error": exc.message, **exc.hub_fields()}
         headers |= {"X-Error-Code": exc.hub_code or exc.code, "X-Error-Message": _header_safe(exc.message)}

@@ -109,7 +109,7 @@ class Lifecycle:
                 if isinstance(result, asyncio.CancelledError):
                     raise result
                 if isinstance(result, BaseException):
-                    log.error("model %s did not start: %s", engines[i].info.name, result)
+                    log.error("model %s did not start: %s", engines[i].info.name, result, exc_info=result)
 
     async def stop_all(self) -> None:
         if self._reaper is not None:
@@ -128,6 +128,7 @@ class Lifecycle:
         started = time.monotonic()
         await served.engine.start()
         served.load_s = time.monotonic() - started
+        served.engine.last_used = time.monotonic()  # idle from now, not from before it was unloaded
         await self._set_adapters(served)
 
     async def _set_adapters(self, served: ServedModel) -> None:
@@ -145,6 +146,7 @@ class Lifecycle:
         """Load ``served`` (or join the load under way) and wait at most ``patience`` s for it: ModelLoading
         (503 + Retry-After, with the estimated time) when it takes longer; EngineUnavailable if it failed."""
         task = self.load(served)
+        served.load_waiters += 1  # not idle while requests wait for it
         try:
             await asyncio.wait_for(asyncio.shield(task), patience)
         except TimeoutError:
@@ -156,6 +158,8 @@ class Lifecycle:
             raise
         except Exception:
             raise served.engine.unavailable() from None
+        finally:
+            served.load_waiters -= 1
 
     def loading_error(self, served: ServedModel) -> ModelLoading:
         estimate = served.load_s or DEFAULT_LOAD_ESTIMATE_S

@@ -130,14 +130,22 @@ class Registry:
         bound_time(self.timeout_s(served.info))  # the model's time limit replaces the server's
         return served, adapter
 
-    @staticmethod
-    def _adapter_info(served: ServedModel, adapter: AdapterInfo) -> ModelInfo:
-        view = served.engine.adapter(adapter.name)
-        if view is not None:
-            return view.info
-        from server.engines.adapter import AdapterEngine
+    def adapter_of(self, base: Engine, adapter_id: str) -> Engine:
+        """The adapter ``adapter_id`` (served name or repo id) of the model ``base`` serves (TGI's adapter_id);
+        InvalidRequest naming the model's adapters when it has no such adapter."""
+        served = self._served.get(base.info.name)
+        adapters = served.adapters if served is not None else []
+        adapter = next((a for a in adapters if adapter_id in a.served_names), None)
+        if served is None or adapter is None:
+            known = ", ".join(a.name for a in adapters) or "none"
+            raise InvalidRequest(f"`adapter_id` {adapter_id!r} is not an adapter of model `{base.info.name}` "
+                                 f"(its adapters: {known}).", param="adapter_id")
+        view = self.get_adapter(served, adapter)
+        authorize(view.info)
+        return view
 
-        return AdapterEngine(served.engine, adapter).info
+    def _adapter_info(self, served: ServedModel, adapter: AdapterInfo) -> ModelInfo:
+        return self.get_adapter(served, adapter).info
 
     def timeout_s(self, info: ModelInfo) -> float:
         """How long one request to ``info`` may take: its ``timeout_s``, else its task kind's default."""
@@ -147,14 +155,18 @@ class Registry:
         """The engine serving ``name_or_repo`` (served name first, then repo id, then adapters); None →
         ``default()``. For an adapter, its view on the base engine (loaded or not yet)."""
         served, adapter = self._lookup(name_or_repo)
-        if adapter is None:
-            return served.engine
+        return served.engine if adapter is None else self.get_adapter(served, adapter)
+
+    @staticmethod
+    def get_adapter(served: ServedModel, adapter: AdapterInfo) -> Engine:
+        """The engine view of ``adapter`` on ``served``: the loaded one, or (not loaded yet) a new view; admission
+        then loads the base and the adapter, and hands out the current view."""
         view = served.engine.adapter(adapter.name)
         if view is not None and view.info.commit == adapter.commit:
             return view
         from server.engines.adapter import AdapterEngine
 
-        return AdapterEngine(served.engine, adapter)  # not loaded yet: admission loads the base and it
+        return AdapterEngine(served.engine, adapter)
 
     def default(self) -> Engine:
         for served in self._served.values():

@@ -185,6 +185,13 @@ class ProcessEngine(Engine):
                 error = e
                 self.last_error = str(e)
                 self._log.error("start attempt %d failed: %s", attempt, e)
+            except asyncio.CancelledError:
+                self._state = EngineState.STOPPED  # a load cancelled half-way: nothing runs
+                raise
+            except Exception as e:  # a bug or an OS error: the engine is down, not "starting" for ever
+                self._state = EngineState.FAILED
+                self.last_error = f"{type(e).__name__}: {e}"
+                raise
         else:
             self._state = EngineState.FAILED
             assert error is not None

@@ -33,6 +33,9 @@ class ModelCard(BaseModel):
     input_modalities: list[str] = Field(
         default_factory=lambda: ["text"], description="What requests to it may carry: text, image, audio."
     )
+    load: str = Field("startup", description="startup, or on-demand (loaded by its first request).")
+    load_state: str = Field("loaded", description="loaded, loading or unloaded.")
+    parent: str | None = Field(None, description="For a LoRA adapter: the served name of its base model.")
 
 
 class ModelList(BaseModel):

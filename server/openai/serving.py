@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Request, Response
 from pydantic import ValidationError
 
-from server.engines.base import Engine
+from server.engines.base import Engine, EngineState
 from server.engines.capabilities import task_modalities
 from server.engines.client import read_json_body
 from server.errors import Family, InvalidRequest, validation_problem
@@ -26,8 +26,13 @@ from server.registry import Registry
 QUERY_RE = re.compile(r"^[A-Za-z0-9_.~%&=+-]{1,1000}$")  # GET /v1/responses/{id}?stream=true&starting_after=3
 
 
-def model_card(engine: Engine, started: float) -> ModelCard:
+def model_card(engine: Engine, started: float, load_state: str | None = None) -> ModelCard:
+    """``load_state``: loaded | loading | unloaded, for a model that loads on demand or unloads when idle (its
+    ``state`` then says the same, unless the engine failed)."""
     info = engine.info
+    state = engine.state.value
+    if load_state is not None and engine.state not in (EngineState.FAILED, EngineState.RESTARTING):
+        state = load_state
     return ModelCard(
         id=info.name,
         created=int(started),
@@ -36,16 +41,28 @@ def model_card(engine: Engine, started: float) -> ModelCard:
         commit=info.commit,
         task=info.task,
         backend=engine.backend,
-        state=engine.state.value,
+        state=state,
         max_model_len=engine.max_model_len,
         aliases=[n for n in info.served_names if n != info.name],
         input_modalities=list(task_modalities(info.snapshot, info.task)),
+        load="on-demand" if info.on_demand else "startup",
+        load_state=load_state or ("loaded" if engine.state is EngineState.READY else "unloaded"),
+        parent=None,
     )
 
 
 def list_models(registry: Registry, started: float) -> ModelList:
-    """Every served model the current request's key may use (the others are hidden)."""
-    return ModelList(data=[model_card(e, started) for e in registry.engines.values() if may_see(e.info)])
+    """Every served model and adapter the current request's key may use (the others are hidden)."""
+    cards = []
+    for served in registry.served.values():
+        if may_see(served.info):
+            cards.append(model_card(served.engine, started, served.load_state if served.unloadable else None))
+        for adapter in served.adapters:
+            view = registry.get_adapter(served, adapter)
+            if may_see(view.info):
+                card = model_card(view, started, served.load_state if served.unloadable else None)
+                cards.append(card.model_copy(update={"parent": served.info.name}))
+    return ModelList(data=cards)
 
 
 def routing_fields(payload: object) -> RoutingFields:

@@ -133,7 +133,15 @@ class TGIService:
             )
 
     # ---- generate -----------------------------------------------------------------------------------
+    def _with_adapter(self, engine: Engine, request: GenerateRequest) -> Engine:
+        """TGI's ``parameters.adapter_id``: the adapter of the routed model that should answer (422 otherwise)."""
+        adapter_id = request.parameters.adapter_id
+        if adapter_id is None or adapter_id in engine.info.served_names:
+            return engine
+        return self.registry.adapter_of(engine, adapter_id)
+
     async def generate(self, engine: Engine, request: GenerateRequest) -> GenerateResponse:
+        engine = self._with_adapter(engine, request)
         self._require_generative(engine)
         async with self.registry.using(engine) as engine:
             max_new = await self._max_new_tokens(engine, request)
@@ -147,6 +155,7 @@ class TGIService:
         The response frees the admission and the upstream connection however it ends, even when the client
         leaves before the first event (then the body generator never runs, so its ``finally`` cannot).
         """
+        engine = self._with_adapter(engine, request)
         self._require_generative(engine)
         params = request.parameters
         if (params.best_of or 1) > 1:

@@ -70,7 +70,7 @@ def completion_body(request: GenerateRequest, model: str, max_new_tokens: int, s
         body["structured_outputs"] = {key: p.grammar.value}
     if p.watermark:
         body["watermarking"] = True
-    ignored = [name for name in ("typical_p", "adapter_id") if getattr(p, name) is not None]
+    ignored = [name for name in ("typical_p",) if getattr(p, name) is not None]  # adapter_id: routed by serving
     if ignored:
         log.info("ignoring parameters vLLM does not support: %s", ", ".join(ignored))
     return body
