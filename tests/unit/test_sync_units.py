@@ -52,7 +52,7 @@ def test_manifest_errors_name_model_key_and_value() -> None:
     assert "x.toml" in str(e.value) and "models[0] (m).task" in str(e.value) and "'dance'" in str(e.value)
     with pytest.raises(ConfigError, match="unknown key 'colour'"):
         parse_manifest('[store]\ncolour = "red"\n')
-    with pytest.raises(ConfigError, match="duplicate model names .*: a"):
+    with pytest.raises(ConfigError, match=r"duplicate model names .*: a"):
         parse_manifest('[[models]]\nname = "a"\nrepo = "o/a"\n[[models]]\nname = "a"\nrepo = "o/b"\n')
     with pytest.raises(ConfigError, match="not valid TOML"):
         parse_manifest("[[models]\n")
