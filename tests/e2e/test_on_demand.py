@@ -28,7 +28,7 @@ from sync.importer import import_folder
 from sync.lock import read_lock
 from sync.mirror import make_mirror
 from sync.store import Store
-from tests.e2e.rollout_support import API_KEY, RolloutSite, Revisions, Server, serve
+from tests.e2e.rollout_support import API_KEY, Revisions, RolloutSite, Server, serve
 from tests.fixtures.lora import BASE_REPO, greedy_reference, lora_dir
 from tests.fixtures.tiny import tiny_llama_dir
 

@@ -76,7 +76,7 @@ def test_a_request_loads_its_model_and_the_lru_idle_one_makes_room(two_on_demand
 
 
 def test_a_model_with_requests_in_flight_is_never_evicted(two_on_demand: tuple[str, Registry]) -> None:
-    url, registry = two_on_demand
+    url, _ = two_on_demand
     assert _complete(url, "a").status_code == 200
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         slow = pool.submit(_complete, url, "a", delay=1.5)  # in flight on a while b asks for room
