@@ -124,9 +124,12 @@ class Lifecycle:
         await asyncio.gather(*(e.stop() for e in engines), return_exceptions=True)
 
     async def _start(self, served: ServedModel) -> None:
-        """Start ``served``'s engine and load its adapters."""
+        """Start ``served``'s engine (wake it, when it sleeps) and load its adapters."""
         started = time.monotonic()
-        await served.engine.start()
+        if served.engine.state is EngineState.SLEEPING:
+            await served.engine.wake()
+        else:
+            await served.engine.start()
         served.load_s = time.monotonic() - started
         served.engine.last_used = time.monotonic()  # idle from now, not from before it was unloaded
         await self._set_adapters(served)
@@ -199,11 +202,16 @@ class Lifecycle:
         limit = self.settings.max_loaded_models
         if limit and len(loaded) + 1 > limit:
             return f"HUBSERVE_MAX_LOADED_MODELS={limit} models are loaded"
+        if served.engine.device == "gpu":
+            share = sum(s.engine.gpu_memory_share() for s in loaded) + served.engine.gpu_memory_share()
+            if share > 1.0:
+                return f"the GPU memory is taken by the loaded models ({share:.2f} of it would be needed)"
         budget = self.registry.memory_budget
         if budget is not None:
-            used = sum(s.engine.memory_estimate() for s in loaded)
-            need = served.engine.memory_estimate()
-            if used + need > budget:
+            asleep = [s for s in self._served.values() if s is not served and s.engine.state is EngineState.SLEEPING]
+            used = sum(s.engine.memory_estimate() for s in loaded + asleep)
+            need = 0 if served.engine.state is EngineState.SLEEPING else served.engine.memory_estimate()
+            if need and used + need > budget:
                 return f"the memory budget ({budget / GIB:.1f} GiB) holds {used / GIB:.1f} GiB of loaded models"
         return None
 
@@ -228,12 +236,31 @@ class Lifecycle:
         return info.load_timeout_s or self.settings.load_timeout_s
 
     async def unload(self, served: ServedModel, why: str) -> None:
-        """Stop ``served``'s engine (its requests are done: callers pick idle models); it loads again on demand."""
+        """Unload ``served`` (its requests are done: callers pick idle models); it loads again on demand. On GPUs
+        it sleeps (vLLM's sleep mode) when host memory holds its weights beside the rest; else it stops."""
         engine = served.engine
         started = time.monotonic()
-        await engine.stop()
+        how = "stopped"
+        if engine.can_sleep and self._host_holds(served):
+            try:
+                await engine.sleep()
+                how = "asleep"
+            except Exception as e:
+                log.warning("model %s: sleep failed (%s); stopping it", served.info.name, e)
+                await engine.stop()
+        else:
+            await engine.stop()
         served.unloads += 1
-        log.info("model %s: unloaded (%s) in %.1f s", served.info.name, why, time.monotonic() - started)
+        log.info("model %s: unloaded, %s (%s) in %.1f s", served.info.name, how, why, time.monotonic() - started)
+
+    def _host_holds(self, served: ServedModel) -> bool:
+        """Whether host memory holds ``served``'s weights asleep beside every other engine's host memory."""
+        budget = self.registry.memory_budget
+        if budget is None:
+            return True
+        others = sum(s.engine.memory_estimate() for s in self._served.values() if s is not served
+                     and s.engine.state is not EngineState.STOPPED)
+        return others + served.engine.memory_estimate() + served.info.weights_bytes <= budget
 
     def _start_reaper(self) -> None:
         if self._reaper is None:  # models with idle_unload_s may come with any reload: it always runs

@@ -26,7 +26,7 @@ from server.errors import EngineUnavailable, InvalidRequest, ModelNotFound, Over
 from server.lifecycle import GIB, Lifecycle, available_memory
 from server.ops.auth import authorize
 from server.ops.context import bound_time, current, note_queue
-from server.served import ServedModel
+from server.served import UNLOADED, ServedModel
 from server.settings import Settings
 from server.tasks.catalog import task_timeout_s
 
@@ -186,8 +186,8 @@ class Registry:
         return (
             bool(self._served)
             and not self.waiting
-            and all(s.held or s.engine.state is EngineState.READY or (s.unloadable and s.engine.state in (
-                EngineState.STOPPED, EngineState.STARTING)) for s in self._served.values())
+            and all(s.held or s.engine.state is EngineState.READY or (s.unloadable and (
+                s.engine.state in UNLOADED or s.engine.state is EngineState.STARTING)) for s in self._served.values())
         )
 
     def reorder(self, order: list[str]) -> None:
@@ -228,7 +228,7 @@ class Registry:
         while True:
             engine = served.engine
             if not served.held:
-                if served.loading is not None or (engine.state is EngineState.STOPPED and served.unloadable):
+                if served.loading is not None or (engine.state in UNLOADED and served.unloadable):
                     if served.queued >= self.settings.max_queued_requests:
                         raise Overloaded(f"Model `{engine.info.name}` is loading and {served.queued} requests "
                                          "wait for it; retry later.", retry_after=engine.retry_after_s)

@@ -10,6 +10,8 @@ from typing import Any
 
 from server.engines.base import AdapterInfo, Engine, EngineState, ModelInfo
 
+UNLOADED = (EngineState.STOPPED, EngineState.SLEEPING)  # takes no device memory; loads again on demand
+
 
 class ServedModel:
     """One served name: the engine answering it now, requests waiting for a slot, and its last rollout."""
@@ -34,7 +36,7 @@ class ServedModel:
     @property
     def loaded(self) -> bool:
         """Its engine runs (or is starting): it takes memory and counts against HUBSERVE_MAX_LOADED_MODELS."""
-        return self.engine.state is not EngineState.STOPPED or self.loading is not None
+        return self.engine.state not in UNLOADED or self.loading is not None
 
     @property
     def unloadable(self) -> bool:
@@ -51,7 +53,7 @@ class ServedModel:
         """loaded | loading | unloaded (what /v1/models says of an on-demand model)."""
         if self.loading is not None or self.engine.state is EngineState.STARTING:
             return "loading"
-        return "unloaded" if self.engine.state is EngineState.STOPPED else "loaded"
+        return "unloaded" if self.engine.state in UNLOADED else "loaded"
 
     def attach(self, engine: Engine) -> None:
         engine.on_release = self.wake_one

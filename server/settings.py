@@ -131,6 +131,10 @@ class Settings(BaseSettings):
         default=600.0, gt=0, description="How long a request waits for its model to load (models.toml "
         "`load_timeout_s`, and the X-Scale-Up-Timeout header, may say less); then 503 with Retry-After.",
     )
+    gpu_sleep: bool = Field(
+        default=True, description="On GPUs, unload an on-demand or idle model with vLLM's sleep mode (weights kept "
+        "in host memory, woken in seconds) when the memory budget holds it; otherwise stop it.",
+    )
     idle_check_s: float = Field(default=1.0, gt=0, description="How often idle models are checked for unloading.")
     max_loras: int = Field(default=4, ge=1, description="vLLM --max-loras: adapters in one batch of a base engine.")
 

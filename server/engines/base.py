@@ -34,6 +34,7 @@ class EngineState(enum.StrEnum):
     READY = "ready"
     RESTARTING = "restarting"  # died; being restarted with backoff
     FAILED = "failed"  # gave up (or could not start at all)
+    SLEEPING = "sleeping"  # unloaded from the GPU by vLLM's sleep mode; its process waits for a wake-up
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,19 @@ class Engine(ABC):
     def gpu_memory_share(self) -> float:
         """The fraction of each of its GPUs' memory the engine takes (0 on CPU)."""
         return 0.0
+
+    @property
+    def can_sleep(self) -> bool:
+        """Whether ``sleep()`` can unload the model from its device with the process kept (vLLM's sleep mode)."""
+        return False
+
+    async def sleep(self) -> None:
+        """Free the device memory, keeping the weights in host memory (state SLEEPING)."""
+        raise NotImplementedError
+
+    async def wake(self) -> None:
+        """Undo ``sleep()`` (state READY)."""
+        raise NotImplementedError
 
     async def set_adapters(self, adapters: list[AdapterInfo]) -> None:
         """Serve exactly these LoRA adapters (loaded into the running engine, no restart)."""

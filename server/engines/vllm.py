@@ -18,12 +18,13 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from server.engines.base import AdapterInfo, Engine, ModelInfo
+from server.engines.base import AdapterInfo, Engine, EngineState, ModelInfo
 from server.engines.capabilities import input_modalities
 from server.engines.lora import AdapterSet
 from server.engines.process import ProcessEngine
@@ -90,6 +91,8 @@ def effective_engine_args(info: ModelInfo, device: Device, settings: Settings) -
         if info.task in GENERATIVE_TASKS and "max_model_len" not in args:
             ctx = _model_context(info.snapshot)
             args["max_model_len"] = min(settings.cpu_max_model_len, ctx) if ctx else settings.cpu_max_model_len
+    if device is Device.GPU and settings.gpu_sleep and (info.on_demand or info.idle_unload_s > 0):
+        args.setdefault("enable_sleep_mode", True)  # unloaded by /sleep, woken by /wake_up (lifecycle.py)
     if info.max_lora_rank:  # adapters are loaded at runtime (/v1/load_lora_adapter), up to this rank
         args.setdefault("enable_lora", True)
         args.setdefault("max_lora_rank", info.max_lora_rank)
@@ -153,6 +156,26 @@ class VLLMEngine(ProcessEngine):
     def adapter(self, name: str) -> Engine | None:
         return self.adapters.lookup(name)
 
+    @property
+    def can_sleep(self) -> bool:
+        return bool(self.args.get("enable_sleep_mode"))
+
+    async def sleep(self) -> None:
+        """vLLM's sleep level 1: weights to host memory, KV cache dropped; the process stays (POST /sleep)."""
+        response = await self.client().post("/sleep", params={"level": 1}, timeout=self.settings.engine_stop_timeout_s
+                                            * 20)
+        response.raise_for_status()
+        self._state = EngineState.SLEEPING
+
+    async def wake(self) -> None:
+        client = self._client
+        if client is None:
+            raise self.unavailable()
+        response = await client.post("/wake_up", timeout=self.settings.engine_start_timeout_s)
+        response.raise_for_status()
+        self._state = EngineState.READY
+        self.ready_since = time.monotonic()
+
     def gpu_memory_share(self) -> float:
         if self.device is not Device.GPU:
             return 0.0
@@ -200,6 +223,8 @@ class VLLMEngine(ProcessEngine):
 
     def environment(self) -> dict[str, str]:
         env = super().environment() | {"VLLM_NO_USAGE_STATS": "1"}
+        if self.can_sleep:
+            env["VLLM_SERVER_DEV_MODE"] = "1"  # /sleep and /wake_up; the socket is private to the gateway
         if self.supports_adapters:
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"  # /v1/load_lora_adapter and /v1/unload_lora_adapter
         if self.settings.responses_store and self.info.task in GENERATIVE_TASKS:

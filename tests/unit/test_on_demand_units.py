@@ -108,3 +108,22 @@ def test_adapters_in_models_toml() -> None:
     with pytest.raises(ConfigError, match="served on vLLM"):
         parse_manifest('[[models]]\nname = "b"\nrepo = "o/b"\nbackend = "transformers"\n'
                        '[[models.adapters]]\nname = "p"\nrepo = "o/p"\n')
+
+
+def test_engine_flags_for_adapters_and_sleep_mode(tmp_path: Path) -> None:
+    import dataclasses
+
+    from server.engines.vllm import effective_engine_args
+    from server.settings import Device, Settings
+
+    settings = Settings()
+    info = ModelInfo("m", "o/m", "c" * 40, "text-generation", str(tmp_path))
+    lora = effective_engine_args(dataclasses.replace(info, max_lora_rank=16), Device.CPU, settings)
+    assert lora["enable_lora"] is True and lora["max_lora_rank"] == 16 and lora["max_loras"] == settings.max_loras
+    assert "enable_lora" not in effective_engine_args(info, Device.CPU, settings)
+    on_demand = dataclasses.replace(info, on_demand=True)
+    assert effective_engine_args(on_demand, Device.GPU, settings).get("enable_sleep_mode") is True
+    assert "enable_sleep_mode" not in effective_engine_args(on_demand, Device.CPU, settings)  # CPU: stop and start
+    assert "enable_sleep_mode" not in effective_engine_args(info, Device.GPU, settings)  # resident: never sleeps
+    no_sleep = Settings(gpu_sleep=False)  # type: ignore[call-arg]
+    assert "enable_sleep_mode" not in effective_engine_args(on_demand, Device.GPU, no_sleep)
