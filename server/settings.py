@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +28,10 @@ class RolloutStrategy(enum.StrEnum):
     AUTO = "auto"  # blue/green when memory holds both engines, else in place
     BLUE_GREEN = "blue-green"
     IN_PLACE = "in-place"
+
+
+# A variable name that says it holds a credential: never passed to engines (server/engines/process.py).
+SECRET_NAME_RE = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?|API_?KEY|AUTH)(_|$)", re.IGNORECASE)
 
 
 def hash_key(key: str) -> str:
@@ -121,6 +126,12 @@ class Settings(BaseSettings):
     max_parallel_starts: int = Field(default=0, ge=0, description="Engines started at once; 0 = as memory allows.")
     cpu_kvcache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE per engine on CPU (GiB).")
     cpu_max_model_len: int = Field(default=2048, ge=16, description="max_model_len on CPU when a model sets none.")
+    engine_env: Annotated[frozenset[str], NoDecode] = Field(
+        default=frozenset(),
+        description="Comma-separated variables (names or fnmatch patterns, e.g. MY_LIB_*) that engines inherit "
+        "besides the built-in allow-list (PATH, locale, CUDA_*, NCCL_*, VLLM_*, OMP_*, ...). "
+        "A name that reads as a credential (*TOKEN*, *SECRET*, *PASSWORD*, *API_KEY*) is refused.",
+    )
 
     # ---- media in requests (images and audio in chats, responses, messages, transcriptions) ------------------
     max_images_per_request: int = Field(default=8, ge=0, description="Images one request may carry; more: 400.")
@@ -149,6 +160,18 @@ class Settings(BaseSettings):
         if not isinstance(v, list | tuple | set | frozenset):
             raise ValueError("expected comma-separated keys")
         return frozenset(hash_key(k.strip()) for k in v if isinstance(k, str) and k.strip())
+
+    @field_validator("engine_env", mode="before")
+    @classmethod
+    def _engine_env(cls, v: object) -> frozenset[str]:
+        names = v.split(",") if isinstance(v, str) else v
+        if not isinstance(names, list | tuple | set | frozenset):
+            raise ValueError("expected comma-separated variable names")
+        out = frozenset(n.strip() for n in names if isinstance(n, str) and n.strip())
+        secret = sorted(n for n in out if SECRET_NAME_RE.search(n))
+        if secret:
+            raise ValueError(f"{', '.join(secret)}: engines never get a credential; name other variables")
+        return out
 
     @model_validator(mode="after")
     def _check_keys_file(self) -> Settings:

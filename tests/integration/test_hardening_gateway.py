@@ -4,6 +4,7 @@ concurrency, heavy tokenization off the event loop, deeply nested JSON bodies.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from server.engines.base import ModelInfo
+from server.engines.process import ProcessEngine
 from server.ops.keys import new_key, read_keys, write_keys
+from server.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -90,3 +94,50 @@ def test_kill_9_while_writing_keys_leaves_the_old_or_the_new_file(tmp_path: Path
     assert {r.name for r in read_keys(keys_file).values()} == acknowledged | {"after"}
     leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("keys.toml", ".keys.toml.lock")]
     assert not leftovers, leftovers
+
+
+ENV_CHILD = """
+import json, os, socketserver, sys
+from http.server import BaseHTTPRequestHandler
+json.dump(dict(os.environ), open(sys.argv[2], "w"))
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
+    def address_string(self):
+        return "uds"
+    def log_message(self, *a):
+        pass
+socketserver.UnixStreamServer(sys.argv[1], H).serve_forever()
+"""
+
+
+class EnvDumpEngine(ProcessEngine):
+    """The real engine supervision (spawn, environment, health) around a child that writes down what it got."""
+
+    def __init__(self, info: ModelInfo, settings: Settings, report: Path) -> None:
+        super().__init__(info, settings)
+        self.report = report
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", ENV_CHILD, str(self.socket_path), str(self.report)]
+
+
+async def test_a_real_engine_process_sees_only_the_allow_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {"HF_TOKEN": "hf_x", "HUGGING_FACE_HUB_TOKEN": "hf_y", "CORP_HUB_CRED": "custom",
+                        "VLLM_API_KEY": "v", "OMP_NUM_THREADS": "3", "MY_LIB_MODE": "fast"}.items():
+        monkeypatch.setenv(name, value)
+    snapshot = tmp_path / "store" / "models--o--n" / "snapshots" / ("c" * 40)
+    snapshot.mkdir(parents=True)
+    info = ModelInfo("m", "o/n", "c" * 40, "text-generation", str(snapshot))
+    settings = Settings(engine_env=frozenset({"MY_LIB_*"}), engine_start_timeout_s=30, engine_start_attempts=1)
+    engine = EnvDumpEngine(info, settings, tmp_path / "env.json")
+    await engine.start()
+    try:
+        seen = json.loads((tmp_path / "env.json").read_text())
+    finally:
+        await engine.stop()
+    assert not {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "CORP_HUB_CRED", "VLLM_API_KEY"} & set(seen)
+    assert not [k for k in seen if k.startswith("HUBSERVE_")]
+    assert seen["OMP_NUM_THREADS"] == "3" and seen["MY_LIB_MODE"] == "fast" and seen["HF_HUB_OFFLINE"] == "1"
+    assert set(seen) <= set(os.environ) | {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE",
+                                           "HF_HUB_DISABLE_TELEMETRY", "DO_NOT_TRACK", "PYTHONUNBUFFERED", "LC_CTYPE"}
