@@ -448,6 +448,13 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         return error_response(_from_http_exception(exc, request), family_of(request))
 
+    async def on_too_deep(request: Request, exc: Exception) -> JSONResponse:
+        # Python's json (and pydantic, and json.dumps) recurse per nesting level: a body nested deeper than
+        # the interpreter's stack allows is the client's doing, wherever on the request path it is met.
+        log.warning("%s %s: the request is nested too deeply (%s)", request.method, request.url.path, exc)
+        message = "The request body is nested too deeply (JSON arrays or objects inside each other)."
+        return error_response(InvalidRequest(message), family_of(request))
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(ServerError("Internal server error."), family_of(request))
@@ -455,4 +462,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServerError, on_server_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_exception)
+    app.add_exception_handler(RecursionError, on_too_deep)
     app.add_exception_handler(Exception, on_unexpected)

@@ -13,17 +13,23 @@ import time
 import tomllib
 from pathlib import Path
 
+import httpx
 import pytest
 
 from server.engines.base import ModelInfo
 from server.engines.process import ProcessEngine
 from server.ops.keys import new_key, read_keys, write_keys
 from server.settings import Settings
+from tests.fixtures.gateway_app import EngineScript, Keys, build_app
 
 pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 def hubserve_popen(*args: str) -> subprocess.Popen[str]:
@@ -141,3 +147,44 @@ async def test_a_real_engine_process_sees_only_the_allow_list(tmp_path: Path, mo
     assert seen["OMP_NUM_THREADS"] == "3" and seen["MY_LIB_MODE"] == "fast" and seen["HF_HUB_OFFLINE"] == "1"
     assert set(seen) <= set(os.environ) | {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE",
                                            "HF_HUB_DISABLE_TELEMETRY", "DO_NOT_TRACK", "PYTHONUNBUFFERED", "LC_CTYPE"}
+
+
+DEEP = b"[" * 50_000 + b"]" * 50_000
+NESTED_BODIES = {  # one route of each family, the nesting where its parser meets it
+    "/v1/completions": b'{"model": "gen", "prompt": ' + DEEP + b"}",
+    "/v1/chat/completions": b'{"model": "gen", "messages": ' + DEEP + b"}",
+    "/v1/messages": b'{"model": "gen", "max_tokens": 2, "messages": ' + DEEP + b"}",
+    "/v1/responses": DEEP,
+    "/v1/tokenize": b'{"model": "gen", "prompt": ' + DEEP + b"}",
+    "/generate": b'{"inputs": "hi", "parameters": {"stop": ' + DEEP + b"}}",
+    "/tokenize": DEEP,
+    "/": DEEP,
+    "/models/org/emb": b'{"inputs": ' + DEEP + b"}",
+    "/models/org/gen": DEEP,
+}
+
+
+async def test_deeply_nested_json_is_a_4xx_in_each_family_shape(tmp_path: Path, keys: Keys,
+                                                               script: EngineScript) -> None:
+    app, _ = build_app(tmp_path, script)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # a 500 must show as one, not raise
+    async with httpx.AsyncClient(transport=transport, base_url="http://hubserve") as client:
+        wrong = []
+        for path, body in NESTED_BODIES.items():
+            r = await client.post(path, content=body, headers={**bearer(keys.all), "content-type": "application/json"})
+            family_shape = _error_shape(path, r)
+            if not (400 <= r.status_code < 500 and family_shape and "nested" in r.text):
+                wrong.append(f"{path}: {r.status_code} {r.text[:160]}")
+    assert not wrong, "\n".join(wrong)
+    assert not script.seen  # nothing reached an engine
+
+
+def _error_shape(path: str, r: httpx.Response) -> bool:
+    body = r.json()
+    if path.startswith("/v1/messages"):
+        return body.get("type") == "error" and isinstance(body.get("error"), dict)
+    if path.startswith("/v1/"):
+        return isinstance(body.get("error"), dict) and "message" in body["error"]
+    if path.startswith("/models/"):
+        return isinstance(body.get("error"), str)  # Hub (or, for a text-generation model, TGI)
+    return "error_type" in body  # TGI: /generate, /tokenize, /
