@@ -237,6 +237,9 @@ PATH_FAMILIES: tuple[tuple[str, Family], ...] = (
     ("/health", Family.OPS),
     ("/ready", Family.OPS),
     ("/metrics", Family.OPS),
+    ("/openapi.json", Family.OPS),
+    ("/docs", Family.OPS),
+    ("/redoc", Family.OPS),
 )
 
 

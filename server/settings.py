@@ -60,7 +60,13 @@ class Settings(BaseSettings):
     keys_file: Path | None = Field(
         default=None, description="Named keys (`hubserve keys add`); else keys.toml beside models.toml."
     )
-    metrics_auth: bool = Field(default=False, description="Require an API key on /metrics too.")
+    public_metrics: bool = Field(
+        default=False, description="Serve /metrics without a key even when keys exist (else: a key allowed every "
+        "model, or the admin token; it names every model and key).",
+    )
+    public_docs: bool = Field(
+        default=False, description="Serve /docs, /redoc and /openapi.json without a key even when keys exist.",
+    )
     log_prompts: bool = Field(
         default=False, description="Log prompts and outputs in the request log line (every family). Off by default."
     )

@@ -84,6 +84,32 @@ async def require_api_key(request: Request) -> None:
     checker.limiter.admit(who)
 
 
+def admin_token_matches(request: Request) -> bool:
+    """Whether the request carries HUBSERVE_ADMIN_TOKEN as its bearer (constant time); False when none is set."""
+    token: str | None = request.app.state.settings.admin_token
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+async def require_docs_access(request: Request) -> None:
+    """/docs, /redoc, /openapi.json: any valid key once keys exist, unless HUBSERVE_PUBLIC_DOCS."""
+    if not request.app.state.settings.public_docs:
+        request.app.state.key_checker.check(request)
+
+
+async def require_metrics_access(request: Request) -> None:
+    """/metrics names every model and key: once keys exist, a key allowed every model or the admin token,
+    unless HUBSERVE_PUBLIC_METRICS. A key restricted to some models gets 403 (it would learn the others)."""
+    if request.app.state.settings.public_metrics or admin_token_matches(request):
+        return
+    who = request.app.state.key_checker.check(request)
+    if who.models is not None:
+        raise Forbidden(
+            "/metrics names every model and key: it needs a key allowed every model or the admin token "
+            "(or HUBSERVE_PUBLIC_METRICS=true)."
+        )
+
+
 def authorize(info: ModelInfo) -> None:
     """Called by the registry for every name → engine lookup made while serving a request: Forbidden (403)
     when the request's key may not use that model. Also labels the request with its model and commit."""

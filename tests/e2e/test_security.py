@@ -103,7 +103,7 @@ def test_request_log_and_metrics(hubserve_server: HubserveServer) -> None:
     assert line["key"].startswith("key-") and 1 <= line["tokens_out"] <= 3 and line["tokens_in"] > 0
     assert line["latency_s"] > 0 and line["queue_s"] >= 0
     assert not log_leaks(hubserve_server)
-    metrics = httpx.get(f"{hubserve_server.url}/metrics").text
+    metrics = httpx.get(f"{hubserve_server.url}/metrics", headers=hubserve_server.headers).text
     assert 'hubserve_requests_total{model="smollm2",route="/generate",status="200"}' in metrics
     assert 'hubserve_requests_total{model="smollm2",route="/models/{repo_id}",status="200"}' in metrics
     assert 'hubserve_tokens_out_total{model="smollm2"}' in metrics

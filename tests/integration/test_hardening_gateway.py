@@ -20,7 +20,7 @@ from server.engines.base import ModelInfo
 from server.engines.process import ProcessEngine
 from server.ops.keys import new_key, read_keys, write_keys
 from server.settings import Settings
-from tests.fixtures.gateway_app import EngineScript, Keys, build_app
+from tests.fixtures.gateway_app import FLAT_KEY, EngineScript, Keys, asgi_client, build_app
 
 pytestmark = pytest.mark.integration
 
@@ -188,3 +188,40 @@ def _error_shape(path: str, r: httpx.Response) -> bool:
     if path.startswith("/models/"):
         return isinstance(body.get("error"), str)  # Hub (or, for a text-generation model, TGI)
     return "error_type" in body  # TGI: /generate, /tokenize, /
+
+
+ADMIN = "admin-token-0123456789"
+DOCS = ("/openapi.json", "/docs", "/redoc")
+
+
+async def test_metrics_and_docs_are_closed_by_default_when_keys_exist(tmp_path: Path, keys: Keys,
+                                                                      script: EngineScript) -> None:
+    app, _ = build_app(tmp_path, script, admin_token=ADMIN)
+    async with asgi_client(app) as client:
+        assert (await client.get("/health")).status_code == 200
+        for path in ("/metrics", *DOCS):
+            r = await client.get(path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+            assert (await client.get(path, headers=bearer("hs_000000000000_" + "x" * 43))).status_code == 401
+        for path in DOCS:
+            assert (await client.get(path, headers=bearer(keys.gen_only))).status_code == 200, path
+        r = await client.get("/metrics", headers=bearer(keys.gen_only))  # it would read every model's and key's name
+        assert r.status_code == 403 and "every model" in r.json()["error"]["message"]
+        for who in (keys.all, FLAT_KEY, ADMIN):
+            r = await client.get("/metrics", headers=bearer(who))
+            assert r.status_code == 200 and "hubserve_requests_total" in r.text
+
+
+async def test_settings_open_metrics_and_docs(tmp_path: Path, keys: Keys, script: EngineScript) -> None:
+    app, _ = build_app(tmp_path, script, public_metrics=True, public_docs=True)
+    async with asgi_client(app) as client:
+        for path in ("/metrics", *DOCS):
+            assert (await client.get(path)).status_code == 200, path
+        assert (await client.get("/v1/models")).status_code == 401  # the rest stays closed
+
+
+async def test_without_any_key_everything_stays_open(tmp_path: Path, script: EngineScript) -> None:
+    app, _ = build_app(tmp_path, script, api_keys="")  # no keys file either: auth is off (loopback only)
+    async with asgi_client(app) as client:
+        for path in ("/metrics", *DOCS, "/v1/models"):
+            assert (await client.get(path)).status_code == 200, path
