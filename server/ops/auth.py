@@ -87,8 +87,10 @@ async def require_api_key(request: Request) -> None:
 def admin_token_matches(request: Request) -> bool:
     """Whether the request carries HUBSERVE_ADMIN_TOKEN as its bearer (constant time); False when none is set."""
     token: str | None = request.app.state.settings.admin_token
+    if not token:
+        return False
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
 async def require_docs_access(request: Request) -> None:
