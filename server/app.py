@@ -53,7 +53,8 @@ def create_app(settings: Settings, registry: Registry | None = None, start_engin
     app.state.registry = registry
     app.state.watcher = None
     app.state.started = time.time()
-    app.state.key_checker = KeyChecker(settings.all_key_digests(), KeyRing(settings.keys_path()))
+    app.state.key_checker = KeyChecker(settings.all_key_digests(), KeyRing(settings.keys_path()),
+                                       reserve=settings.max_new_tokens)
     metrics = Metrics()
     metrics.watch_engines(lambda: app.state.registry)
     app.state.metrics = metrics

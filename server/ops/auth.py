@@ -21,7 +21,7 @@ from server.errors import Forbidden, Unauthorized
 from server.ops import context
 from server.ops.context import ANONYMOUS, Principal
 from server.ops.keys import KeyRing
-from server.ops.ratelimit import RateLimiter
+from server.ops.ratelimit import DEFAULT_RESERVE, RateLimiter
 
 
 def presented_key(request: Request) -> str | None:
@@ -34,10 +34,10 @@ def presented_key(request: Request) -> str | None:
 class KeyChecker:
     """Accepts every request when no key is configured; else only a flat or named key, as a Principal."""
 
-    def __init__(self, digests: frozenset[str], ring: KeyRing | None = None) -> None:
+    def __init__(self, digests: frozenset[str], ring: KeyRing | None = None, reserve: int | None = None) -> None:
         self._digests = tuple(sorted(digests))
         self.ring = ring
-        self.limiter = RateLimiter()
+        self.limiter = RateLimiter(reserve=reserve or DEFAULT_RESERVE)
 
     @property
     def enabled(self) -> bool:
@@ -81,7 +81,7 @@ async def require_api_key(request: Request) -> None:
     Async: no worker thread for a few microseconds of work."""
     checker: KeyChecker = request.app.state.key_checker
     who = checker.check(request)
-    checker.limiter.admit(who)
+    checker.limiter.admit(who, context.current())
 
 
 def admin_token_matches(request: Request) -> bool:

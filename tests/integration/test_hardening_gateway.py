@@ -4,6 +4,7 @@ concurrency, heavy tokenization off the event loop, deeply nested JSON bodies.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ from server.engines.base import ModelInfo
 from server.engines.process import ProcessEngine
 from server.ops.keys import new_key, read_keys, write_keys
 from server.settings import Settings
-from tests.fixtures.gateway_app import FLAT_KEY, EngineScript, Keys, asgi_client, build_app
+from tests.fixtures.gateway_app import FLAT_KEY, EngineScript, Keys, asgi_client, build_app, served
 
 pytestmark = pytest.mark.integration
 
@@ -225,3 +226,26 @@ async def test_without_any_key_everything_stays_open(tmp_path: Path, script: Eng
     async with asgi_client(app) as client:
         for path in ("/metrics", *DOCS, "/v1/models"):
             assert (await client.get(path)).status_code == 200, path
+
+
+async def test_tokens_per_minute_holds_under_concurrency(tmp_path: Path, keys: Keys) -> None:
+    """20 concurrent requests of a key with 5 tokens a minute, over loopback: admission reserves, so one runs
+    (it uses 7) and the others get 429; a roomier key gets its unused reservation back when a request ends."""
+    script = EngineScript(pause_s=0.5)
+    app, _ = build_app(tmp_path, script)
+    roomy_key, roomy = new_key("roomy", tpm=300)
+    write_keys(keys.path, {**read_keys(keys.path), roomy.id: roomy})
+    body = {"model": "gen", "prompt": "hi", "max_tokens": 2}
+    with served(app) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            answers = await asyncio.gather(*(
+                client.post("/v1/completions", json=body, headers=bearer(keys.thrifty)) for _ in range(20)
+            ))
+            statuses = sorted(r.status_code for r in answers)
+            assert statuses == [200] + [429] * 19, statuses
+            assert all("5 tokens per minute" in r.json()["error"]["message"] for r in answers if r.status_code == 429)
+            r = await client.post("/v1/completions", json=body, headers=bearer(keys.thrifty))
+            assert r.status_code == 429  # settled: the 7 it used count for the minute
+            for _ in range(3):  # each reserves 256 and uses 7: without the refund the third would be refused
+                assert (await client.post("/v1/completions", json=body, headers=bearer(roomy_key))).status_code == 200
+    assert script.finished == 4
