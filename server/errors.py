@@ -141,10 +141,28 @@ class ModelNotFound(NotFound):
     hub_code = "RepoNotFound"
 
     def __init__(self, name: str, served: Sequence[str]) -> None:
-        listed = ", ".join(served) or "none"
-        super().__init__(f"The model `{name}` does not exist on this server. Served models: {listed}.", param="model")
+        if _restricted_key():  # it must not learn other models' names, nor tell a forbidden one from an unknown one
+            message = HIDDEN_MODEL_MESSAGE
+        else:
+            message = f"The model `{name}` does not exist on this server. Served models: {', '.join(served) or 'none'}."
+        super().__init__(message, param="model")
         self.name = name
         self.served = tuple(served)
+
+
+# What a key restricted to some models reads for an unknown model and for one it may not use alike (same status,
+# same words): neither the name asked for (a repo id would map to a served name) nor the served names.
+HIDDEN_MODEL_MESSAGE = (
+    "This server has no such model for this API key (unknown, or not allowed to it); "
+    "GET /v1/models lists the models it may use."
+)
+
+
+def _restricted_key() -> bool:
+    from server.ops import context  # no import cycle: context imports nothing of server
+
+    ctx = context.current()
+    return ctx is not None and ctx.principal is not None and ctx.principal.models is not None
 
 
 class MethodNotAllowed(ServerError):

@@ -17,7 +17,7 @@ import hmac
 from fastapi import Request
 
 from server.engines.base import ModelInfo
-from server.errors import Forbidden, Unauthorized
+from server.errors import Forbidden, ModelNotFound, Unauthorized
 from server.ops import context
 from server.ops.context import ANONYMOUS, Principal
 from server.ops.keys import KeyRing
@@ -113,14 +113,15 @@ async def require_metrics_access(request: Request) -> None:
 
 
 def authorize(info: ModelInfo) -> None:
-    """Called by the registry for every name → engine lookup made while serving a request: Forbidden (403)
-    when the request's key may not use that model. Also labels the request with its model and commit."""
+    """Called by the registry for every name → engine lookup made while serving a request: when the request's
+    key may not use that model, the same 404 as for a model that does not exist (a key must not learn the names
+    of models it may not use). Also labels the request with its model and commit."""
     ctx = context.current()
     if ctx is None:
         return
     who = ctx.principal
     if who is not None and not who.may_use(info.served_names):
-        raise Forbidden(f"This API key may not use the model `{info.name}`.", param="model")
+        raise ModelNotFound(info.name, ())  # reads exactly like an unknown model to this key (errors.py)
     ctx.model, ctx.commit = info.name, info.commit
 
 

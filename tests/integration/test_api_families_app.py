@@ -84,7 +84,7 @@ def test_anthropic_errors_are_the_sdks_classes(url: str, keys: Keys) -> None:
     assert ok.content[0].text == "Paris" and ok.usage.output_tokens == 4  # type: ignore[union-attr]
     cases: list[tuple[str | None, str, type[anthropic.APIStatusError], str]] = [
         ("nope", "gen", anthropic.AuthenticationError, "authentication_error"),
-        (keys.emb_only, "gen", anthropic.PermissionDeniedError, "permission_error"),
+        (keys.emb_only, "gen", anthropic.NotFoundError, "not_found_error"),  # may not use it: as if unknown
         (keys.all, "no-such-model", anthropic.NotFoundError, "not_found_error"),
         (keys.all, "emb", anthropic.BadRequestError, "invalid_request_error"),  # not a chat model
     ]

@@ -249,3 +249,40 @@ async def test_tokens_per_minute_holds_under_concurrency(tmp_path: Path, keys: K
             for _ in range(3):  # each reserves 256 and uses 7: without the refund the third would be refused
                 assert (await client.post("/v1/completions", json=body, headers=bearer(roomy_key))).status_code == 200
     assert script.finished == 4
+
+
+def _asking(model: str) -> list[tuple[str, str, object]]:
+    """One request per family naming ``model`` (method, path, JSON body or None)."""
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    return [
+        ("POST", "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 2}),
+        ("POST", "/v1/chat/completions", {"model": model, **chat}),
+        ("POST", "/v1/messages", {"model": model, **chat}),
+        ("POST", "/v1/tokenize", {"model": model, "prompt": "hi"}),
+        ("GET", f"/v1/models/{model}", None),
+        ("POST", f"/models/{model}", {"inputs": "hi"}),
+        ("GET", f"/models/{model}/info", None),
+        ("POST", f"/models/{model}/v1/chat/completions", chat),
+    ]
+
+
+async def test_a_restricted_key_cannot_tell_forbidden_models_from_unknown_ones(
+    tmp_path: Path, keys: Keys, script: EngineScript
+) -> None:
+    app, _ = build_app(tmp_path, script)
+    async with asgi_client(app) as client:
+        wrong = []
+        for forbidden, unknown in (("emb", "nope"), ("org/emb", "org/nope")):
+            for (method, path, body), (_, path_unknown, body_unknown) in zip(
+                _asking(forbidden), _asking(unknown), strict=True
+            ):
+                seen = []
+                for p, b in ((path, body), (path_unknown, body_unknown)):
+                    r = await client.request(method, p, json=b, headers=bearer(keys.gen_only))
+                    seen.append((r.status_code, r.text, r.headers.get("x-error-code")))
+                if seen[0] != seen[1] or "emb" in seen[0][1] or seen[0][0] != 404:
+                    wrong.append(f"{method} {path}: {seen[0]} vs {path_unknown}: {seen[1]}")
+        r = await client.post("/generate", json={"inputs": "hi"}, headers=bearer(keys.emb_only))  # the default: gen
+        if "gen" in r.text.replace("generation", ""):
+            wrong.append(f"/generate names the default model to a key that may not use it: {r.text}")
+    assert not wrong, "\n".join(wrong)
