@@ -87,6 +87,10 @@ class Settings(BaseSettings):
         default=30.0, ge=0, description="How long a request waits for a slot at the in-flight limit (0: 429 at once)."
     )
     max_body_bytes: int = Field(default=16 * 1024**2, ge=1024, description="Largest request body; more: 413.")
+    max_tokenize_chars: int = Field(
+        default=1_000_000, ge=1, description="Most characters the gateway tokenizes for one request (/tokenize, "
+        "token-level tasks); more: 413.",
+    )
     max_new_tokens: int | None = Field(
         default=None, ge=1, description="Cap on max_tokens / max_new_tokens per request (unset: the context)."
     )

@@ -72,11 +72,11 @@ while True:
 
 
 def test_kill_9_while_writing_keys_leaves_the_old_or_the_new_file(tmp_path: Path) -> None:
-    """A writer adding keys in a loop is killed at 40 points: the file always parses, holds every key whose write
+    """A writer adding keys in a loop is killed at 20 points: the file always parses, holds every key whose write
     returned and at most the one in progress, and the next writer (a real CLI) goes on from there."""
     keys_file = tmp_path / "keys.toml"
     acknowledged: set[str] = set()
-    for round_ in range(40):
+    for round_ in range(20):
         prefix = f"r{round_}"
         proc = subprocess.Popen(
             [sys.executable, "-c", WRITER, str(keys_file), prefix], cwd=REPO_ROOT, env=ENV, text=True,
@@ -286,3 +286,41 @@ async def test_a_restricted_key_cannot_tell_forbidden_models_from_unknown_ones(
         if "gen" in r.text.replace("generation", ""):
             wrong.append(f"/generate names the default model to a key that may not use it: {r.text}")
     assert not wrong, "\n".join(wrong)
+
+
+def _word_tokenizer(snapshot: Path) -> None:
+    """A real tokenizer.json (word level) in the gen/emb snapshot: the gateway tokenizes TGI /tokenize itself."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()  # type: ignore[assignment]
+    tokenizer.save(str(snapshot / "tokenizer.json"))
+
+
+async def test_big_tokenize_runs_off_the_event_loop_and_has_a_cap(tmp_path: Path, keys: Keys,
+                                                                 script: EngineScript) -> None:
+    _word_tokenizer(tmp_path)
+    app, _ = build_app(tmp_path, script, max_tokenize_chars=2_000_000)
+    order: list[str] = []
+    async with asgi_client(app) as client:
+
+        async def big() -> httpx.Response:
+            r = await client.post("/tokenize", json={"inputs": "a b " * 100_000}, headers=bearer(keys.all))
+            order.append("tokenize")
+            return r
+
+        async def health() -> None:
+            await asyncio.sleep(0.02)  # the tokenize request is under way
+            assert (await client.get("/health")).status_code == 200
+            order.append("health")
+
+        r, _ = await asyncio.gather(big(), health())
+        assert r.status_code == 200 and len(r.json()) == 200_000
+        assert order == ["health", "tokenize"]  # /health did not wait for the tokenizer
+        over = {"inputs": "a" * 2_000_001}
+        r = await client.post("/tokenize", json=over, headers=bearer(keys.all))
+        assert r.status_code == 413 and r.json()["error_type"] == "request_too_large"
+        assert "HUBSERVE_MAX_TOKENIZE_CHARS" in r.json()["error"]
+        r = await client.post("/v1/tokenize", json={"model": "gen", "prompt": "a" * 2_000_001},
+                              headers=bearer(keys.all))
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
