@@ -47,12 +47,15 @@ def create_app(settings: Settings, registry: Registry | None = None, start_engin
                 await watcher.stop()
             await registry.stop_all()
 
-    app = FastAPI(title="hubserve", version="0.1.0", lifespan=lifespan)
+    # the docs routes are server/ops/routes.py's docs_router: closed like the API once keys exist
+    app = FastAPI(title="hubserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.settings = settings
     app.state.registry = registry
     app.state.watcher = None
     app.state.started = time.time()
-    app.state.key_checker = KeyChecker(settings.all_key_digests(), KeyRing(settings.keys_path()))
+    app.state.key_checker = KeyChecker(settings.all_key_digests(), KeyRing(settings.keys_path()),
+                                       reserve=settings.max_new_tokens)
     metrics = Metrics()
     metrics.watch_engines(lambda: app.state.registry)
     app.state.metrics = metrics
@@ -100,11 +103,12 @@ def _include_routers(app: FastAPI) -> None:
     from server.hub import routes as hub
     from server.openai import routes as openai
     from server.ops.admin import router as admin_router
+    from server.ops.routes import docs_router
     from server.ops.routes import router as ops_router
     from server.tgi import routes as tgi
     from server.tgi.serving import hub_text_generation
 
     app.state.text_generation = hub_text_generation
-    for router in (ops_router, admin_router, anthropic.router, anthropic.model_router, openai.router,
+    for router in (ops_router, docs_router, admin_router, anthropic.router, anthropic.model_router, openai.router,
                    openai.model_router, openai.root_router, tgi.router, hub.router, hub.root_router):
         app.include_router(router)

@@ -145,10 +145,28 @@ class ModelNotFound(NotFound):
     hub_code = "RepoNotFound"
 
     def __init__(self, name: str, served: Sequence[str]) -> None:
-        listed = ", ".join(served) or "none"
-        super().__init__(f"The model `{name}` does not exist on this server. Served models: {listed}.", param="model")
+        if _restricted_key():  # it must not learn other models' names, nor tell a forbidden one from an unknown one
+            message = HIDDEN_MODEL_MESSAGE
+        else:
+            message = f"The model `{name}` does not exist on this server. Served models: {', '.join(served) or 'none'}."
+        super().__init__(message, param="model")
         self.name = name
         self.served = tuple(served)
+
+
+# What a key restricted to some models reads for an unknown model and for one it may not use alike (same status,
+# same words): neither the name asked for (a repo id would map to a served name) nor the served names.
+HIDDEN_MODEL_MESSAGE = (
+    "This server has no such model for this API key (unknown, or not allowed to it); "
+    "GET /v1/models lists the models it may use."
+)
+
+
+def _restricted_key() -> bool:
+    from server.ops import context  # no import cycle: context imports nothing of server
+
+    ctx = context.current()
+    return ctx is not None and ctx.principal is not None and ctx.principal.models is not None
 
 
 class MethodNotAllowed(ServerError):
@@ -257,6 +275,9 @@ PATH_FAMILIES: tuple[tuple[str, Family], ...] = (
     ("/health", Family.OPS),
     ("/ready", Family.OPS),
     ("/metrics", Family.OPS),
+    ("/openapi.json", Family.OPS),
+    ("/docs", Family.OPS),
+    ("/redoc", Family.OPS),
 )
 
 
@@ -468,6 +489,13 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         return error_response(_from_http_exception(exc, request), family_of(request))
 
+    async def on_too_deep(request: Request, exc: Exception) -> JSONResponse:
+        # Python's json (and pydantic, and json.dumps) recurse per nesting level: a body nested deeper than
+        # the interpreter's stack allows is the client's doing, wherever on the request path it is met.
+        log.warning("%s %s: the request is nested too deeply (%s)", request.method, request.url.path, exc)
+        message = "The request body is nested too deeply (JSON arrays or objects inside each other)."
+        return error_response(InvalidRequest(message), family_of(request))
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(ServerError("Internal server error."), family_of(request))
@@ -475,4 +503,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServerError, on_server_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_exception)
+    app.add_exception_handler(RecursionError, on_too_deep)
     app.add_exception_handler(Exception, on_unexpected)

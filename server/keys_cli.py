@@ -50,16 +50,18 @@ def add_cmd(
 
     Example: hubserve keys add team-search --models smollm2 --rpm 60 --tpm 20000
     """
-    from server.ops.keys import new_key, read_keys, write_keys
+    from server.ops.keys import KeyRecord, new_key, update_keys
 
     path = keys_path(config, keys_file)
-    records = read_keys(path)
-    if any(r.name == name for r in records.values()):
-        raise ConfigError(f"{path}: a key named {name!r} exists; revoke it first or choose another name")
     allowed = tuple(m.strip() for m in models.split(",") if m.strip()) if models is not None else None
     key, record = new_key(name, allowed, rpm, tpm)
-    records[record.id] = record
-    write_keys(path, records)
+
+    def add(records: dict[str, KeyRecord]) -> dict[str, KeyRecord]:
+        if any(r.name == name for r in records.values()):
+            raise ConfigError(f"{path}: a key named {name!r} exists; revoke it first or choose another name")
+        return {**records, record.id: record}
+
+    update_keys(path, add)  # read, change, write under the file's lock: concurrent commands lose nothing
     err.print(f"key {name!r} added to {path}; it is shown only now:")
     print(key)
 
@@ -95,12 +97,15 @@ def revoke_cmd(
 
     Example: hubserve keys revoke team-search
     """
-    from server.ops.keys import read_keys, write_keys
+    from server.ops.keys import KeyRecord, update_keys
 
     path = keys_path(config, keys_file)
-    records = read_keys(path)
-    kept = {i: r for i, r in records.items() if r.name != name}
-    if len(kept) == len(records):
-        raise ConfigError(f"{path}: no key named {name!r} (see `hubserve keys list`)")
-    write_keys(path, kept)
+
+    def revoke(records: dict[str, KeyRecord]) -> dict[str, KeyRecord]:
+        kept = {i: r for i, r in records.items() if r.name != name}
+        if len(kept) == len(records):
+            raise ConfigError(f"{path}: no key named {name!r} (see `hubserve keys list`)")
+        return kept
+
+    update_keys(path, revoke)
     err.print(f"key {name!r} revoked in {path}")

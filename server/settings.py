@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +28,10 @@ class RolloutStrategy(enum.StrEnum):
     AUTO = "auto"  # blue/green when memory holds both engines, else in place
     BLUE_GREEN = "blue-green"
     IN_PLACE = "in-place"
+
+
+# A variable name that says it holds a credential: never passed to engines (server/engines/process.py).
+SECRET_NAME_RE = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?|API_?KEY|AUTH)(_|$)", re.IGNORECASE)
 
 
 def hash_key(key: str) -> str:
@@ -55,7 +60,13 @@ class Settings(BaseSettings):
     keys_file: Path | None = Field(
         default=None, description="Named keys (`hubserve keys add`); else keys.toml beside models.toml."
     )
-    metrics_auth: bool = Field(default=False, description="Require an API key on /metrics too.")
+    public_metrics: bool = Field(
+        default=False, description="Serve /metrics without a key even when keys exist (else: a key allowed every "
+        "model, or the admin token; it names every model and key).",
+    )
+    public_docs: bool = Field(
+        default=False, description="Serve /docs, /redoc and /openapi.json without a key even when keys exist.",
+    )
     log_prompts: bool = Field(
         default=False, description="Log prompts and outputs in the request log line (every family). Off by default."
     )
@@ -76,6 +87,10 @@ class Settings(BaseSettings):
         default=30.0, ge=0, description="How long a request waits for a slot at the in-flight limit (0: 429 at once)."
     )
     max_body_bytes: int = Field(default=16 * 1024**2, ge=1024, description="Largest request body; more: 413.")
+    max_tokenize_chars: int = Field(
+        default=1_000_000, ge=1, description="Most characters the gateway tokenizes for one request (/tokenize, "
+        "token-level tasks); more: 413.",
+    )
     max_new_tokens: int | None = Field(
         default=None, ge=1, description="Cap on max_tokens / max_new_tokens per request (unset: the context)."
     )
@@ -121,6 +136,12 @@ class Settings(BaseSettings):
     max_parallel_starts: int = Field(default=0, ge=0, description="Engines started at once; 0 = as memory allows.")
     cpu_kvcache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE per engine on CPU (GiB).")
     cpu_max_model_len: int = Field(default=2048, ge=16, description="max_model_len on CPU when a model sets none.")
+    engine_env: Annotated[frozenset[str], NoDecode] = Field(
+        default=frozenset(),
+        description="Comma-separated variables (names or fnmatch patterns, e.g. MY_LIB_*) that engines inherit "
+        "besides the built-in allow-list (PATH, locale, CUDA_*, NCCL_*, VLLM_*, OMP_*, ...). "
+        "A name that reads as a credential (*TOKEN*, *SECRET*, *PASSWORD*, *API_KEY*) is refused.",
+    )
 
     # ---- loading on demand ------------------------------------------------------------------------------------
     max_loaded_models: int = Field(
@@ -165,6 +186,18 @@ class Settings(BaseSettings):
         if not isinstance(v, list | tuple | set | frozenset):
             raise ValueError("expected comma-separated keys")
         return frozenset(hash_key(k.strip()) for k in v if isinstance(k, str) and k.strip())
+
+    @field_validator("engine_env", mode="before")
+    @classmethod
+    def _engine_env(cls, v: object) -> frozenset[str]:
+        names = v.split(",") if isinstance(v, str) else v
+        if not isinstance(names, list | tuple | set | frozenset):
+            raise ValueError("expected comma-separated variable names")
+        out = frozenset(n.strip() for n in names if isinstance(n, str) and n.strip())
+        secret = sorted(n for n in out if SECRET_NAME_RE.search(n))
+        if secret:
+            raise ValueError(f"{', '.join(secret)}: engines never get a credential; name other variables")
+        return out
 
     @model_validator(mode="after")
     def _check_keys_file(self) -> Settings:

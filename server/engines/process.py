@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fnmatch
 import logging
 import os
 import re
@@ -21,6 +22,7 @@ import tempfile
 import time
 from abc import abstractmethod
 from collections import deque
+from collections.abc import Collection
 from pathlib import Path
 
 import httpx
@@ -29,7 +31,7 @@ from server.engines.base import Engine, EngineState, ModelInfo
 from server.engines.proctree import Proc, kill_all, refresh
 from server.errors import EngineStartError
 
-from ..settings import Settings
+from ..settings import SECRET_NAME_RE, Settings
 
 STABLE_AFTER_S = 60.0  # an engine up this long has its restart backoff reset
 PROBE_INTERVAL_S = 10.0  # a ready engine's /health is probed this often ...
@@ -67,9 +69,33 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def offline_environment(snapshot: str) -> dict[str, str]:
-    """The child's environment: no hubserve settings (API keys!), no Hub token; the store, offline."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HUBSERVE_") and k not in ("HF_TOKEN",)}
+# What an engine inherits from the gateway's environment: an allow-list, so that no credential of the gateway
+# (a Hub token under any name, a cloud key, HUBSERVE_* settings) reaches code a model runs (trust_remote_code).
+ENGINE_ENV_NAMES = frozenset({
+    "PATH", "PYTHONPATH", "PYTHONHASHSEED", "PYTHONIOENCODING", "PYTHONNOUSERSITE", "PYTHONDONTWRITEBYTECODE",
+    "PYTHONWARNINGS", "HOME", "USER", "LOGNAME", "TMPDIR", "TEMP", "TMP", "LANG", "LANGUAGE", "TZ",
+    "LD_LIBRARY_PATH", "LD_PRELOAD", "VIRTUAL_ENV", "XDG_CACHE_HOME", "XDG_RUNTIME_DIR", "TOKENIZERS_PARALLELISM",
+})
+ENGINE_ENV_PREFIXES = (
+    "LC_", "CUDA_", "NCCL_", "NVIDIA_", "HIP_", "ROCR_", "VLLM_", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "MALLOC_",
+    "TORCH_", "TORCHINDUCTOR_", "PYTORCH_", "TRITON_", "HF_HUB_", "RAY_",
+)
+
+
+def engine_env_allowed(name: str, extra: Collection[str] = ()) -> bool:
+    """Whether a variable of the gateway's environment reaches engines; ``extra``: what the operator named
+    (HUBSERVE_ENGINE_ENV, names or fnmatch patterns). Pure."""
+    if SECRET_NAME_RE.search(name) or name.startswith("HUBSERVE_"):
+        return False
+    return (
+        name in ENGINE_ENV_NAMES or name.startswith(ENGINE_ENV_PREFIXES)
+        or any(fnmatch.fnmatchcase(name, pattern) for pattern in extra)
+    )
+
+
+def offline_environment(snapshot: str, extra: Collection[str] = ()) -> dict[str, str]:
+    """The child's environment: the allow-listed part of ours (never a credential), the store, offline."""
+    env = {k: v for k, v in os.environ.items() if engine_env_allowed(k, extra)}
     store = Path(snapshot).parents[2]  # <store>/models--o--n/snapshots/<commit>
     env |= {
         "HF_HUB_OFFLINE": "1",
@@ -117,7 +143,7 @@ class ProcessEngine(Engine):
         """The child's command line (it must serve GET /health on ``socket_path``)."""
 
     def environment(self) -> dict[str, str]:
-        return offline_environment(self.info.snapshot)
+        return offline_environment(self.info.snapshot, self.settings.engine_env)
 
     async def _on_ready(self, client: httpx.AsyncClient) -> None:
         """Read what the engine reports about itself once it answers /health (before it takes requests)."""

@@ -4,7 +4,6 @@ model on the transformers engine the gateway answers from the snapshot's tokeniz
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -14,7 +13,7 @@ from fastapi.responses import JSONResponse
 from server.engines.base import Engine
 from server.errors import Family, InvalidRequest
 from server.proxy import forward
-from server.tasks.tokenizer import for_snapshot, has_fast_tokenizer
+from server.tasks.tokenizer import check_input_size, for_snapshot, has_fast_tokenizer, off_loop
 
 
 def is_engine_tokenize(payload: object) -> bool:
@@ -52,6 +51,10 @@ async def tokenize_on_engine(request: Request, path: str, payload: object) -> Re
     if model is not None and not isinstance(model, str):
         raise InvalidRequest("`model` must be a string.", param="model")
     engine = registry.get(request.path_params.get("repo_id") or model)
+    messages = payload.get("messages")
+    texts = [payload.get("prompt"), *(m.get("content") for m in messages if isinstance(m, dict))] if isinstance(
+        messages, list) else [payload.get("prompt")]
+    check_input_size(texts, registry.settings.max_tokenize_chars)
     request.state.model = engine.info.name
     if engine.backend != "transformers":  # vLLM answers itself
         body = json.dumps({**payload, "model": engine.model_id}).encode()
@@ -59,4 +62,4 @@ async def tokenize_on_engine(request: Request, path: str, payload: object) -> Re
     if not has_fast_tokenizer(engine.info.snapshot):
         raise InvalidRequest(f"Model `{engine.info.name}` has no tokenizer.json to tokenize with.", param="model")
     local = _tokenize_locally if path == "/tokenize" else _detokenize_locally
-    return JSONResponse(await asyncio.to_thread(local, engine, payload))
+    return JSONResponse(await off_loop(local, engine, payload))

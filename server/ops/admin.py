@@ -3,24 +3,22 @@ bearer of its own, separate from the API keys, compared in constant time."""
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from server.errors import Family, NotFound, Unauthorized, family_dependency
+from server.ops.auth import admin_token_matches
 from server.ops.routes import models_status
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(family_dependency(Family.OPS))])
 
 
 def require_admin_token(request: Request) -> None:
-    token: str | None = request.app.state.settings.admin_token
-    if not token:
+    if not request.app.state.settings.admin_token:
         raise NotFound("Not Found")
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    if not admin_token_matches(request):
         raise Unauthorized("Missing or invalid admin token; send 'Authorization: Bearer <HUBSERVE_ADMIN_TOKEN>'.")
 
 

@@ -17,11 +17,11 @@ import hmac
 from fastapi import Request
 
 from server.engines.base import ModelInfo
-from server.errors import Forbidden, Unauthorized
+from server.errors import Forbidden, ModelNotFound, Unauthorized
 from server.ops import context
 from server.ops.context import ANONYMOUS, Principal
 from server.ops.keys import KeyRing
-from server.ops.ratelimit import RateLimiter
+from server.ops.ratelimit import DEFAULT_RESERVE, RateLimiter
 
 
 def presented_key(request: Request) -> str | None:
@@ -34,10 +34,10 @@ def presented_key(request: Request) -> str | None:
 class KeyChecker:
     """Accepts every request when no key is configured; else only a flat or named key, as a Principal."""
 
-    def __init__(self, digests: frozenset[str], ring: KeyRing | None = None) -> None:
+    def __init__(self, digests: frozenset[str], ring: KeyRing | None = None, reserve: int | None = None) -> None:
         self._digests = tuple(sorted(digests))
         self.ring = ring
-        self.limiter = RateLimiter()
+        self.limiter = RateLimiter(reserve=reserve or DEFAULT_RESERVE)
 
     @property
     def enabled(self) -> bool:
@@ -81,18 +81,47 @@ async def require_api_key(request: Request) -> None:
     Async: no worker thread for a few microseconds of work."""
     checker: KeyChecker = request.app.state.key_checker
     who = checker.check(request)
-    checker.limiter.admit(who)
+    checker.limiter.admit(who, context.current())
+
+
+def admin_token_matches(request: Request) -> bool:
+    """Whether the request carries HUBSERVE_ADMIN_TOKEN as its bearer (constant time); False when none is set."""
+    token: str | None = request.app.state.settings.admin_token
+    if not token:
+        return False
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+async def require_docs_access(request: Request) -> None:
+    """/docs, /redoc, /openapi.json: any valid key once keys exist, unless HUBSERVE_PUBLIC_DOCS."""
+    if not request.app.state.settings.public_docs:
+        request.app.state.key_checker.check(request)
+
+
+async def require_metrics_access(request: Request) -> None:
+    """/metrics names every model and key: once keys exist, a key allowed every model or the admin token,
+    unless HUBSERVE_PUBLIC_METRICS. A key restricted to some models gets 403 (it would learn the others)."""
+    if request.app.state.settings.public_metrics or admin_token_matches(request):
+        return
+    who = request.app.state.key_checker.check(request)
+    if who.models is not None:
+        raise Forbidden(
+            "/metrics names every model and key: it needs a key allowed every model or the admin token "
+            "(or HUBSERVE_PUBLIC_METRICS=true)."
+        )
 
 
 def authorize(info: ModelInfo) -> None:
-    """Called by the registry for every name → engine lookup made while serving a request: Forbidden (403)
-    when the request's key may not use that model. Also labels the request with its model and commit."""
+    """Called by the registry for every name → engine lookup made while serving a request: when the request's
+    key may not use that model, the same 404 as for a model that does not exist (a key must not learn the names
+    of models it may not use). Also labels the request with its model and commit."""
     ctx = context.current()
     if ctx is None:
         return
     who = ctx.principal
     if who is not None and not who.may_use(info.served_names):
-        raise Forbidden(f"This API key may not use the model `{info.name}`.", param="model")
+        raise ModelNotFound(info.name, ())  # reads exactly like an unknown model to this key (errors.py)
     ctx.model, ctx.commit = info.name, info.commit
 
 

@@ -54,6 +54,7 @@ class RequestContext:
     queue_s: float = 0.0
     tokens_in: int | None = None
     tokens_out: int | None = None
+    reserved_tokens: int = 0  # reserved against the key's tokens-per-minute until the request ends (ratelimit.py)
     # the request's time limit: the gateway's cancel scope, when it started (anyio's clock) and the limit in s
     deadline: Any = None
     started_at: float = 0.0

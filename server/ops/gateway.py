@@ -197,21 +197,21 @@ class GatewayMiddleware:
 
     def _finish(self, scope: Scope, ctx: RequestContext, ex: _Exchange) -> None:
         path = scope.get("path", "")
+        tokens = (ctx.tokens_in or 0) + (ctx.tokens_out or 0)
+        who = ctx.principal
+        checker = getattr(getattr(scope.get("app"), "state", None), "key_checker", None)
+        if who is not None and checker is not None:
+            checker.limiter.settle(who, ctx, tokens)  # every request, quiet ones too: a reservation never leaks
         if path in QUIET_PATHS:
             return
         # 499 (nginx's "client closed request"): the answer never finished, e.g. the client left mid-stream
         status = (ex.status or 500) if ex.complete else 499
         latency = time.perf_counter() - ex.started
         route = getattr(scope.get("route"), "path_format", None) or "unmatched"
-        who = ctx.principal
         ttft = ex.first if ex.stream else None
         self.metrics.observe_request(
             route, ctx.model or "", status, ex.first, latency, ttft, ex.gaps, ctx, who.name if who else None
         )
-        tokens = (ctx.tokens_in or 0) + (ctx.tokens_out or 0)
-        checker = getattr(getattr(scope.get("app"), "state", None), "key_checker", None)
-        if who is not None and checker is not None:
-            checker.limiter.charge(who, tokens)
         line: dict[str, Any] = {
             "request_id": ctx.request_id,
             "key": who.name if who else None,

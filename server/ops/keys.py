@@ -22,12 +22,15 @@ import re
 import secrets
 import tempfile
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from sync.errors import ConfigError
+from sync.errors import ConfigError, HubserveError
+from sync.filelock import exclusive
+from sync.store import _fsync_dir
 
 log = logging.getLogger("hubserve.keys")
 
@@ -115,21 +118,45 @@ def read_keys(path: Path) -> dict[str, KeyRecord]:
 
 
 def write_keys(path: Path, records: dict[str, KeyRecord]) -> None:
-    """Atomic write (temp file, fsync, rename), readable by the owner only: a running server never sees half."""
+    """Atomic write (temp file, fsync, rename, directory fsync), readable by the owner only: a running server
+    never sees half, and a crash after the rename keeps it. Concurrent writers go through ``update_keys``."""
     body = HEADER + tomli_w.dumps({"keys": [r.to_toml() for r in records.values()]})
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".keys-", dir=path.parent)
+    # the store's atomic_write makes files 0644; a keys file stays 0600 from its first byte (mkstemp's mode)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(body)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
+
+
+class KeysFileError(HubserveError):
+    """The keys file could not be read or written (permissions, a full disk)."""
+
+
+def update_keys(
+    path: Path, change: Callable[[dict[str, KeyRecord]], dict[str, KeyRecord]], timeout: float = 60.0
+) -> dict[str, KeyRecord]:
+    """Read, ``change`` and write back the keys file under its exclusive lock, so concurrent ``hubserve keys``
+    commands never lose each other's changes. ``change`` may raise (nothing is written then). Temp files of
+    writers killed mid-write are removed here: under the lock, no live writer owns one."""
+    with exclusive(path, timeout):
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        try:
+            records = change(read_keys(path))
+            write_keys(path, records)
+        except OSError as e:
+            raise KeysFileError(f"{path}: cannot update it ({e.strerror or e})") from None
+    return records
 
 
 class KeyRing:

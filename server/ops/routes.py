@@ -1,14 +1,16 @@
-"""/health (always open), /ready, /metrics (open unless HUBSERVE_METRICS_AUTH=true)."""
+"""/health and /ready (always open), /metrics and the API docs (closed once keys exist, unless HUBSERVE_PUBLIC_*)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.errors import Family, family_dependency
+from server.ops.auth import require_docs_access, require_metrics_access
 from server.ops.metrics import Metrics
 from server.registry import Registry
 
@@ -46,9 +48,29 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if is_ready else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[Depends(require_metrics_access)])
 async def metrics(request: Request) -> Response:
-    if request.app.state.settings.metrics_auth:
-        request.app.state.key_checker.check(request)
     m: Metrics = request.app.state.metrics
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# FastAPI's own /docs, /redoc and /openapi.json are off (create_app): these are the same pages behind a key check.
+docs_router = APIRouter(
+    tags=["ops"], include_in_schema=False,
+    dependencies=[Depends(family_dependency(Family.OPS)), Depends(require_docs_access)],
+)
+
+
+@docs_router.get("/openapi.json")
+async def openapi(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
+@docs_router.get("/docs")
+async def docs(request: Request) -> HTMLResponse:
+    return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{request.app.title} - Swagger UI")
+
+
+@docs_router.get("/redoc")
+async def redoc(request: Request) -> HTMLResponse:
+    return get_redoc_html(openapi_url="/openapi.json", title=f"{request.app.title} - ReDoc")

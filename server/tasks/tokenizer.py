@@ -9,13 +9,21 @@ each output row belongs to. tests/unit/test_snapshot_tokenizer.py checks it agai
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextvars
 import functools
 import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from tokenizers import Encoding, Tokenizer
 
+from server.errors import RequestTooLarge
 from server.tasks.snapshot import snapshot_json
+
+T = TypeVar("T")
 
 # transformers' clean_up_tokenization (WordPiece tokenizers with clean_up_tokenization_spaces; never BPE).
 CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
@@ -94,6 +102,28 @@ class SnapshotTokenizer:
             for old, new in CLEANUPS:
                 text = text.replace(old, new)
         return text
+
+
+# Tokenizing is CPU work the event loop must never do (a 4 MB input stalled /health for seconds): it runs in this
+# small pool, so at most TOKENIZE_THREADS inputs are tokenized at once whatever the number of requests.
+TOKENIZE_THREADS = 2
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=TOKENIZE_THREADS, thread_name_prefix="hubserve-tokenize")
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in the tokenizer pool, awaited (the request's context, e.g. its key, goes along)."""
+    ctx = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(_POOL, functools.partial(ctx.run, fn, *args))
+
+
+def check_input_size(texts: Iterable[object], cap: int) -> None:
+    """RequestTooLarge (413, in the route family's shape) when the texts to tokenize hold more than ``cap``
+    characters in all (HUBSERVE_MAX_TOKENIZE_CHARS)."""
+    total = sum(len(t) for t in texts if isinstance(t, str))
+    if total > cap:
+        raise RequestTooLarge(
+            f"The input to tokenize has {total} characters, over the limit of {cap} (HUBSERVE_MAX_TOKENIZE_CHARS)."
+        )
 
 
 @functools.lru_cache(maxsize=32)

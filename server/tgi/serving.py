@@ -32,6 +32,7 @@ from server.errors import (
 from server.ops.context import engine_headers, note_tokens
 from server.proxy import RelayResponse
 from server.tasks.catalog import GENERATIVE_TASKS
+from server.tasks.tokenizer import check_input_size, off_loop
 from server.tgi.protocol import (
     GenerateRequest,
     GenerateResponse,
@@ -223,8 +224,9 @@ class TGIService:
     # ---- tokenize and info --------------------------------------------------------------------------
     async def tokenize(self, engine: Engine, request: TokenizeRequest) -> list[SimpleToken]:
         """TGI's /tokenize: ids with the text and character span of ``inputs`` each covers."""
+        check_input_size([request.inputs], self.registry.settings.max_tokenize_chars)
         vocab = await self.vocab(engine)
-        spans = await asyncio.to_thread(vocab.offsets, request.inputs)  # off the event loop: inputs can be big
+        spans = await off_loop(vocab.offsets, request.inputs)  # the bounded tokenizer pool: inputs can be big
         if spans is not None:
             return [SimpleToken(id=i, text=request.inputs[s:e], start=s, stop=e) for i, s, e in spans]
         async with self.registry.using(engine) as engine:  # no local tokenizer: vLLM's ids and strings

@@ -343,12 +343,12 @@ def test_each_family_errors_are_its_sdks_classes(hubserve_server: HubserveServer
         return anthropic.Anthropic(base_url=url, api_key=key, max_retries=0)
 
     for error, key, model in ((openai.AuthenticationError, "wrong", "smollm2"),
-                              (openai.PermissionDeniedError, keys["e2e-minilm"], "smollm2"),
+                              (openai.NotFoundError, keys["e2e-minilm"], "smollm2"),  # not allowed: as if unknown
                               (openai.NotFoundError, hubserve_server.api_key, "no-such-model")):
         with pytest.raises(error):
             o(key).responses.create(model=model, input="hi", max_output_tokens=2)
     for a_error, key, model in ((anthropic.AuthenticationError, "wrong", "smollm2"),
-                                (anthropic.PermissionDeniedError, keys["e2e-minilm"], "smollm2"),
+                                (anthropic.NotFoundError, keys["e2e-minilm"], "smollm2"),
                                 (anthropic.NotFoundError, hubserve_server.api_key, "no-such-model")):
         with pytest.raises(a_error) as caught:
             a(key).messages.create(model=model, max_tokens=2, messages=hi)

@@ -293,7 +293,7 @@ def test_health_ready_metrics(hubserve_server: HubserveServer, client: openai.Op
     assert {m["state"] for m in models.values()} == {"ready"}
     assert models["smollm2"]["commit"] == hubserve_server.commits["smollm2"]
     assert httpx.get(f"{hubserve_server.url}/ready").status_code == 200
-    metrics = httpx.get(f"{hubserve_server.url}/metrics")
+    metrics = httpx.get(f"{hubserve_server.url}/metrics", headers=hubserve_server.headers)  # closed once keys exist
     assert metrics.status_code == 200
     text = metrics.text
     assert 'hubserve_requests_total{model="smollm2",route="/v1/completions",status="200"}' in text

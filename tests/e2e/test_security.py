@@ -31,9 +31,9 @@ def test_named_key_limited_to_one_model(hubserve_server: HubserveServer) -> None
         r = http.post("/v1/embeddings", json={"model": "minilm", "input": CANARY})
         assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 384
         r = http.post("/v1/completions", json={"model": "smollm2", "prompt": CANARY, "max_tokens": 2})
-        assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"  # as if it did not exist
         r = http.post("/generate", json={"inputs": CANARY})  # the default model is smollm2
-        assert r.status_code == 403 and r.json()["error_type"] == "authorization"
+        assert r.status_code == 404 and r.json()["error_type"] == "not_found" and "smollm2" not in r.text
         assert http.get("/v1/models", headers={"x-api-key": "hs_nope"}).status_code == 401
 
 
@@ -103,7 +103,7 @@ def test_request_log_and_metrics(hubserve_server: HubserveServer) -> None:
     assert line["key"].startswith("key-") and 1 <= line["tokens_out"] <= 3 and line["tokens_in"] > 0
     assert line["latency_s"] > 0 and line["queue_s"] >= 0
     assert not log_leaks(hubserve_server)
-    metrics = httpx.get(f"{hubserve_server.url}/metrics").text
+    metrics = httpx.get(f"{hubserve_server.url}/metrics", headers=hubserve_server.headers).text
     assert 'hubserve_requests_total{model="smollm2",route="/generate",status="200"}' in metrics
     assert 'hubserve_requests_total{model="smollm2",route="/models/{repo_id}",status="200"}' in metrics
     assert 'hubserve_tokens_out_total{model="smollm2"}' in metrics

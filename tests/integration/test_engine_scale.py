@@ -43,7 +43,8 @@ def _info(tmp_path: Path, args: dict[str, object]) -> ModelInfo:
 
 
 def _settings() -> Settings:
-    return Settings(device=Device.GPU, engine_start_timeout_s=60, engine_stop_timeout_s=3, engine_start_attempts=1)
+    return Settings(device=Device.GPU, engine_start_timeout_s=60, engine_stop_timeout_s=3, engine_start_attempts=1,
+                    engine_env=frozenset({"FAKE_VLLM_REPORT"}))  # engines inherit an allow-list: name the report path
 
 
 def _gone(pid: int) -> bool:

@@ -1,5 +1,5 @@
 """Keys, model access, rate limits, request ids and request-size/time limits in the real app over scripted
-engines: the auth matrix over every route of the app's own OpenAPI schema, the families' 401/403/429 shapes,
+engines: the auth matrix over every route of the app's own OpenAPI schema, the families' 401/404/429 shapes,
 hot reload of the keys file through the real ``hubserve keys`` CLI."""
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ MESSAGES = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 # (method, path) → (path params, body, model the route uses or None). Routes missing here are still checked
 # for 401 (no key, bad key) and for "no 401/403 with a good key".
 ROUTES: dict[tuple[str, str], tuple[dict[str, str], Any, str | None]] = {
-    ("GET", "/metrics"): ({}, None, None),
     ("GET", "/v1/models"): ({}, None, None),
     ("GET", "/v1/models/{model}"): ({"model": "gen"}, None, "gen"),
     ("POST", "/v1/chat/completions"): ({}, {"model": "gen", **CHAT}, "gen"),
@@ -63,7 +62,7 @@ UNKNOWN_IDS = {"{response_id}": "resp_unknown"}  # path params of routes not in 
 
 @pytest.fixture
 async def app_client(tmp_path: Path, keys: Keys, script: EngineScript) -> AsyncIterator[httpx.AsyncClient]:
-    app, _ = build_app(tmp_path, script, metrics_auth=True, max_new_tokens=64, admin_token=ADMIN_TOKEN)
+    app, _ = build_app(tmp_path, script, max_new_tokens=64, admin_token=ADMIN_TOKEN)
     async with asgi_client(app) as client:
         yield client
 
@@ -81,7 +80,7 @@ async def call(client: httpx.AsyncClient, method: str, path: str, body: Any, hea
 
 
 async def test_auth_matrix_over_every_route_of_the_schema(app_client: httpx.AsyncClient, keys: Keys) -> None:
-    schema = (await app_client.get("/openapi.json")).json()
+    schema = (await app_client.get("/openapi.json", headers=bearer(keys.all))).json()
     operations = [(m.upper(), p) for p, ops in schema["paths"].items() for m in ops]
     assert len(operations) >= len(ROUTES), "the schema lost routes"
     wrong: list[str] = []
@@ -109,7 +108,7 @@ async def test_auth_matrix_over_every_route_of_the_schema(app_client: httpx.Asyn
         ]
         if (method, template) in ROUTES:
             cases += [
-                ("key without that model", bearer(other), {200} if model is None else {403}),
+                ("key without that model", bearer(other), {200} if model is None else {404}),  # as if unknown
                 ("good key", bearer(keys.all), {200}),
                 ("good key (x-api-key)", {"x-api-key": keys.all}, {200}),
                 ("flat key", bearer(FLAT_KEY), {200}),
@@ -139,19 +138,19 @@ async def _check_admin(client: httpx.AsyncClient, method: str, path: str, keys: 
     return wrong
 
 
-async def test_401_and_403_in_each_family_shape(app_client: httpx.AsyncClient, keys: Keys) -> None:
+async def test_401_and_hidden_404_in_each_family_shape(app_client: httpx.AsyncClient, keys: Keys) -> None:
     r = await app_client.post("/v1/completions", json={"model": "gen", "prompt": "x"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert r.headers["www-authenticate"] == "Bearer"
     r = await app_client.post("/v1/completions", json={"model": "gen", "prompt": "x"}, headers=bearer(keys.emb_only))
-    assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
-    assert r.json()["error"]["type"] == "permission_error"
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"  # a model it may not use
+    assert r.json()["error"]["type"] == "invalid_request_error" and "gen" not in r.json()["error"]["message"]
     r = await app_client.post("/generate", json=GEN, headers=bearer(keys.emb_only))
-    assert r.status_code == 403 and r.json()["error_type"] == "authorization"
+    assert r.status_code == 404 and r.json()["error_type"] == "not_found"
     r = await app_client.post("/generate", json=GEN)
     assert r.status_code == 401 and r.json()["error_type"] == "authentication"
     r = await app_client.post("/models/org/emb", json={"inputs": "a"}, headers=bearer(keys.gen_only))
-    assert r.status_code == 403 and r.headers["x-error-code"] == "Forbidden" and set(r.json()) == {"error"}
+    assert r.status_code == 404 and r.headers["x-error-code"] == "RepoNotFound" and set(r.json()) == {"error"}
     r = await app_client.post("/models/org/emb", json={"inputs": "a"})
     assert r.status_code == 401 and r.headers["x-error-code"] == "Unauthorized"
     # an unknown model stays 404 whatever the key may use; a wrong key never learns more than 401
@@ -167,7 +166,7 @@ async def test_models_list_hides_what_a_key_may_not_use(app_client: httpx.AsyncC
     assert await ids(FLAT_KEY) == ["gen", "emb"]
     assert await ids(keys.gen_only) == ["gen"]
     assert await ids(keys.emb_only) == ["emb"]
-    assert (await app_client.get("/v1/models/emb", headers=bearer(keys.gen_only))).status_code == 403
+    assert (await app_client.get("/v1/models/emb", headers=bearer(keys.gen_only))).status_code == 404
 
 
 def hubserve(*args: str) -> subprocess.CompletedProcess[str]:

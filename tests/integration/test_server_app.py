@@ -104,11 +104,11 @@ async def test_inference_routes_need_a_key(client: httpx.AsyncClient) -> None:
 
 async def test_health_is_open_and_metrics_configurable(client: httpx.AsyncClient, tmp_path: Path) -> None:
     assert (await client.get("/health")).status_code == 200
-    assert (await client.get("/metrics")).status_code == 200
-    app = _app(tmp_path, api_keys=KEY, metrics_auth=True)
+    assert (await client.get("/metrics")).status_code == 401  # closed by default once keys exist
+    assert (await client.get("/metrics", headers=AUTH)).status_code == 200
+    app = _app(tmp_path, api_keys=KEY, public_metrics=True)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://h") as c:
-        assert (await c.get("/metrics")).status_code == 401
-        assert (await c.get("/metrics", headers=AUTH)).status_code == 200
+        assert (await c.get("/metrics")).status_code == 200
         assert (await c.get("/health")).status_code == 200
 
 
@@ -206,7 +206,7 @@ async def test_ready_and_health_report_each_model(client: httpx.AsyncClient) -> 
 
 async def test_metrics_count_requests_by_model(client: httpx.AsyncClient) -> None:
     await client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
-    text = (await client.get("/metrics")).text
+    text = (await client.get("/metrics", headers=AUTH)).text
     assert 'hubserve_request_failure_total{model="smollm2",route="/v1/chat/completions",status="503"} 1.0' in text
     assert 'hubserve_engine_state{model="smollm2",state="stopped"} 1.0' in text
 

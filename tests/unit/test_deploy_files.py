@@ -91,7 +91,10 @@ def test_k8s_shared_store_layout() -> None:
               if "persistentVolumeClaim" in v}  # fmt: skip
     assert claims == {"hubserve-store"} and ("PersistentVolumeClaim", "hubserve-store") in res
     monitor = res[("ServiceMonitor", "hubserve")]
-    assert monitor["spec"]["endpoints"][0] == {"port": "http", "path": "/metrics", "interval": "15s"}
+    assert monitor["spec"]["endpoints"][0] == {  # /metrics is closed once keys exist: the scraper sends one
+        "port": "http", "path": "/metrics", "interval": "15s",
+        "authorization": {"type": "Bearer", "credentials": {"name": "hubserve", "key": "metrics-key"}},
+    }
     service = res[("Service", "hubserve")]
     assert service["metadata"]["labels"]["app.kubernetes.io/name"] in monitor["spec"]["selector"][
         "matchExpressions"][0]["values"]  # fmt: skip
