@@ -164,14 +164,18 @@ class BoundedHandler(BaseHTTPRequestHandler):
         return self._body_left
 
     def read_body(self, limit: int) -> bytes:
-        """The whole request body, read within ``body_timeout``; BodyRefused (411, 413, 400) otherwise."""
+        """The whole request body, read within ``body_timeout``; BodyRefused (400, 408, 411, 413) otherwise."""
         length = self._body_left
         if length is None:
             raise BodyRefused(411, "a Content-Length body is needed (chunked bodies are not accepted)")
         if length > limit:
             raise BodyRefused(413, f"request body over {limit} bytes")
         self._reader.deadline = time.monotonic() + self.server.limits.body_timeout
-        data = self.rfile.read(length)
+        try:
+            data = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            raise BodyRefused(408, f"request body not received within {self.server.limits.body_timeout:g}s") from None
         if len(data) < length:
             self.close_connection = True
             raise BodyRefused(400, f"request body ended at {len(data)} of {length} bytes")
