@@ -14,12 +14,15 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from sync.errors import ConfigError
-from sync.paths import check_repo_id, is_commit
+from sync.paths import check_repo_id, is_commit, printable
 from sync.store import FileEntry, RevisionRecord, Store
 
 DEFAULT_PAGE_SIZE = 1000  # the Hub's page size for non-expanded trees
 README_MAX = 1 << 20
-HOST_RE = re.compile(r"^[A-Za-z0-9.\-:\[\]]{1,255}$")
+# A Host value: a DNS name (labels of letters, digits, '-', '_'), IPv4, or a bracketed IPv6; an optional port.
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+HOST_RE = re.compile(rf"^(?:{_LABEL}(?:\.{_LABEL})*\.?|\[[0-9A-Fa-f:.]{{2,45}}\])(?::(?P<port>[0-9]{{1,5}}))?\Z")
+RANGE_DIGITS = 18  # a Range number longer than this is "past any file" (int() of 4,300 digits raises)
 
 
 class HttpError(Exception):
@@ -170,6 +173,16 @@ def tree_entries(record: RevisionRecord, base: str, recursive: bool) -> list[dic
 
 
 # ---- ranges ----------------------------------------------------------------------------------
+def check_host(value: str | None) -> str | None:
+    """A Host / X-Forwarded-Host value if it is a valid ``host[:port]`` (at most 255 characters), else None."""
+    m = HOST_RE.match(value) if value and len(value) <= 255 else None
+    return value if m and (m["port"] is None or 0 < int(m["port"]) < 65536) else None
+
+
+def _range_number(digits: str) -> int:
+    return int(digits) if len(digits) <= RANGE_DIGITS else 10**RANGE_DIGITS
+
+
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """``(start, end_inclusive)`` of a single ``bytes=`` range, None to send the whole file.
 
@@ -179,16 +192,16 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header or "")
     if not m or (not m[1] and not m[2]):
         return None
-    if not m[1]:  # suffix range: the last N bytes
-        if int(m[2]) == 0 or size == 0:
+    first, last = _range_number(m[1]) if m[1] else None, _range_number(m[2]) if m[2] else None
+    if first is None:  # suffix range: the last N bytes
+        if not last or size == 0:
             raise _unsatisfiable(size)
-        return max(0, size - int(m[2])), size - 1
-    start = int(m[1])
-    if m[2] and int(m[2]) < start:
+        return max(0, size - last), size - 1
+    if last is not None and last < first:
         return None
-    if start >= size:
+    if first >= size:
         raise _unsatisfiable(size)
-    return start, min(int(m[2]), size - 1) if m[2] else size - 1
+    return first, min(last, size - 1) if last is not None else size - 1
 
 
 def _unsatisfiable(size: int) -> HttpError:
@@ -200,7 +213,7 @@ def parse_paths_body(body: bytes, content_type: str) -> list[str]:
     if content_type.startswith("application/json"):
         try:
             paths = json.loads(body).get("paths", [])
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             raise HttpError(400, "paths-info: body is not a JSON object") from None
     else:
         paths = parse_qs(body.decode("utf-8", "replace")).get("paths", [])
@@ -211,6 +224,7 @@ def parse_paths_body(body: bytes, content_type: str) -> list[str]:
 
 
 def header_safe(text: str) -> str:
-    return text.encode("ascii", "replace").decode().replace("\r", " ").replace("\n", " ")[:1000]
+    """Text for a header value: ASCII (others as ``\\uXXXX``), control characters escaped, at most ~1000 chars."""
+    return printable(text.encode("ascii", "backslashreplace").decode("ascii"), limit=1000)
 
 

@@ -21,15 +21,15 @@ import threading
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from sync.errors import StoreError, UnsafePathError
+from sync.httpbounds import BodyRefused, BoundedHandler, BoundedServer, Limits
 from sync.hub_protocol import (
     DEFAULT_PAGE_SIZE,
-    HOST_RE,
     HttpError,
+    check_host,
     find_revision,
     header_safe,
     parse_paths_body,
@@ -39,7 +39,7 @@ from sync.hub_protocol import (
 from sync.mirror_catalog import list_refs, model_info, paths_info, search_models
 from sync.mirror_page import render_index
 from sync.mirror_runtime import RecordCache, run_workers
-from sync.paths import safe_relpath
+from sync.paths import has_control, printable, safe_relpath
 from sync.store import FileEntry, RevisionRecord, Store
 
 logger = logging.getLogger("hubserve.mirror")
@@ -58,12 +58,14 @@ class Request:
         return default if not values else values[-1].lower() in ("1", "true", "yes")
 
 
-class MirrorHandler(BaseHTTPRequestHandler):
-    """Routes one connection's requests; GET and HEAD only."""
+class MirrorHandler(BoundedHandler):
+    """Routes one connection's requests: GET and HEAD, and POST where the Hub takes one (paths-info).
 
-    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections for HEAD + GET
+    HTTP/1.1 keep-alive (clients reuse connections for HEAD + GET); deadlines, the connection cap and the
+    request body's framing come from ``BoundedHandler``.
+    """
+
     server_version = "hubserve-mirror"
-    timeout = 120  # idle keep-alive or stalled client: the thread ends instead of waiting forever
     server: MirrorServer
     _status = 0
     _sent = 0
@@ -82,8 +84,9 @@ class MirrorHandler(BaseHTTPRequestHandler):
         self._dispatch(head=True)
 
     def do_POST(self) -> None:
-        """Only ``paths-info`` (a read that the client sends as a form POST)."""
-        self._dispatch(head=False, allowed="/paths-info/" in urlsplit(self.path).path)
+        """Only ``/api/models/{org}/{name}/paths-info/{rev}`` (a read that the client sends as a form POST)."""
+        seg = [s for s in urlsplit(self.path).path.split("/") if s]
+        self._dispatch(head=False, allowed=len(seg) >= 6 and seg[:2] == ["api", "models"] and seg[4] == "paths-info")
 
     def _not_allowed(self) -> None:
         self._dispatch(head=False, allowed=False)
@@ -94,19 +97,17 @@ class MirrorHandler(BaseHTTPRequestHandler):
         """The stdlib's own refusals (bad request line, oversized headers) as JSON, and logged."""
         self.close_connection = True
         self._status, self._sent = 0, 0
-        self._send_error(HttpError(code, message or HTTPStatus(code).phrase), head=self.command == "HEAD")
+        headers = {"Connection": "close", **({"Allow": self.allowed_methods} if code == 405 else {})}
+        refusal = HttpError(code, message or HTTPStatus(code).phrase, headers=headers)
+        self._send_error(refusal, head=self.command == "HEAD")
         self._log(time.monotonic())
 
     def _dispatch(self, head: bool, allowed: bool = True) -> None:
         started = time.monotonic()
         self._status, self._sent = 0, 0
         try:
-            has_body = self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers
-            if has_body and self.command != "POST":
-                self.close_connection = True  # a request body we do not read would corrupt the next request
             if not allowed:
-                self.close_connection = True
-                raise HttpError(405, f"{self.command} not allowed: this mirror is read-only",
+                raise HttpError(405, f"{self.command} not allowed here: this mirror is read-only",
                                 headers={"Allow": "GET, HEAD"})
             self._route(head)
         except HttpError as e:
@@ -114,7 +115,7 @@ class MirrorHandler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
         except Exception as e:  # one bad request must not take the mirror down
-            logger.exception("mirror: %s %s failed", self.command, self.path)
+            logger.exception("mirror: %s %s failed", printable(self.command), printable(self.path))
             if self._status:  # the response has started: all we can do is end the connection
                 self.close_connection = True
             else:
@@ -125,10 +126,12 @@ class MirrorHandler(BaseHTTPRequestHandler):
     def _log(self, started: float) -> None:
         ms = (time.monotonic() - started) * 1000
         method, path = getattr(self, "command", None) or "-", getattr(self, "path", "") or "-"
-        logger.info("%s %s %d %d %.1fms", method, path, self._status, self._sent, ms)
+        logger.info("%s %s %d %d %.1fms", printable(method), printable(path), self._status, self._sent, ms)
 
     def _route(self, head: bool) -> None:
         target = urlsplit(self.path)
+        if has_control(unquote(target.path)):
+            raise HttpError(400, "the request path has a control character (below 0x20, or 0x7f)")
         req = Request([s for s in target.path.split("/") if s], parse_qs(target.query))
         seg = req.segments
         if seg in (["health"], ["api", "health"]):
@@ -194,13 +197,10 @@ class MirrorHandler(BaseHTTPRequestHandler):
     def _form_paths(self) -> list[str]:
         """``paths`` from a form (what huggingface_hub sends) or JSON body, read whole (at most 1 MiB)."""
         try:
-            length = int(self.headers.get("Content-Length") or "-1")
-        except ValueError:
-            length = -1
-        if not 0 <= length <= 1 << 20:
-            self.close_connection = True
-            raise HttpError(411 if length < 0 else 413, "paths-info needs a Content-Length body of at most 1 MiB")
-        return parse_paths_body(self.rfile.read(length), self.headers.get("Content-Type", ""))
+            body = self.read_body(1 << 20)
+        except BodyRefused as e:
+            raise HttpError(e.status, f"paths-info: {e.message}") from None
+        return parse_paths_body(body, self.headers.get("Content-Type", ""))
 
     def _info(self, repo: str, rev: str, req: Request) -> dict[str, Any]:
         record = find_revision(self.server.store, repo, rev)
@@ -221,11 +221,16 @@ class MirrorHandler(BaseHTTPRequestHandler):
         self._send_json(list(entries[offset:offset + page_size]), head, headers)
 
     def _base_url(self) -> str:
-        """This mirror's URL as the client reached it (a checked Host header, else the bound address)."""
-        host = self.headers.get("X-Forwarded-Host") or self.headers.get("Host") or ""
-        if not HOST_RE.match(host):
-            host = f"{self.server.server_address[0]!s}:{self.server.server_address[1]}"
-        scheme = "https" if self.headers.get("X-Forwarded-Proto") == "https" else "http"
+        """This mirror's URL as the client reached it: the Host header if it is a valid host[:port], else the
+        bound address. ``X-Forwarded-Host``/``-Proto`` count only with ``trust_forwarded`` (behind a proxy
+        that sets them): otherwise any client could point the ``Link`` URLs it is sent elsewhere."""
+        scheme, host = "http", check_host(self.headers.get("Host"))
+        if self.server.trust_forwarded:
+            host = check_host(_first(self.headers.get("X-Forwarded-Host"))) or host
+            scheme = "https" if _first(self.headers.get("X-Forwarded-Proto")) == "https" else "http"
+        if host is None:
+            addr, port = str(self.server.server_address[0]), self.server.server_address[1]
+            host = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
         return f"{scheme}://{host}"
 
     def _next_page_url(self, repo: str, commit: str, base: str, req: Request, cursor: int) -> str:
@@ -319,6 +324,11 @@ class MirrorHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
+def _first(value: str | None) -> str | None:
+    """The first of a proxy chain's comma-separated values (the proxy nearest the client set it)."""
+    return value.split(",", 1)[0].strip() if value else None
+
+
 def _int_param(req: Request, name: str, default: int) -> int:
     try:
         value = int(req.query.get(name, [str(default)])[-1])
@@ -347,14 +357,15 @@ def _safe_path(path: str) -> str:
 def file_headers(record: RevisionRecord, entry: FileEntry) -> dict[str, str]:
     """What ``huggingface_hub`` reads from HEAD/GET on resolve (never any ``X-Xet-*``)."""
     name = entry.path.rsplit("/", 1)[-1]
-    ascii_name = name.encode("ascii", "replace").decode().replace('"', "_")
+    # RFC 6266: filename* carries the exact name percent-encoded; filename is a printable-ASCII fallback.
+    ascii_name = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in name)
     headers = {
         "X-Repo-Commit": record.commit,
         "ETag": f'"{entry.etag}"',
         "Accept-Ranges": "bytes",
         "Content-Type": mimetypes.guess_type(name)[0] or "application/octet-stream",
         "Content-Disposition": f"{'attachment' if entry.lfs else 'inline'}; "
-                               f"filename*=UTF-8''{quote(name)}; filename=\"{ascii_name}\"",
+                               f"filename*=UTF-8''{quote(name, safe='')}; filename=\"{ascii_name}\"",
     }
     if entry.sha256:
         headers["X-Linked-Etag"] = f'"{entry.sha256}"'
@@ -362,24 +373,26 @@ def file_headers(record: RevisionRecord, entry: FileEntry) -> dict[str, str]:
     return headers
 
 
-class MirrorServer(ThreadingHTTPServer):
-    """The mirror: a threading HTTP/1.1 server with daemon threads over one store."""
+ENV_PREFIX = "HUBSERVE_MIRROR_"  # HUBSERVE_MIRROR_MAX_CONNECTIONS, _HEADER_TIMEOUT, ... (httpbounds.Limits)
 
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128  # the stdlib's 5 drops SYNs when a client opens 8+ parallel downloads
+
+def trust_forwarded_env() -> bool:
+    return os.environ.get(f"{ENV_PREFIX}TRUST_FORWARDED", "").lower() in ("1", "true", "yes")
+
+
+class MirrorServer(BoundedServer):
+    """The mirror: a threading HTTP/1.1 server over one store, its connections capped (``limits``)."""
 
     def __init__(
         self, store: Store, host: str = "127.0.0.1", port: int = 8090, token: str | None = None,
-        page_size: int = DEFAULT_PAGE_SIZE,
+        page_size: int = DEFAULT_PAGE_SIZE, *, trust_forwarded: bool = False, limits: Limits | None = None,
     ) -> None:
-        if ":" in host:
-            self.address_family = socket.AF_INET6
         self.store: Store = RecordCache(store.root)
         self.token, self.page_size = token, max(1, page_size)
+        self.trust_forwarded = trust_forwarded
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
-        super().__init__((host, port), MirrorHandler)
+        super().__init__((host, port), MirrorHandler, limits or Limits())
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         with self._conns_lock:
@@ -409,17 +422,24 @@ class MirrorServer(ThreadingHTTPServer):
 
 def make_mirror(
     store: Store, host: str = "127.0.0.1", port: int = 8090, token: str | None = None,
-    page_size: int = DEFAULT_PAGE_SIZE,
+    page_size: int = DEFAULT_PAGE_SIZE, *, trust_forwarded: bool = False, limits: Limits | None = None,
 ) -> MirrorServer:
     """A bound, not yet serving mirror (port 0 picks a free port: see ``server_address``)."""
-    return MirrorServer(store, host, port, token, page_size)
+    return MirrorServer(store, host, port, token, page_size, trust_forwarded=trust_forwarded, limits=limits)
 
 
 def serve_mirror(
     store: Store, host: str = "127.0.0.1", port: int = 8090, token: str | None = None, workers: int = 1,
+    trust_forwarded: bool | None = None, limits: Limits | None = None,
 ) -> None:
-    """Serve until interrupted or terminated, logging one line per request to stderr."""
+    """Serve until interrupted or terminated, logging one line per request to stderr.
+
+    ``trust_forwarded`` and ``limits`` default to ``$HUBSERVE_MIRROR_TRUST_FORWARDED`` and
+    ``$HUBSERVE_MIRROR_MAX_CONNECTIONS`` / ``_IDLE_TIMEOUT`` / ``_HEADER_TIMEOUT`` / ``_BODY_TIMEOUT`` (seconds).
+    """
     if not logging.getLogger().handlers and not logger.handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     logger.setLevel(logging.INFO)
-    run_workers(make_mirror(store, host, port, token), workers)
+    trust = trust_forwarded_env() if trust_forwarded is None else trust_forwarded
+    mirror = make_mirror(store, host, port, token, trust_forwarded=trust, limits=limits or Limits.from_env(ENV_PREFIX))
+    run_workers(mirror, workers)

@@ -9,16 +9,18 @@ the GIL; ``workers`` > 1 forks that many processes that accept on the one listen
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import threading
 from pathlib import Path
 from typing import Protocol
 
-from sync.errors import StoreError
-from sync.store import RevisionRecord, Store
+from sync.errors import HubserveError, StoreError
+from sync.store import RevisionRecord, Store, repo_folder_name
 
 CACHE_MAX = 4096
+log = logging.getLogger("hubserve.mirror")
 
 
 class RecordCache(Store):
@@ -39,13 +41,36 @@ class RecordCache(Store):
         hit = self._records.get(path)
         if hit is not None and hit[0] == stamp:
             return hit[1]
-        record = super().get_revision(repo_id, commit)
+        try:
+            record = super().get_revision(repo_id, commit)
+        except (HubserveError, ValueError, KeyError, TypeError) as e:
+            # a record this version refuses (a name with a control character, written before names were
+            # checked) or a damaged one: not served, as if unverified; `hubserve verify` reports it
+            log.warning("mirror: ignoring the record of %r at %s: %s", repo_id, commit[:12], e)
+            return None
         if record is not None:
             with self._lock:
                 if len(self._records) >= CACHE_MAX:
                     self._records.clear()
                 self._records[path] = (stamp, record)
         return record
+
+
+    def revisions(self, repo_id: str | None = None) -> list[RevisionRecord]:
+        """Every verified record (of one repo), each through the cache: a record refused here is left out."""
+        base = self.root / ".hubserve" / "revisions"
+        try:
+            folders = [base / repo_folder_name(repo_id)] if repo_id else sorted(base.glob("models--*"))
+        except HubserveError:
+            return []
+        out = []
+        for folder in folders:
+            repo = folder.name.removeprefix("models--").replace("--", "/", 1)  # repo ids never hold "--"
+            for rec_path in sorted(folder.glob("*.json")):
+                record = self.get_revision(repo, rec_path.stem)
+                if record is not None and record.repo == repo:
+                    out.append(record)
+        return out
 
 
 class Serving(Protocol):

@@ -1,4 +1,8 @@
-"""Download progress: a rich bar on a terminal, plain lines otherwise (logs, CI)."""
+"""Download progress: a rich bar on a terminal, plain lines otherwise (logs, CI).
+
+Labels and file names are printed escaped (control characters as ``\\xNN``, no rich markup), whatever
+checked them before: a name must never move the cursor, clear the screen or forge a line.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import time
 from types import TracebackType
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -17,6 +22,8 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+
+from sync.paths import printable
 
 
 def human_bytes(n: float) -> str:
@@ -35,7 +42,7 @@ class DownloadProgress:
         verbs: tuple[str, str] = ("downloading", "downloaded"),
     ) -> None:
         self.console = console or Console(stderr=True)
-        self.label, self.total, self.files = label, total, files
+        self.label, self.total, self.files = printable(label, limit=200), total, files
         self.doing, self.done = verbs
         self.done_bytes = 0
         self._lock = threading.Lock()
@@ -57,7 +64,7 @@ class DownloadProgress:
     def __enter__(self) -> DownloadProgress:
         if self._bar:
             self._bar.start()
-            self._task = self._bar.add_task(self.label, total=self.total)
+            self._task = self._bar.add_task(escape(self.label), total=self.total)
         else:
             self._print(f"{self.label}: {self.doing} {self.files} file(s), {human_bytes(self.total)}")
         return self
@@ -84,7 +91,7 @@ class DownloadProgress:
 
     def file_done(self, path: str, size: int) -> None:
         if not self._bar:
-            self._print(f"{self.label}: verified {path} ({human_bytes(size)})")
+            self._print(f"{self.label}: verified {printable(path)} ({human_bytes(size)})")
 
     def _print(self, line: str) -> None:
         print(line, file=sys.stderr, flush=True)

@@ -13,7 +13,9 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from sync.errors import HubserveError
 from sync.manifest import ModelSpec
+from sync.paths import check_ref, has_control
 
 SECRET_HEADER = "X-Webhook-Secret"
 CONTENT_SCOPE = "repo.content"
@@ -47,21 +49,36 @@ def check_secret(sent: str | None, expected: str | None) -> int | None:
 
 
 def parse_event(body: bytes) -> HubEvent:
-    """The fields of a Hub webhook payload the daemon uses; PayloadError if it is not one."""
+    """The fields of a Hub webhook payload the daemon uses; PayloadError if it is not one.
+
+    The repo name and refs come from the network: they are checked here like any name that may reach the
+    store or a log (a control character in either is refused with a 400). A name that is no ``org/name``
+    repo id cannot be in models.toml, so it simply matches no model.
+    """
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PayloadError(f"body is not JSON ({e})") from e
+    except RecursionError:
+        raise PayloadError("body is JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise PayloadError("body is not a JSON object")
     event, repo = data.get("event"), data.get("repo")
     if not isinstance(event, dict) or not isinstance(repo, dict) or not isinstance(repo.get("name"), str):
         raise PayloadError("missing event or repo.name")
+    updated = data.get("updatedRefs") or []
+    if not isinstance(updated, list):
+        raise PayloadError("updatedRefs is not a list")
     refs: list[str] = []
-    for item in data.get("updatedRefs") or []:
-        ref = item.get("ref") if isinstance(item, dict) else None
-        if isinstance(ref, str):
-            refs.append(ref_to_revision(ref))
+    if has_control(repo["name"]) or len(repo["name"]) > 255:
+        raise PayloadError(f"repo.name {repo['name'][:255]!r}: a control character, or over 255 characters")
+    try:
+        for item in updated:
+            ref = item.get("ref") if isinstance(item, dict) else None
+            if isinstance(ref, str):
+                refs.append(check_ref(ref_to_revision(ref)))
+    except HubserveError as e:
+        raise PayloadError(str(e)) from None
     return HubEvent(
         scope=str(event.get("scope", "")),
         repo=repo["name"],
