@@ -35,7 +35,7 @@ from sync.inspect import prune_plan
 from sync.lock import read_lock
 from sync.manifest import Config, load_config
 from sync.progress import human_bytes
-from sync.scrub import ScrubCollector, Scrubber
+from sync.scrub import Scrubber, ScrubCollector
 from sync.store import Store
 from sync.syncer import Cancelled, ModelResult, Syncer
 from sync.webhooks import HubEvent, known_repo, matching_models

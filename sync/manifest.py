@@ -102,6 +102,8 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 def parse_duration(v: object) -> object:
     """``"7d"``, ``"12h"``, ``"30m"``, ``"90s"``, ``"1w"`` or a number of seconds; ``"off"``/``"0"`` -> 0."""
+    if isinstance(v, bool):
+        raise ValueError(f"{v!r} is not a duration: a number with s, m, h, d or w (\"7d\"), or \"off\"")
     if not isinstance(v, str):
         return v
     text = v.strip().lower()
