@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 @dataclass
 class Finding:
     oracle: str  # which rule broke: "5xx", "traceback", "dead", "desync", "partial store", "exception"
-    case: str  # what the case was (its kind and a short description)
+    case: str  # its kind and number: the same --seed and --cases reproduce it
     detail: str
     reproducer: str  # the bytes or text, as a Python literal (cut at 600 characters)
 
@@ -31,7 +31,7 @@ class Findings:
     seconds: float = 0.0
 
     def fail(self, oracle: str, case: str, detail: str, data: object) -> None:
-        self.failures.append(Finding(oracle, case, detail, repr(data)[:600]))
+        self.failures.append(Finding(oracle, f"{case} #{self.cases}", detail, repr(data)[:600]))
 
     def by_oracle(self) -> Counter[str]:
         return Counter(f.oracle for f in self.failures)
