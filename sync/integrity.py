@@ -206,7 +206,8 @@ def repair(store: Store, record: RevisionRecord, problems: list[Problem],
         current = store.get_revision(record.repo, record.commit)
         if current is None:
             return []
-        bad = {p.path for p in problems if p.blob_bad}
+        # Still bad now? Revisions share blobs: another revision's repair may have fixed this one's already.
+        bad = {p.path for p in scan(store, current, only={p.path for p in problems}) if p.blob_bad}
         done: set[str] = set()
         for entry in current.files:
             if entry.path in bad and entry.etag not in done:
@@ -222,3 +223,8 @@ def repair(store: Store, record: RevisionRecord, problems: list[Problem],
         else:
             clear_corrupt(store, current.repo, current.commit)
     return left
+
+
+def verify_and_mark(store: Store, record: RevisionRecord) -> list[str]:
+    """``hubserve verify``'s per-revision step: ``Store.verify``'s problem lines, with the marker kept in line."""
+    return [p.line(record) for p in check(store, record)]

@@ -111,8 +111,9 @@ class Scrubber:
                 self.step()
             except Stopped:
                 return
-            except Exception:  # a store we cannot read now: log it, try again next interval
-                log.exception("verify pass failed")
+            except Exception as e:  # a store we cannot read now: log it, try again next interval
+                log.error("verify pass failed (%s: %s); next pass in verify_interval", type(e).__name__, e)
+                log.debug("verify pass failed", exc_info=True)
                 self._write_state(time.time(), PassReport())
 
     def _pass(self) -> PassReport:

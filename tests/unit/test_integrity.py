@@ -68,7 +68,8 @@ def test_throttle_paces_reads_and_stops() -> None:
     for _ in range(4):
         t.consume(500_000)
     assert clock.now == pytest.approx(2.0)  # 2 MB at 1 MB/s
-    assert Throttle(None, stop, clock).consume(10**9) is None and clock.now == pytest.approx(2.0)
+    Throttle(None, stop, clock).consume(10**9)
+    assert clock.now == pytest.approx(2.0)  # unthrottled: no wait
     stop.set()
     with pytest.raises(Stopped):
         t.consume(1)
@@ -88,3 +89,22 @@ def test_verify_interval_default_is_weekly_and_bad_values_name_the_key() -> None
     for bad in ('"weekly"', "-1", '"5y"', "true"):
         with pytest.raises(ConfigError, match=r"daemon\.verify_interval"):
             parse_manifest(f"[daemon]\nverify_interval = {bad}\n")
+
+
+def test_verify_and_mark_marks_a_rotten_blob_and_clears_it_once_fixed(tmp_path: Path) -> None:
+    from sync.importer import import_folder
+    from sync.integrity import verify_and_mark
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"a": 1}\n')
+    (folder / "w.safetensors").write_bytes(b"\x01" * 4096)
+    store = Store(tmp_path / "store")
+    rec = import_folder(store, folder, REPO).record
+    blob = store.file_path(rec, "w.safetensors")
+    blob.write_bytes(b"\x02" + b"\x01" * 4095)
+    lines = verify_and_mark(store, rec)
+    assert len(lines) == 1 and "w.safetensors" in lines[0] and lines == store.verify(rec)  # the same wording
+    assert is_corrupt(store, REPO, rec.commit)
+    blob.write_bytes(b"\x01" * 4096)
+    assert verify_and_mark(store, rec) == [] and not is_corrupt(store, REPO, rec.commit)
