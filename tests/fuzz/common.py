@@ -33,6 +33,9 @@ class Findings:
     def fail(self, oracle: str, case: str, detail: str, data: object) -> None:
         self.failures.append(Finding(oracle, f"{case} #{self.cases}", detail, repr(data)[:600]))
 
+    def first(self, oracle: str, n: int) -> list[Finding]:
+        return [f for f in self.failures if f.oracle == oracle][:n]
+
     def by_oracle(self) -> Counter[str]:
         return Counter(f.oracle for f in self.failures)
 
@@ -44,8 +47,9 @@ class Findings:
             lines.append("  outcomes: " + ", ".join(f"{k} {n}" for k, n in sorted(self.statuses.items())))
         seen: set[tuple[str, str]] = set()
         for f in self.failures:  # the first of each (oracle, kind)
-            if (f.oracle, f.case.split(":")[0]) not in seen:
-                seen.add((f.oracle, f.case.split(":")[0]))
+            kind = f.case.split(" #")[0].split(":")[0]
+            if (f.oracle, kind) not in seen:
+                seen.add((f.oracle, kind))
                 lines.append(f"  FAIL {f.oracle} [{f.case}] {f.detail}\n      reproducer: {f.reproducer}")
         return "\n".join(lines)
 
@@ -53,7 +57,7 @@ class Findings:
         return {
             "target": self.target, "seed": self.seed, "cases": self.cases, "seconds": round(self.seconds, 1),
             "kinds": dict(self.kinds), "outcomes": dict(self.statuses), "failures": dict(self.by_oracle()),
-            "examples": [f.__dict__ for f in self.failures[:50]],
+            "examples": [f.__dict__ for o in sorted(self.by_oracle()) for f in self.first(o, 10)],
         }
 
 
