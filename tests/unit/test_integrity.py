@@ -108,3 +108,17 @@ def test_verify_and_mark_marks_a_rotten_blob_and_clears_it_once_fixed(tmp_path: 
     assert is_corrupt(store, REPO, rec.commit)
     blob.write_bytes(b"\x01" * 4096)
     assert verify_and_mark(store, rec) == [] and not is_corrupt(store, REPO, rec.commit)
+
+
+def test_a_revision_removed_mid_scan_is_not_marked(tmp_path: Path) -> None:
+    """gc or prune removed the revision while the (unlocked) scan read it: confirmed under the lock, not marked."""
+    from sync.importer import import_folder
+    from sync.integrity import check
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "w.safetensors").write_bytes(b"\x01" * 4096)
+    store = Store(tmp_path / "store")
+    rec = import_folder(store, folder, REPO).record
+    Store.remove([store.record_path(REPO, rec.commit), store.file_path(rec, "w.safetensors")])  # what gc does
+    assert check(store, rec) == [] and not is_corrupt(store, REPO, rec.commit)
