@@ -5,7 +5,9 @@ content check every interval for changes a watch misses), on SIGHUP, every inter
 models a Hub webhook names. Every reconcile is ``Syncer.run``, the code path of ``hubserve sync``, with
 ``follow`` set to the models that opt in, so pins without ``follow = true`` never move. An invalid
 edit of models.toml is logged once and the last good configuration stays in force. Upstream failures
-back off exponentially with jitter. SIGTERM/SIGINT cancel the sync between chunks (the partial file
+back off exponentially with jitter; webhooks coalesce (one reconcile running, one pending, at most one per
+``webhook_min_interval``, never before the backoff ends). A second thread re-hashes the store on the
+``verify_interval`` schedule (sync/scrub.py). SIGTERM/SIGINT cancel the sync between chunks (the partial file
 stays in the temp area for the next run; nothing is half-promoted) and the daemon exits 0.
 """
 
@@ -33,6 +35,7 @@ from sync.inspect import prune_plan
 from sync.lock import read_lock
 from sync.manifest import Config, load_config
 from sync.progress import human_bytes
+from sync.scrub import Scrubber, ScrubCollector
 from sync.store import Store
 from sync.syncer import Cancelled, ModelResult, Syncer
 from sync.webhooks import HubEvent, known_repo, matching_models
@@ -77,11 +80,14 @@ class Daemon:
         self._pending_reload = False
         self._pending_webhook: set[str] = set()
         self._next_at = 0.0
+        self._last_webhook_run = -float("inf")
         self._failures = 0
         self._last_success: float | None = None
         self._locked: dict[str, str] = {}
         server = options.server or self.config.manifest.daemon.server
         self.metrics = DaemonMetrics(self.locked_commits, (lambda: served_commits(server)) if server else None)
+        self.scrubber = Scrubber(lambda: self.config, self._stop)  # bit rot: [daemon] verify_interval
+        self.metrics.registry.register(ScrubCollector(self.scrubber))
         self._refresh_locked()
 
     # ---- settings that follow the current configuration -------------------------------------------
@@ -103,6 +109,7 @@ class Daemon:
             raise ConfigError(f"cannot listen on {self.listen}: {e.strerror or e}; pass another --listen") from e
         threading.Thread(target=http.serve_forever, name="daemon-http", daemon=True).start()
         threading.Thread(target=self._watch, name="config-watch", daemon=True).start()
+        threading.Thread(target=self.scrubber.run, name="verify", daemon=True).start()
         log.info(
             "daemon for %s: store %s, every %gs, listening on http://%s:%d",
             self.config.path, self.config.store_path, self.interval, host, http.server_address[1],
@@ -126,21 +133,31 @@ class Daemon:
                         self._pending_full = None
                         self._pending_webhook.clear()
                     return "config", None
+            now = time.monotonic()
             with self._lock:
                 if self._pending_full:
                     trigger, self._pending_full = self._pending_full, None
                     self._pending_webhook.clear()
                     return trigger, None
-                if self._pending_webhook:
+                if self._next_at <= now:
+                    self._pending_webhook.clear()  # the interval's (or backoff's) full reconcile covers them
+                elif self._pending_webhook and self._webhook_due() <= now:
                     names, self._pending_webhook = self._pending_webhook, set()
+                    self._last_webhook_run = now
                     return "webhook", names
-            delay = self._next_at - time.monotonic()
-            if delay <= 0:
+                due = min(self._next_at, self._webhook_due() if self._pending_webhook else self._next_at)
+            if self._next_at <= now:
                 self._reload()  # a change the watch missed (a replaced symlink, a network filesystem)
                 return "interval", None
-            self._wake.wait(delay)
+            self._wake.wait(due - now)
             self._wake.clear()
         return None
+
+    def _webhook_due(self) -> float:
+        """When pending webhooks may reconcile: ``webhook_min_interval`` after the last webhook reconcile began,
+        and never before the backoff after failures ends (a flood must not hammer a failing upstream)."""
+        due = self._last_webhook_run + self.config.manifest.daemon.webhook_min_interval
+        return max(due, self._next_at) if self._failures else due
 
     def _reconcile(self, trigger: str, only: set[str] | None) -> None:
         cfg = self.config
@@ -334,7 +351,8 @@ class Daemon:
 
     def health(self) -> dict[str, Any]:
         cfg = self.config
-        ok = self._failures == 0 and self._config_error is None
+        integrity = self.scrubber.health()
+        ok = self._failures == 0 and self._config_error is None and not integrity["corrupt"]
         return {
             "status": "ok" if ok else "degraded",
             "config": str(cfg.path),
@@ -342,6 +360,7 @@ class Daemon:
             "consecutive_failures": self._failures,
             "last_success": _iso(self._last_success),
             "interval_s": self.interval,
+            "integrity": integrity,
             "models": {
                 m.name: {"repo": m.repo, "revision": m.revision, "follow": m.follow, "commit": self._locked.get(m.name)}
                 for m in cfg.manifest.pinned

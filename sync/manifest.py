@@ -82,6 +82,40 @@ class DaemonConfig(_Strict):
     prune: bool = Field(
         True, description="After a pin moves, remove that repo's revisions beyond [store] keep_revisions."
     )
+    webhook_min_interval: float = Field(
+        5.0, ge=0, le=3600,
+        description="Seconds between two webhook reconciles; webhooks in between coalesce into one pending.",
+    )
+    verify_interval: float = Field(
+        7 * 86400.0, ge=0,
+        description='How often the daemon re-hashes the whole store: "7d", "12h", "30m", seconds; "0"/"off": never.',
+    )
+    verify_bandwidth: float = Field(
+        50.0, gt=0, le=100_000, description="MB/s the re-hash may read, so serving keeps the disk's bandwidth."
+    )
+
+    @field_validator("verify_interval", mode="before")
+    @classmethod
+    def _duration(cls, v: object) -> object:
+        return parse_duration(v)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(v: object) -> object:
+    """``"7d"``, ``"12h"``, ``"30m"``, ``"90s"``, ``"1w"`` or a number of seconds; ``"off"``/``"0"`` -> 0."""
+    if isinstance(v, bool):
+        raise ValueError(f"{v!r} is not a duration: a number with s, m, h, d or w (\"7d\"), or \"off\"")
+    if not isinstance(v, str):
+        return v
+    text = v.strip().lower()
+    if text in ("off", "never", "0"):
+        return 0.0
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", text)
+    if not m:
+        raise ValueError(f"{v!r} is not a duration: a number with s, m, h, d or w (\"7d\"), or \"off\"")
+    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
 
 
 class AdapterSpec(_Strict):
