@@ -241,15 +241,20 @@ class Lifecycle:
         engine = served.engine
         started = time.monotonic()
         how = "stopped"
-        if engine.can_sleep and self._host_holds(served):
-            try:
-                await engine.sleep()
-                how = "asleep"
-            except Exception as e:
-                log.warning("model %s: sleep failed (%s); stopping it", served.info.name, e)
+        served.unloading = True  # requests arriving meanwhile wait, then load it again
+        try:
+            if engine.can_sleep and self._host_holds(served):
+                try:
+                    await engine.sleep()
+                    how = "asleep"
+                except Exception as e:
+                    log.warning("model %s: sleep failed (%s); stopping it", served.info.name, e)
+                    await engine.stop()
+            else:
                 await engine.stop()
-        else:
-            await engine.stop()
+        finally:
+            served.unloading = False
+            served.wake_all()
         served.unloads += 1
         log.info("model %s: unloaded, %s (%s) in %.1f s", served.info.name, how, why, time.monotonic() - started)
 

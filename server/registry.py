@@ -227,6 +227,11 @@ class Registry:
         entered = loop.time()
         while True:
             engine = served.engine
+            if served.unloading:  # wait for the unload to end, then load it again
+                if not await served.wait(self._load_patience(served.info)):
+                    raise self.lifecycle.loading_error(served)
+                self._check_still_served(served)
+                continue
             if not served.held:
                 if served.loading is not None or (engine.state in UNLOADED and served.unloadable):
                     if served.queued >= self.settings.max_queued_requests:

@@ -26,6 +26,7 @@ class ServedModel:
         self.load_s: float | None = None  # how long the last load took (the estimate a 503 gives)
         self.unloads = 0
         self.load_waiters = 0  # requests waiting for a load to finish
+        self.unloading = False  # its engine is being stopped (or put to sleep): new requests wait
         self._waiters: deque[asyncio.Future[None]] = deque()
         self.attach(engine)
 
@@ -46,7 +47,7 @@ class ServedModel:
     @property
     def idle(self) -> bool:
         return (self.engine.state is EngineState.READY and self.engine.in_flight == 0 and self.queued == 0
-                and self.load_waiters == 0 and not self.held and self.loading is None)
+                and self.load_waiters == 0 and not self.held and self.loading is None and not self.unloading)
 
     @property
     def load_state(self) -> str:

@@ -134,3 +134,13 @@ async def test_the_memory_budget_makes_room_like_the_count(tmp_path: Path) -> No
         assert loaded == {"b", "c"}  # b (2 GiB) needed a's room: a was the least recently used
     finally:
         await registry.stop_all()
+
+
+def test_requests_for_both_models_at_once_all_succeed(two_on_demand: tuple[str, Registry]) -> None:
+    """Room for one, requests for both interleaved: each waits for an unload and a load, none fails (a request
+    arriving while its model's engine stops waits and loads it again)."""
+    url, _ = two_on_demand
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(_complete, url, "ab"[i % 2], delay=0.05 * (i % 3)) for i in range(16)]
+        statuses = [f.result().status_code for f in futures]
+    assert statuses == [200] * 16
