@@ -35,6 +35,12 @@ log = logging.getLogger("hubserve.registry")
 EngineFactory = Callable[[ModelInfo, Settings], Engine]
 
 
+def _may_name(name: str) -> bool:
+    """Whether the current request's key may use (so learn of) the model ``name``."""
+    ctx = current()
+    return ctx is None or ctx.principal is None or ctx.principal.may_use((name,))
+
+
 class Registry:
     """The engines of one server, by served name, with lookup by repo id and a default model."""
 
@@ -117,7 +123,7 @@ class Registry:
         if not name_or_repo:
             return self._served[self.default().info.name], None
         found = self._find(name_or_repo)
-        if found is None and name_or_repo in self.waiting:
+        if found is None and name_or_repo in self.waiting and _may_name(name_or_repo):
             raise EngineUnavailable(
                 f"Model `{name_or_repo}` is not loaded yet: {self.waiting[name_or_repo]}; retry later.",
                 retry_after=self.settings.retry_after_s,
@@ -175,8 +181,9 @@ class Registry:
                 return served.engine
         if len(self._served) == 1:
             return self._lookup(next(iter(self._served)))[0].engine
+        visible = [n for n in self.names() if _may_name(n)]  # a restricted key learns only its own models
         raise InvalidRequest(
-            f"This server serves several models and none is the default; name one of: {', '.join(self.names())}.",
+            f"This server serves several models and none is the default; name one of: {', '.join(visible)}.",
             param="model",
         )
 

@@ -17,8 +17,8 @@ from sync.errors import ConfigError
 from sync.paths import REPO_ID_RE, is_commit, is_pickle
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
-REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/%-]{0,254}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}\Z")  # \Z: "$" would let a trailing newline through
+REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/%-]{0,254}\Z")
 TASKS = (
     "text-generation", "feature-extraction", "sentence-similarity", "text-classification",
     "token-classification", "fill-mask", "zero-shot-classification", "summarization", "translation",
@@ -317,7 +317,7 @@ def _loc(manifest_data: dict[str, Any], loc: tuple[Any, ...]) -> str:
             label = f"[{key}]"
             if loc[:i] == ("models",):
                 with contextlib.suppress(KeyError, IndexError, TypeError):
-                    label += f" ({manifest_data['models'][key]['name']})"
+                    label += f" ({manifest_data['models'][key]['name']!r})"  # quoted: a name may hold anything
             parts.append(label)
         else:
             parts.append(("." if parts else "") + str(key))
@@ -329,6 +329,8 @@ def parse_manifest(text: str, source: str = "models.toml") -> Manifest:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from e
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid TOML: nested too deeply") from None
     try:
         return Manifest.model_validate(data)
     except ValidationError as e:
@@ -355,7 +357,11 @@ def find_config(config: Path | None) -> Path:
 def load_config(config: Path | None = None, store: Path | None = None) -> Config:
     """Read the manifest and apply the precedence rules for the store and the upstream."""
     path = find_config(config)
-    manifest = parse_manifest(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    manifest = parse_manifest(text, str(path))
     return Config(
         path=path,
         manifest=manifest,

@@ -59,6 +59,8 @@ def parse_event(body: bytes) -> HubEvent:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PayloadError(f"body is not JSON ({e})") from e
+    except ValueError:  # a number past int()'s digit limit
+        raise PayloadError("body holds a number too long to read") from None
     except RecursionError:
         raise PayloadError("body is JSON nested too deeply") from None
     if not isinstance(data, dict):
@@ -80,9 +82,9 @@ def parse_event(body: bytes) -> HubEvent:
     except HubserveError as e:
         raise PayloadError(str(e)) from None
     return HubEvent(
-        scope=str(event.get("scope", "")),
+        scope=event["scope"] if isinstance(event.get("scope"), str) else "",
         repo=repo["name"],
-        repo_type=str(repo.get("type", "model")),
+        repo_type=repo["type"] if isinstance(repo.get("type"), str) else "model",
         refs=tuple(refs),
         head_moved=isinstance(repo.get("headSha"), str),
     )

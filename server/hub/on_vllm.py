@@ -30,7 +30,7 @@ from server.tasks.requests import (
     token_classification_options,
 )
 from server.tasks.snapshot import model_config
-from server.tasks.tokenizer import SnapshotTokenizer, for_snapshot
+from server.tasks.tokenizer import SnapshotTokenizer, check_input_size, for_snapshot, off_loop
 
 DEFAULT_CONTEXT = 512
 
@@ -81,23 +81,33 @@ async def token_logits(engine: Engine, windows: list[list[int]]) -> list[np.ndar
     return out
 
 
-async def token_classification(engine: Engine, request: TokenClassificationRequest) -> Any:
-    """Entities per text, as transformers' token-classification pipeline gives them."""
+async def token_classification(engine: Engine, request: TokenClassificationRequest, max_chars: int) -> Any:
+    """Entities per text, as transformers' token-classification pipeline gives them. Tokenizing and shaping the
+    answer run in the tokenizer pool (never on the event loop), for at most ``max_chars`` characters."""
     tokenizer = for_snapshot(engine.info.snapshot)
     context = context_length(engine, tokenizer)
     strategy, ignore, stride = token_classification_options(request, engine.info.name, context)
     texts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
-    windows = [(i, w) for i, text in enumerate(texts) for w in tokenizer.windows(text, context, stride)]
+    check_input_size(texts, max_chars)
+
+    def split() -> list[tuple[int, Any]]:
+        return [(i, w) for i, text in enumerate(texts) for w in tokenizer.windows(text, context, stride)]
+
+    windows = await off_loop(split)
     logits = await token_logits(engine, [w.ids for _, w in windows])
     id2label, _ = label_config(engine.info.snapshot)
-    out: list[list[dict[str, Any]]] = [[] for _ in texts]
-    for (i, encoding), rows in zip(windows, logits, strict=True):
-        pre = tasks.pre_entities(texts[i], encoding.tokens, encoding.ids, tasks.softmax(rows), encoding.offsets,
-                                 encoding.special_tokens_mask, tokenizer.unk_id, tokenizer.word_aware)
-        out[i] += tasks.token_entities(pre, id2label, strategy, ignore, tokenizer.tokens_to_string)
-    counts = Counter(i for i, _ in windows)
-    answers = [tasks.merge_overlapping(e) if counts[i] > 1 else e for i, e in enumerate(out)]
-    return answers[0] if isinstance(request.inputs, str) else answers
+
+    def entities() -> Any:
+        out: list[list[dict[str, Any]]] = [[] for _ in texts]
+        for (i, encoding), rows in zip(windows, logits, strict=True):
+            pre = tasks.pre_entities(texts[i], encoding.tokens, encoding.ids, tasks.softmax(rows), encoding.offsets,
+                                     encoding.special_tokens_mask, tokenizer.unk_id, tokenizer.word_aware)
+            out[i] += tasks.token_entities(pre, id2label, strategy, ignore, tokenizer.tokens_to_string)
+        counts = Counter(i for i, _ in windows)
+        answers = [tasks.merge_overlapping(e) if counts[i] > 1 else e for i, e in enumerate(out)]
+        return answers[0] if isinstance(request.inputs, str) else answers
+
+    return await off_loop(entities)
 
 
 def target_ids(tokenizer: SnapshotTokenizer, targets: tuple[str, ...]) -> list[int]:
@@ -112,17 +122,18 @@ def target_ids(tokenizer: SnapshotTokenizer, targets: tuple[str, ...]) -> list[i
     return sorted(ids)
 
 
-async def fill_mask(engine: Engine, request: FillMaskRequest) -> Any:
+async def fill_mask(engine: Engine, request: FillMaskRequest, max_chars: int) -> Any:
     """Per mask token the ``top_k`` fillings ``[{sequence, score, token, token_str}]`` (a list per mask when a
-    text holds several), as transformers' fill-mask pipeline gives them."""
+    text holds several), as transformers' fill-mask pipeline gives them. Tokenizing runs in the tokenizer pool."""
     tokenizer = for_snapshot(engine.info.snapshot)
     top_k, targets = fill_mask_options(request, engine.info.name, tokenizer.mask_token)
     wanted = target_ids(tokenizer, targets) if targets else None
     if targets and not wanted:
         raise InvalidRequest("None of `targets` is a token of this model's vocabulary.", param="targets")
     texts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
+    check_input_size(texts, max_chars)
     context = context_length(engine, tokenizer)
-    encodings = [tokenizer.windows(text, context)[0] for text in texts]
+    encodings = await off_loop(lambda: [tokenizer.windows(text, context)[0] for text in texts])
     logits = await token_logits(engine, [e.ids for e in encodings])
     out: list[Any] = []
     for encoding, rows in zip(encodings, logits, strict=True):

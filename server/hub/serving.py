@@ -76,14 +76,15 @@ def check_task(engine: Engine, task: str) -> None:
 async def run_task(registry: Registry, engine: Engine, task: str, payload: object) -> Response:
     """One request of a text task other than generation and embeddings, answered in the Hub's shape."""
     parsed = parse_task(task, payload, engine.info.name)
+    cap = registry.settings.max_tokenize_chars  # the gateway tokenizes token-level tasks on vLLM itself
     async with registry.using(engine) as engine:
         if engine.backend == "vllm":  # engines/select.py sends only these tasks to vLLM
             if isinstance(parsed, TextClassificationRequest):
                 return JSONResponse(await on_vllm.classify(engine, parsed))
             if isinstance(parsed, TokenClassificationRequest):
-                return JSONResponse(await on_vllm.token_classification(engine, parsed))
+                return JSONResponse(await on_vllm.token_classification(engine, parsed, cap))
             if isinstance(parsed, FillMaskRequest):
-                return JSONResponse(await on_vllm.fill_mask(engine, parsed))
+                return JSONResponse(await on_vllm.fill_mask(engine, parsed, cap))
             raise InvalidRequest(f"Model `{engine.info.name}` serves {task} on vLLM, which does not answer it here; "
                                  'set backend = "transformers" in models.toml.')
         response = await post_engine(engine, "/run", parsed.model_dump(exclude_none=True))

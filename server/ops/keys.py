@@ -87,8 +87,13 @@ def parse_keys_file(text: str, where: str) -> dict[str, KeyRecord]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{where}: not valid TOML ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid TOML (nested too deeply)") from None
+    entries = data.get("keys") or []
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: `keys` must be an array of [[keys]] tables")
     records: dict[str, KeyRecord] = {}
-    for n, entry in enumerate(data.get("keys") or [], 1):
+    for n, entry in enumerate(entries, 1):
         try:
             models = entry.get("models")
             record = KeyRecord(
@@ -114,7 +119,11 @@ def _positive(v: object) -> int | None:
 def read_keys(path: Path) -> dict[str, KeyRecord]:
     if not path.is_file():
         return {}
-    return parse_keys_file(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return parse_keys_file(text, str(path))
 
 
 def write_keys(path: Path, records: dict[str, KeyRecord]) -> None:

@@ -48,3 +48,24 @@ def test_the_operator_names_more_but_never_a_credential() -> None:
     for bad in ("HF_TOKEN", "CORP_API_KEY", "x,DB_PASSWORD"):
         with pytest.raises(ValidationError, match="never get a credential"):
             Settings(engine_env=bad)  # type: ignore[arg-type]
+
+
+async def test_token_level_tasks_on_vllm_cap_their_input_before_tokenizing() -> None:
+    from server.engines.base import ModelInfo
+    from server.errors import RequestTooLarge
+    from server.hub import on_vllm
+    from server.tasks.requests import parse_task
+    from tests.fixtures.scripted_engine import ScriptedEngine
+    from tests.fixtures.tiny import minilm_dir
+
+    def never(_request: object) -> object:
+        raise AssertionError("the engine must not be asked")
+
+    info = ModelInfo("m", "o/m", "0" * 40, "fill-mask", str(minilm_dir()))
+    engine = ScriptedEngine(info, never)  # type: ignore[arg-type]
+    fill = parse_task("fill-mask", {"inputs": "x [MASK] " * 100}, "m")
+    with pytest.raises(RequestTooLarge, match="HUBSERVE_MAX_TOKENIZE_CHARS"):
+        await on_vllm.fill_mask(engine, fill, max_chars=50)  # type: ignore[arg-type]
+    entities = parse_task("token-classification", {"inputs": ["a b c " * 10, "d e f " * 10]}, "m")
+    with pytest.raises(RequestTooLarge):
+        await on_vllm.token_classification(engine, entities, max_chars=100)  # type: ignore[arg-type]
