@@ -17,6 +17,7 @@ from server.errors import ModelNotVerified
 from server.tasks.catalog import GENERATIVE_TASKS
 from sync.adapters import check_adapter, engine_lora_rank, in_folder
 from sync.errors import ConfigError
+from sync.integrity import is_corrupt
 from sync.lock import Lock, pinned_commit, read_lock
 from sync.manifest import AdapterSpec, Config, ModelSpec
 from sync.store import RevisionRecord, Store
@@ -37,7 +38,10 @@ class Desired:
     adapters: dict[str, list[AdapterInfo]] = dataclasses.field(default_factory=dict)  # base name → its adapters
 
 
-def _unverified(name: str, repo: str, revision: str, commit: str | None, config: Config) -> str:
+def _unverified(name: str, repo: str, revision: str, commit: str | None, config: Config, store: Store) -> str:
+    if commit is not None and is_corrupt(store, repo, commit):
+        return (f"model '{name}' ({repo}@{commit[:12]}) is marked corrupt in the store {config.store_path} (a file "
+                "failed verification); `hubserve daemon` repairs it from upstream, or run `hubserve sync`")
     if commit is None:
         return (f"model '{name}' ({repo}@{revision}) is not pinned in {config.lock_path.name}; run `hubserve sync`")
     return (f"model '{name}' ({repo}@{commit[:12]}) is not verified in the store {config.store_path}; "
@@ -60,8 +64,10 @@ def desired_models(
     for spec in config.manifest.models:
         commit = pinned_commit(lock, spec.name, spec.repo, spec.revision)
         record = store.get_revision(spec.repo, commit) if commit else None
+        if commit is not None and record is not None and is_corrupt(store, spec.repo, commit):
+            record = None  # verify found it damaged: no engine starts on it until it is repaired
         if commit is None or record is None:
-            reason = _unverified(spec.name, spec.repo, spec.revision, commit, config)
+            reason = _unverified(spec.name, spec.repo, spec.revision, commit, config, store)
             current = keep.get(spec.name)
             if current is not None and current.repo == spec.repo:
                 out.models.append(current)
@@ -122,8 +128,9 @@ def _adapter(config: Config, a: AdapterSpec, spec: ModelSpec, base: ModelInfo, s
                           f"served on text-generation models")
     commit = pinned_commit(lock, a.name, a.repo, a.revision)
     record = store.get_revision(a.repo, commit) if commit else None
-    if commit is None or record is None:
-        raise ConfigError(_unverified(a.name, a.repo, a.revision, commit, config).replace("model '", "adapter '", 1))
+    if commit is None or record is None or is_corrupt(store, a.repo, commit):
+        raise ConfigError(_unverified(a.name, a.repo, a.revision, commit, config, store).replace(
+            "model '", "adapter '", 1))
     snapshot = store.snapshot_dir(a.repo, commit)
     rank = _fits(record, snapshot, Path(base.snapshot), a.name, spec.name, spec.repo, base.commit)
     return AdapterInfo(name=a.name, repo=a.repo, commit=commit, snapshot=str(snapshot), base=spec.name, rank=rank)

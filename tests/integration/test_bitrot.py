@@ -110,3 +110,23 @@ def test_daemon_reports_corruption_on_metrics_and_health_then_repairs(
         assert store.verify(record) == [] and not is_corrupt(store, TINY_REPO, record.commit)
         started = time.monotonic()
         assert d.terminate() == 0 and time.monotonic() - started < 10
+
+
+def test_the_server_starts_no_engine_on_a_revision_marked_corrupt(
+    tmp_path: Path, upstream: Upstream, tiny_llama: Path
+) -> None:
+    from server.desired import desired_models
+    from sync.integrity import clear_corrupt, mark_corrupt
+
+    cfg, store, record = _synced(tmp_path, upstream.url, upstream, tiny_llama)
+    config = load_config(cfg)
+    name = config.manifest.models[0].name
+    serving = desired_models(config).models
+    assert [m.commit for m in serving] == [record.commit]
+    mark_corrupt(store, record.repo, record.commit, ["model.safetensors"])
+    desired = desired_models(config)
+    assert desired.models == [] and "marked corrupt" in desired.waiting[name]  # never started on it
+    running = desired_models(config, keep={name: serving[0]})  # an engine that loaded it before serves on
+    assert running.models == serving and "marked corrupt" in running.pending[name]
+    clear_corrupt(store, record.repo, record.commit)
+    assert [m.commit for m in desired_models(config).models] == [record.commit]
