@@ -112,7 +112,8 @@ def test_k8s_tiered_replicas_sync_their_own_store_from_the_mirror() -> None:
 def test_compose_runs_daemon_server_and_mirror_on_one_store() -> None:
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     services = compose["services"]
-    assert services["daemon"]["command"] == ["daemon", "--config", "/config/models.toml", "--listen", "0.0.0.0:8091"]
+    # loopback: the daemon refuses a public bind without HUBSERVE_DAEMON_TOKEN; its healthcheck runs inside
+    assert services["daemon"]["command"] == ["daemon", "--config", "/config/models.toml", "--listen", "127.0.0.1:8091"]
     for name in ("daemon", "server", "server-gpu", "mirror"):
         volumes = services[name]["volumes"]
         assert any(v.startswith("store:/store") for v in volumes), name
