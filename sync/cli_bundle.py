@@ -52,13 +52,16 @@ def export_cmd(
     key = load_private_key(sign) if sign else None
     part_size = parse_size(split) if split else None
     st = Store(cfg.store_path)
-    manifest = plan_export(st, read_lock(cfg.lock_path), names, load_since(since) if since else None)
-    total = sum(e.size for _, e in manifest.blobs)
     compress = zstd if zstd is not None else out_file.suffix == ".zst"
-    with DownloadProgress(f"export {out_file.name}", total, len(manifest.blobs), err,
-                          verbs=("writing", "wrote")) as progress:
-        result = export_bundle(st, manifest, out_file, split=part_size, zstd=compress, key=key, verify=verify,
-                               progress=progress.advance)
+    # Under the store lock: the pins read from models.lock and their blobs stay as they are (no gc, no sync
+    # moving them) until the last byte is written.
+    with st.locked():
+        manifest = plan_export(st, read_lock(cfg.lock_path), names, load_since(since) if since else None)
+        total = sum(e.size for _, e in manifest.blobs)
+        with DownloadProgress(f"export {out_file.name}", total, len(manifest.blobs), err,
+                              verbs=("writing", "wrote")) as progress:
+            result = export_bundle(st, manifest, out_file, split=part_size, zstd=compress, key=key, verify=verify,
+                                   progress=progress.advance)
     for m in manifest.models:
         err.print(f"{m.name}: {m.repo}@{m.commit[:12]}")
     signed = f", signed by key {fingerprint(key.public_key())}" if key else ", unsigned"
