@@ -11,7 +11,7 @@ from pathlib import Path
 from sync.errors import StoreError, UnsafePathError
 from sync.hashing import CHUNK, FileHasher, is_lfs_candidate
 from sync.paths import check_repo_id, is_pickle, safe_relpath
-from sync.store import FileEntry, RevisionRecord, Store, now_iso
+from sync.store import FileEntry, RevisionRecord, Store, disk_errors, now_iso
 
 SKIP_DIRS = {".git", ".cache", ".huggingface", "__pycache__"}
 
@@ -64,7 +64,7 @@ def _ingest(store: Store, repo_id: str, src: Path, rel: str) -> FileEntry:
     hasher = FileHasher(lfs, size)
     tmp = store.new_tmp_file("import")
     try:
-        with src.open("rb") as fin, tmp.open("wb") as fout:
+        with disk_errors(tmp, tmp), src.open("rb") as fin, tmp.open("wb") as fout:
             while chunk := fin.read(CHUNK):
                 hasher.update(chunk)
                 fout.write(chunk)

@@ -4,10 +4,12 @@ a full disk, and kill -9 during gc and import-bundle."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,12 +18,15 @@ from typer.testing import CliRunner, Result
 
 from sync.bundle import ImportOptions, export_bundle, import_bundle, plan_export
 from sync.bundle_parts import BundleError
+from sync.errors import DiskFullError, UnsafePathError, UpstreamError
 from sync.importer import import_folder
 from sync.lock import Lock, LockedModel, read_lock, write_lock
 from sync.manifest import load_config
-from sync.store import Store
+from sync.store import FileEntry, Store
 from sync.syncer import Syncer
-from tests.conftest import TINY_REPO, copy_folder, hubserve
+from sync.upstream import Upstream as SyncUpstream
+from tests.conftest import TINY_REPO, Upstream, copy_folder, hubserve
+from tests.fixtures.faulty import FaultyProxy
 
 pytestmark = pytest.mark.integration
 
@@ -212,3 +217,135 @@ def test_receiving_rules_apply_to_bundles_and_unsigned_is_said(tmp_path: Path, t
     sent = out_store.get_revision(TINY_REPO, commit)
     assert sent is not None  # no models.toml here: the defaults, every file but the pickle one
     assert {f.path for f in result.promoted[0].files} == {f.path for f in sent.files} - {"pytorch_model.bin"}
+
+
+# ---- 4. a full disk: one line, temp files removed, never retried -------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Mount real tmpfs filesystems of a given size (root only; skipped where mounting is not permitted)."""
+    mounts: list[Path] = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / f"disk{len(mounts)}"
+        mnt.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+        mounts.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounts:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(disk: Path) -> None:
+    """Write a filler file until the filesystem is full."""
+    try:
+        with (disk / f"filler.{time.monotonic_ns()}").open("wb") as f:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+    except OSError:
+        pass
+
+
+def temp_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.endswith((".tmp", ".part")) or p.name.startswith("bundle-")]
+
+
+def test_full_disk_on_lock_write_is_one_line_and_keeps_the_old_lock(
+    tmp_path: Path, small_disk: Callable[[str], Path], tiny_llama: Path
+) -> None:
+    disk = small_disk("4m")
+    store = Store(disk / "store")
+    a = import_folder(store, tiny_llama, TINY_REPO).record.commit
+    (v2 := copy_folder(tiny_llama, tmp_path / "v2")).joinpath("extra.txt").write_text("b\n")
+    b = import_folder(store, v2, TINY_REPO).record.commit
+    pin(disk, store, a)
+    pin(disk, store, b, old=a)
+    cfg = write_config(disk, keep_revisions=2)
+    lock_text = (disk / "models.lock").read_text()
+    fill(disk)
+    res = run_cli("rollback", "tiny", "--config", str(cfg))
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert "no space left" in res.output and len(res.output.strip().splitlines()) == 1
+    assert (disk / "models.lock").read_text() == lock_text and temp_files(disk) == []
+
+
+def test_full_disk_during_sync_is_not_retried_and_leaves_no_part(
+    tmp_path: Path, small_disk: Callable[[str], Path], upstream: Upstream, tiny_llama: Path
+) -> None:
+    upstream.publish(tiny_llama, TINY_REPO)
+    disk = small_disk("3m")
+    with FaultyProxy(upstream.url) as proxy:
+        proxy.faults.bytes_per_s = 2 * 1024 * 1024  # the weights take ~1 s: time to fill the disk under them
+        cfg = write_config(disk, extra=f'[upstream]\nendpoint = "{proxy.url}"\nretries = 3\n')
+        store = Store(disk / "store")
+
+        def fill_once_downloading() -> None:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if any(p.stat().st_size > 64 * 1024 for p in store.tmp_dir.glob("*.part")):
+                    fill(disk)
+                    return
+                time.sleep(0.01)
+
+        filler = threading.Thread(target=fill_once_downloading)
+        filler.start()
+        report = Syncer(load_config(cfg)).run()
+        filler.join()
+    error = report.models[0].error
+    assert isinstance(error, DiskFullError), error
+    weights = [p for m, p, _ in proxy.faults.log if m == "GET" and p.endswith("/model.safetensors")]
+    assert len(weights) == 1, weights  # a full disk is not a transient upstream error
+    assert list(store.tmp_dir.glob("*.part")) == [] and store.revisions() == []
+
+
+def test_full_disk_on_import_bundle_refused_before_writing(
+    tmp_path: Path, small_disk: Callable[[str], Path], tiny_llama: Path
+) -> None:
+    # A bundle of a few KB (zstd) that declares a 64 MiB file: refused up front, not written until the disk fills.
+    out_store = Store(tmp_path / "outside")
+    folder = copy_folder(tiny_llama, tmp_path / "zeros")
+    with (folder / "zeros.safetensors").open("wb") as f:
+        f.truncate(64 << 20)
+    commit = import_folder(out_store, folder, TINY_REPO).record.commit
+    bundle = tmp_path / "b.tar.zst"
+    export_bundle(out_store, plan_export(out_store, sender_lock(out_store, commit), None, None), bundle, zstd=True)
+    assert bundle.stat().st_size < 2 << 20
+    disk = small_disk("8m")
+    res = run_cli("import-bundle", str(bundle), "--store", str(disk / "store"))
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert "needs" in res.output and "free" in res.output and len(res.output.strip().splitlines()) == 1
+    assert temp_files(disk) == [] and Store(disk / "store").revisions() == []
+    assert shutil.disk_usage(disk).used < 1 << 20  # nothing was staged
+
+
+# ---- 5./6. upstream trees that are no tree; bodies longer than declared --------------------------------------
+def test_upstream_tree_with_a_and_a_slash_b_is_refused_before_any_blob(
+    tmp_path: Path, upstream: Upstream, tiny_llama: Path
+) -> None:
+    upstream.publish(tiny_llama, TINY_REPO)
+    with FaultyProxy(upstream.url) as proxy:
+        proxy.faults.rewrite_tree = lambda items: [
+            *items, {"type": "file", "path": "config.json/x", "oid": "1" * 40, "size": 3}]
+        cfg = write_config(tmp_path, extra=f'[upstream]\nendpoint = "{proxy.url}"\nretries = 0\n')
+        report = Syncer(load_config(cfg)).run()
+    assert isinstance(report.models[0].error, UnsafePathError), report.models[0].error
+    assert "both a file and the directory" in str(report.models[0].error)
+    store = Store(tmp_path / "store")
+    assert not (store.repo_dir(TINY_REPO) / "blobs").exists() and store.revisions() == []
+
+
+def test_upstream_body_longer_than_declared_is_cut_at_the_declared_size(
+    tmp_path: Path, upstream: Upstream, tiny_llama: Path
+) -> None:
+    commit = upstream.publish(tiny_llama, TINY_REPO)
+    part = tmp_path / "x.part"
+    written: list[int] = []
+    liar = FileEntry("model.safetensors", 10, sha256="0" * 64)  # the tree says 10 bytes; the body is 1.7 MB
+    with SyncUpstream(upstream.url, retries=3) as up, pytest.raises(UpstreamError, match="longer than the 10 bytes"):
+        up.download(TINY_REPO, commit, liar, part, written.append)
+    assert sum(written) <= 10 and not part.exists()
