@@ -4,6 +4,9 @@ a full disk, and kill -9 during gc and import-bundle."""
 
 from __future__ import annotations
 
+import json
+import os
+import random
 import shutil
 import subprocess
 import sys
@@ -18,7 +21,7 @@ from typer.testing import CliRunner, Result
 
 from sync.bundle import ImportOptions, export_bundle, import_bundle, plan_export
 from sync.bundle_parts import BundleError
-from sync.errors import DiskFullError, UnsafePathError, UpstreamError
+from sync.errors import DiskFullError, HubserveError, UnsafePathError, UpstreamError
 from sync.importer import import_folder
 from sync.lock import Lock, LockedModel, read_lock, write_lock
 from sync.manifest import load_config
@@ -349,3 +352,147 @@ def test_upstream_body_longer_than_declared_is_cut_at_the_declared_size(
     with SyncUpstream(upstream.url, retries=3) as up, pytest.raises(UpstreamError, match="longer than the 10 bytes"):
         up.download(TINY_REPO, commit, liar, part, written.append)
     assert sum(written) <= 10 and not part.exists()
+
+
+# ---- 6. mutated bundles: never a traceback, never a partial store ------------------------------------------
+def small_model(dir_: Path, seed: int, files: int = 6, size: int = 4096) -> Path:
+    rng = random.Random(seed)
+    dir_.mkdir(parents=True)
+    (dir_ / "config.json").write_text(json.dumps({"model_type": "llama", "seed": seed}))
+    (dir_ / "sub" / "deeper").mkdir(parents=True)
+    for i in range(files):
+        name = f"weights-{i}.safetensors" if i % 2 else f"sub/deeper/part-{i}.txt"
+        (dir_ / name).write_bytes(rng.randbytes(size))
+    return dir_
+
+
+def store_state(root: Path) -> dict[str, tuple[int, str]]:
+    """Every path of a store bar its lock and temp area, with size and link target: any change shows."""
+    return {
+        p.relative_to(root).as_posix(): (p.lstat().st_size if not p.is_dir() else 0,
+                                         os.readlink(p) if p.is_symlink() else "")
+        for p in sorted(root.rglob("*"))
+        if not p.relative_to(root).as_posix().startswith((".locks", ".hubserve/tmp"))
+    }
+
+
+def all_verified(store: Store) -> None:
+    for rec in store.revisions():
+        assert store.verify(rec) == [], rec.commit
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["tar", "zstd"])
+def test_mutated_bundles_are_one_error_and_change_nothing(tmp_path: Path, compressed: bool) -> None:
+    out_store = Store(tmp_path / "outside")
+    commit = import_folder(out_store, small_model(tmp_path / "m", 1), TINY_REPO).record.commit
+    bundle = tmp_path / ("b.tar.zst" if compressed else "b.tar")
+    export_bundle(out_store, plan_export(out_store, sender_lock(out_store, commit), None, None), bundle,
+                  zstd=compressed, key=Ed25519PrivateKey.generate())
+    data = bundle.read_bytes()
+    inside = Store(tmp_path / "inside")
+    import_folder(inside, small_model(tmp_path / "already", 2), TINY_REPO)
+    lock_path = tmp_path / "inside.lock"
+    rng = random.Random(16)
+    outcomes: dict[str, int] = {}
+    for i in range(120):
+        buf = bytearray(data)
+        kind = ("flip", "truncate", "insert", "block")[i % 4]
+        pos = rng.randrange(len(buf))
+        if kind == "flip":
+            buf[pos] ^= 1 << rng.randrange(8)
+        elif kind == "truncate":
+            del buf[pos:]
+        elif kind == "insert":
+            buf[pos:pos] = rng.randbytes(rng.randrange(1, 600))
+        else:
+            buf[pos:pos + 512] = rng.randbytes(512)
+        mutated = tmp_path / f"mutated{bundle.suffix}"
+        mutated.write_bytes(bytes(buf))
+        before, lock_before = store_state(inside.root), lock_path.read_bytes() if lock_path.exists() else None
+        try:
+            import_bundle(inside, [mutated], lock_path=lock_path)
+        except HubserveError:
+            assert store_state(inside.root) == before, (kind, pos)
+            assert (lock_path.read_bytes() if lock_path.exists() else None) == lock_before, (kind, pos)
+            outcomes[f"{kind}: refused"] = outcomes.get(f"{kind}: refused", 0) + 1
+        else:  # a byte of padding: the bundle is still whole
+            all_verified(inside)
+            outcomes[f"{kind}: imported"] = outcomes.get(f"{kind}: imported", 0) + 1
+        assert temp_files(inside.root) == []
+    print(f"120 mutated bundles ({bundle.suffix}): {outcomes}")
+    assert sum(v for k, v in outcomes.items() if k.endswith("refused")) > 60
+
+
+# ---- 7. kill -9 during import-bundle and gc: nothing half-written -------------------------------------------
+def consistent(store: Store, lock_path: Path, pins: set[str]) -> str:
+    """The store's records all verify and models.lock pins one of ``pins``, verified; return that pin."""
+    all_verified(store)
+    pinned = read_lock(lock_path).models["tiny"].commit
+    assert pinned in pins and store.get_revision(TINY_REPO, pinned) is not None
+    return pinned
+
+
+def kill_after_lock(args: list[str], store: Store, delay: float) -> bool:
+    """Run ``hubserve args`` and SIGKILL it ``delay`` s after it gets the store lock; whether it was still running."""
+    with store.locked():
+        proc = cli(*args)
+        waits_for_lock(proc)
+    time.sleep(delay)
+    proc.kill()
+    proc.communicate()
+    return proc.returncode == -9
+
+
+def lock_holder(store: Store, procs: list[subprocess.Popen[str]], timeout: float = 30) -> subprocess.Popen[str] | None:
+    """The process among ``procs`` holding the store lock (from /proc/locks), once one does; None when all ended."""
+    ino = (store.root / ".locks" / "hubserve-store.lock").stat().st_ino
+    by_pid = {p.pid: p for p in procs}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 5 and fields[5].endswith(f":{ino}") and int(fields[4]) in by_pid:
+                return by_pid[int(fields[4])]
+        time.sleep(0.002)
+    return None
+
+
+def test_kill_9_during_import_bundle_and_gc_leaves_the_last_good_state(tmp_path: Path) -> None:
+    out_store = Store(tmp_path / "outside")
+    a = import_folder(out_store, small_model(tmp_path / "a", 3), TINY_REPO).record.commit
+    b = import_folder(out_store, small_model(tmp_path / "b", 4, files=160, size=32 << 10), TINY_REPO).record.commit
+    old = bundle_of(out_store, sender_lock(out_store, a), tmp_path / "old.tar")
+    new = bundle_of(out_store, sender_lock(out_store, a, b), tmp_path / "new.tar")
+    cfg = receiving_side(tmp_path / "inside")
+    inside, lock_path = Store(cfg.parent / "store"), cfg.parent / "models.lock"
+    import_bundle(inside, [old], lock_path=lock_path)
+
+    # Four imports start together behind the lock (start-up overlapped); each in turn gets it and is killed
+    # at a later point of its work. Readers need no lock, so the store is checked while the next one runs.
+    with inside.locked():
+        procs = [cli("import-bundle", str(new), "--config", str(cfg)) for _ in range(4)]
+        for proc in procs:
+            waits_for_lock(proc)
+    landed = 0
+    for delay in (0.0, 0.05, 0.15, 0.4):
+        holder = lock_holder(inside, procs)
+        if holder is None:
+            break
+        time.sleep(delay)
+        holder.kill()
+        holder.communicate()
+        landed += holder.returncode == -9
+        consistent(inside, lock_path, {a, b})
+    for proc in procs:
+        proc.kill()
+        proc.communicate()
+    import_bundle(inside, [new], lock_path=lock_path)
+    assert consistent(inside, lock_path, {b}) == b
+
+    write_config(cfg.parent, keep_revisions=1)  # gc now removes A and everything only A needs
+    for delay in (0.0, 0.05):
+        landed += kill_after_lock(["gc", "--config", str(cfg), "--yes"], inside, delay)
+        assert consistent(inside, lock_path, {b}) == b
+    assert run_cli("verify", "--config", str(cfg)).exit_code == 0
+    print(f"{landed} of 6 SIGKILLs landed while the command ran")
+    assert landed >= 3
