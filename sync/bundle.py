@@ -31,11 +31,12 @@ from sync.bundle_parts import ZSTD_MAGIC, BundleError, PartReader, PartWriter
 from sync.bundle_rules import Ruled, apply_rules, check_downgrade, merge_models
 from sync.bundle_sign import check_signature, sign
 from sync.bundle_tar import Readable, TarReader, TarWriter
+from sync.diskio import check_free_space, disk_errors
 from sync.errors import HubserveError
 from sync.hashing import FileHasher
 from sync.lock import Lock, LockedModel, read_lock, write_lock
 from sync.paths import check_repo_id, is_commit
-from sync.store import FileEntry, RevisionRecord, Store, check_free_space, disk_errors, now_iso, repo_folder_name
+from sync.store import FileEntry, RevisionRecord, Store, now_iso, repo_folder_name
 
 if TYPE_CHECKING:
     from sync.manifest import Manifest

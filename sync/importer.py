@@ -8,10 +8,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from sync.diskio import disk_errors
 from sync.errors import StoreError, UnsafePathError
 from sync.hashing import CHUNK, FileHasher, is_lfs_candidate
 from sync.paths import check_repo_id, is_pickle, safe_relpath
-from sync.store import FileEntry, RevisionRecord, Store, disk_errors, now_iso
+from sync.store import FileEntry, RevisionRecord, Store, now_iso
 
 SKIP_DIRS = {".git", ".cache", ".huggingface", "__pycache__"}
 

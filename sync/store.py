@@ -27,9 +27,12 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from sync.errors import DiskFullError, StoreError, UnsafePathError, disk_full
+from sync.diskio import atomic_write, disk_errors, fsync_dir
+from sync.errors import StoreError, UnsafePathError
 from sync.hashing import hash_file
 from sync.paths import check_repo_id, is_commit, safe_relpath
+
+__all__ = ["FileEntry", "RevisionRecord", "Store", "atomic_write"]  # atomic_write: for callers that import it here
 
 RECORD_VERSION = 1
 CACHEDIR_TAG = "Signature: 8a477f597d28d172789f06886806bc55\n# This is a huggingface_hub cache, kept by hubserve.\n"
@@ -177,61 +180,6 @@ def now_iso() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never a torn one.
-
-    A full disk is a DiskFullError with the temp file removed and ``path`` as it was.
-    """
-    with disk_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            os.fchmod(fd, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    _fsync_dir(path.parent)
-
-
-@contextmanager
-def disk_errors(where: Path, *cleanup: Path) -> Iterator[None]:
-    """A full disk inside the block becomes a DiskFullError, after removing the ``cleanup`` files."""
-    try:
-        yield
-    except OSError as e:
-        full = disk_full(e, where)
-        if full is None:
-            raise
-        for p in cleanup:
-            p.unlink(missing_ok=True)
-        raise full from e
-
-
-def check_free_space(where: Path, need: int, what: str) -> None:
-    """Refuse up front to write ``need`` bytes where the filesystem has less free."""
-    free = shutil.disk_usage(where).free
-    if need > free:
-        raise DiskFullError(f"{what} needs {need} bytes but {where} has {free} free; free space and run again")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class Store:
     """Read and write API over one store directory. Readers only ever see verified revisions."""
 
@@ -350,7 +298,7 @@ class Store:
                 os.fsync(f.fileno())
             os.chmod(verified_tmp, 0o644)
             os.replace(verified_tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         return dest
 
     def promote(self, record: RevisionRecord, refs: tuple[str, ...] = ()) -> None:

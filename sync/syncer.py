@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
+from sync.diskio import check_free_space
 from sync.errors import HubserveError
 from sync.lock import Lock, LockedModel, read_lock, write_lock
 from sync.manifest import Config, ModelSpec
 from sync.plan import check_against_lock, choose_pin, missing_blobs, select_files
 from sync.progress import DownloadProgress, human_bytes
-from sync.store import FileEntry, RevisionRecord, Store, check_free_space, now_iso
+from sync.store import FileEntry, RevisionRecord, Store, now_iso
 from sync.upstream import Upstream
 
 log = logging.getLogger("hubserve.sync")

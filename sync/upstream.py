@@ -29,6 +29,7 @@ from tenacity import (
 )
 
 from sync.bodystream import BodyFetcher, uses_proxy
+from sync.diskio import disk_errors
 from sync.errors import (
     AuthError,
     EntryNotFound,
@@ -40,7 +41,7 @@ from sync.errors import (
 )
 from sync.hashing import CHUNK, FileHasher
 from sync.paths import is_commit, safe_relpath
-from sync.store import FileEntry, disk_errors
+from sync.store import FileEntry
 
 log = logging.getLogger("hubserve.upstream")
 USER_AGENT = "hubserve/0.1 (huggingface_hub-compatible)"
