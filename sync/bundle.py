@@ -12,6 +12,7 @@ leaves the store exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import shutil
@@ -22,24 +23,33 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sync.bundle_parts import ZSTD_MAGIC, BundleError, PartReader, PartWriter
+from sync.bundle_rules import Ruled, apply_rules, check_downgrade, merge_models
 from sync.bundle_sign import check_signature, sign
 from sync.bundle_tar import Readable, TarReader, TarWriter
+from sync.diskio import check_free_space, disk_errors
 from sync.errors import HubserveError
 from sync.hashing import FileHasher
 from sync.lock import Lock, LockedModel, read_lock, write_lock
 from sync.paths import check_repo_id, is_commit
 from sync.store import FileEntry, RevisionRecord, Store, now_iso, repo_folder_name
 
+if TYPE_CHECKING:
+    from sync.manifest import Manifest
+
 FORMAT = "hubserve-bundle"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "hubserve-bundle.json"
 SIGNATURE_NAME = "hubserve-bundle.sig"
-MANIFEST_MAX = 256 << 20
+# The manifest is read whole (it is what the signature covers) before anything is checked: ~200 bytes a file,
+# so 16 MiB is some 80,000 files; and zstd may not ask for more than a 128 MiB window (zstd's own default cap).
+MANIFEST_MAX = 16 << 20
+SIGNATURE_MAX = 64 << 10
+ZSTD_WINDOW_MAX = 1 << 27
 Progress = Callable[[int], None]
 
 
@@ -60,17 +70,24 @@ def hubserve_version() -> str:
 
 # ---- the manifest ---------------------------------------------------------------------------------
 def lock_entry(m: LockedModel) -> dict[str, Any]:
-    """A models.lock entry as the bundle carries it: the pin, not the sender's rollback history."""
+    """A models.lock entry as the bundle carries it: the pin, and the commits pinned before it on the sending
+    side (so the receiving side can tell an older bundle replayed from a newer one)."""
     return {
         "name": m.name, "repo": m.repo, "revision": m.revision, "commit": m.commit, "selection": m.selection,
+        "history": list(m.history),
         "files": [f.to_dict() for f in sorted(m.files, key=lambda f: f.path)],
     }
 
 
 def locked_model(d: dict[str, Any]) -> LockedModel:
+    history = tuple(str(c) for c in d.get("history", []))
+    for commit in history:
+        if not is_commit(commit):
+            raise ValueError(f"model {d.get('name')!r}: history commit {commit!r} is not 40-hex")
     return LockedModel(
         name=str(d["name"]), repo=str(d["repo"]), revision=str(d["revision"]), commit=str(d["commit"]),
         files=tuple(FileEntry(**f) for f in d.get("files", [])), selection=str(d.get("selection", "")),
+        history=history,
     )
 
 
@@ -124,7 +141,9 @@ class BundleManifest:
                 models=models, revisions=revisions, blobs=tuple(blobs),
                 since=tuple((str(s["repo"]), str(s["commit"])) for s in doc.get("since", [])),
             )
-        except (ValueError, KeyError, TypeError, HubserveError) as e:
+        except RecursionError:
+            raise BundleError("bundle manifest is invalid: nested too deeply") from None
+        except (ValueError, KeyError, TypeError, AttributeError, HubserveError) as e:
             raise BundleError(f"bundle manifest is invalid: {e}") from None
 
 
@@ -232,10 +251,21 @@ def _export_blob(store: Store, tar: TarWriter, repo: str, entry: FileEntry, veri
 class ImportResult:
     manifest: BundleManifest
     signer: str | None
+    signer_trusted: bool = False  # the signer is one of the trusted keys
     promoted: list[RevisionRecord] = field(default_factory=list)
     already: list[RevisionRecord] = field(default_factory=list)
+    skipped: tuple[str, ...] = ()  # files the receiving rules kept out
     blobs_added: int = 0
     bytes_read: int = 0
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    """What the receiving side lets in beyond its rules (each an explicit CLI flag)."""
+
+    allow_downgrade: bool = False  # move a pin back to a commit it was pinned to before
+    allow_unsigned: bool = False  # with trusted keys: accept an unsigned bundle or one by another key
+    allow_pickle: bool = False  # pickle files of models the receiving models.toml does not name
 
 
 def open_stream(reader: PartReader) -> Readable:
@@ -243,7 +273,7 @@ def open_stream(reader: PartReader) -> Readable:
     if reader.peek_magic() == ZSTD_MAGIC:
         import zstandard
 
-        zd = zstandard.ZstdDecompressor()
+        zd = zstandard.ZstdDecompressor(max_window_size=ZSTD_WINDOW_MAX)
         return cast(Readable, zd.stream_reader(cast(IO[bytes], reader), read_size=1 << 20, read_across_frames=True))
     return reader
 
@@ -251,33 +281,52 @@ def open_stream(reader: PartReader) -> Readable:
 def import_bundle(
     store: Store, paths: list[Path], trusted: list[Ed25519PublicKey] | None = None,
     lock_path: Path | None = None, progress: Callable[[BundleManifest], Progress] | None = None,
+    receiving: Manifest | None = None, options: ImportOptions = ImportOptions(),
 ) -> ImportResult:
     """Verify a bundle while streaming it, then promote its revisions and merge its models.lock entries.
 
-    ``progress``, once the manifest is read and its signature checked, gets the manifest and returns the
-    callback that is told of every chunk verified.
+    ``receiving`` (the receiving models.toml) supplies the file rules every imported file must pass, and
+    the models.lock at ``lock_path`` is read under the store lock to refuse moving a pin back. ``progress``,
+    once the manifest is read and its signature checked, gets the manifest and returns the callback that
+    is told of every chunk verified.
     """
     store.ensure()
     with store.locked(), PartReader(paths) as reader:
         staging = store.tmp_dir / f"bundle-{uuid.uuid4().hex}"
-        staging.mkdir(parents=True)
+        with disk_errors(staging):
+            staging.mkdir(parents=True)
         try:
             tar = TarReader(open_stream(reader), lambda: str(reader.current))
-            manifest, signer, member = _read_head(tar, trusted or [])
+            manifest, signer, member = _read_head(tar, trusted or [], options.allow_unsigned)
+            ruled = apply_rules(manifest.revisions, manifest.models, receiving, options.allow_pickle)
+            lock = read_lock(lock_path) if lock_path is not None else None
+            if lock is not None and not options.allow_downgrade:
+                check_downgrade(lock, ruled.models)
+            needed = ruled.needed()
+            check_free_space(staging, sum(e.size for r, e in manifest.blobs if (r, e.etag) in needed),
+                             f"importing {paths[0].name}")
             advance = progress(manifest) if progress else _no_progress
-            staged = _stage_blobs(store, tar, member, manifest, staging, advance)
-            _check_base(store, manifest, staged)
-            result = ImportResult(manifest, signer, bytes_read=sum(e.size for _, e in manifest.blobs))
-            _commit(store, manifest, staged, result)
-            if lock_path is not None:
-                _merge_lock(lock_path, manifest)
+            staged = _stage_blobs(store, tar, member, manifest, staging, advance, needed)
+            _check_base(store, ruled, staged)
+            result = ImportResult(manifest, signer, signer is not None and bool(trusted) and _signed_by(
+                signer, trusted or []), skipped=ruled.skipped, bytes_read=sum(e.size for _, e in manifest.blobs))
+            _commit(store, manifest, ruled, staged, result)
+            if lock is not None and lock_path is not None:
+                merge_models(lock, ruled.models)
+                write_lock(lock_path, lock)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return result
 
 
+def _signed_by(signer: str, trusted: list[Ed25519PublicKey]) -> bool:
+    from sync.bundle_sign import fingerprint
+
+    return signer in {fingerprint(k) for k in trusted}
+
+
 def _read_head(
-    tar: TarReader, trusted: list[Ed25519PublicKey],
+    tar: TarReader, trusted: list[Ed25519PublicKey], allow_unsigned: bool,
 ) -> tuple[BundleManifest, str | None, tarfile.TarInfo | None]:
     """The manifest and its signature, checked; and the entry after them (the first blob)."""
     first = tar.next()
@@ -288,17 +337,18 @@ def _read_head(
     tar_next = tar.next()
     signature = None
     if tar_next is not None and tar_next.name == SIGNATURE_NAME:
-        signature = tar.read_small(tar_next, 64 << 10)
+        signature = tar.read_small(tar_next, SIGNATURE_MAX)
         tar_next = tar.next()
-    signer = check_signature(body, signature, trusted)
+    signer = check_signature(body, signature, trusted, allow_untrusted=allow_unsigned)
     return BundleManifest.from_bytes(body), signer, tar_next
 
 
 def _stage_blobs(
     store: Store, tar: TarReader, member: tarfile.TarInfo | None, manifest: BundleManifest, staging: Path,
-    progress: Progress,
+    progress: Progress, needed: set[tuple[str, str]],
 ) -> dict[tuple[str, str], Path]:
-    """Stream every blob into ``staging``, hashing it; refuse anything out of place."""
+    """Stream every blob, hashing it, into ``staging`` (those ``needed``; the others are only checked);
+    refuse anything out of place. Nothing beyond an entry's declared size is ever read or written."""
     staged: dict[tuple[str, str], Path] = {}
     with ThreadPoolExecutor(1, thread_name_prefix="bundle-hash") as hash_pool:
         for repo, entry in manifest.blobs:
@@ -311,42 +361,47 @@ def _stage_blobs(
                 raise BundleError(
                     f"{name} ({repo}: {entry.path}) is {member.size} bytes, the manifest says {entry.size}")
             dest = staging / f"{len(staged):06d}.blob"
+            keep = (repo, entry.etag) in needed
             hasher = FileHasher(entry.lfs, entry.size)
-            with dest.open("wb") as f:
+            with disk_errors(dest, dest), (dest.open("wb") if keep else contextlib.nullcontext()) as f:
                 for chunk in tar.chunks(member):
                     # hashlib and write() both release the GIL: hash on the side while the chunk is written,
                     # and wait for both before the reader reuses the buffer.
                     hashed = hash_pool.submit(hasher.update, chunk)
-                    f.write(chunk)
+                    if f is not None:
+                        f.write(chunk)
                     hashed.result()
                     progress(len(chunk))
             if hasher.hexdigest() != entry.etag:
                 raise BundleError(f"{repo}: {entry.path} failed verification: expected {entry.algo} {entry.etag}, "
                                   f"got {hasher.hexdigest()}; the bundle was altered or damaged")
-            staged[(repo, entry.etag)] = dest
+            if keep:
+                staged[(repo, entry.etag)] = dest
             member = tar.next()
     if member is not None:
         raise BundleError(f"bundle carries an entry the manifest does not list: {member.name!r}")
     return staged
 
 
-def _check_base(store: Store, manifest: BundleManifest, staged: dict[tuple[str, str], Path]) -> None:
+def _check_base(store: Store, ruled: Ruled, staged: dict[tuple[str, str], Path]) -> None:
     """An incremental bundle needs the blobs and revisions the earlier one brought."""
-    for record in manifest.revisions:
+    for record in ruled.revisions:
         for f in record.files:
             if (record.repo, f.etag) not in staged and not store.has_blob(record.repo, f):
                 raise BundleError(
                     f"{record.repo}: {f.path} is not in this bundle nor in the store: the bundle is incremental; "
                     "import the earlier bundle(s) first"
                 )
-    carried = {(r.repo, r.commit) for r in manifest.revisions}
-    for m in manifest.models:
+    carried = {(r.repo, r.commit) for r in ruled.revisions}
+    for m in ruled.models:
         if (m.repo, m.commit) not in carried and store.get_revision(m.repo, m.commit) is None:
             raise BundleError(f"{m.name}: {m.repo}@{m.commit[:12]} is neither in this bundle nor verified in the "
                               "store; import the earlier bundle(s) first")
 
 
-def _commit(store: Store, manifest: BundleManifest, staged: dict[tuple[str, str], Path], result: ImportResult) -> None:
+def _commit(
+    store: Store, manifest: BundleManifest, ruled: Ruled, staged: dict[tuple[str, str], Path], result: ImportResult,
+) -> None:
     entries = {(repo, e.etag): e for repo, e in manifest.blobs}
     for key, tmp in staged.items():
         repo, entry = key[0], entries[key]
@@ -355,7 +410,7 @@ def _commit(store: Store, manifest: BundleManifest, staged: dict[tuple[str, str]
         else:
             store.add_blob(repo, entry, tmp)
             result.blobs_added += 1
-    for record in manifest.revisions:
+    for record in ruled.revisions:
         if store.get_revision(record.repo, record.commit) is not None:
             result.already.append(record)
             for ref in record.refs:
@@ -366,13 +421,6 @@ def _commit(store: Store, manifest: BundleManifest, staged: dict[tuple[str, str]
                                record.refs)
         store.promote(fresh, refs=record.refs)
         result.promoted.append(fresh)
-
-
-def _merge_lock(lock_path: Path, manifest: BundleManifest) -> None:
-    lock = read_lock(lock_path)
-    for m in manifest.models:
-        lock.put(m)  # a moved pin keeps this side's history, as sync does
-    write_lock(lock_path, lock)
 
 
 def load_since(path: Path) -> Lock:

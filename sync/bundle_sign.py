@@ -62,14 +62,18 @@ def sign(manifest: bytes, key: Ed25519PrivateKey) -> bytes:
     return json.dumps(doc, indent=1).encode() + b"\n"
 
 
-def check_signature(manifest: bytes, signature: bytes | None, trusted: list[Ed25519PublicKey]) -> str | None:
-    """Refuse a bundle whose signature is wrong, or (with keys trusted) missing or by another key.
+def check_signature(
+    manifest: bytes, signature: bytes | None, trusted: list[Ed25519PublicKey], allow_untrusted: bool = False
+) -> str | None:
+    """Refuse a bundle whose signature is wrong, or (with keys trusted) missing or by another key, unless
+    ``allow_untrusted`` (``--allow-unsigned``) accepts those two; a signature that does not match is refused always.
 
-    Returns the signer's fingerprint, or None for an unsigned bundle accepted without ``--trust``.
+    Returns the signer's fingerprint, or None for an unsigned bundle.
     """
     if signature is None:
-        if trusted:
-            raise BundleError("bundle is unsigned, but --trust keys are configured; refusing it")
+        if trusted and not allow_untrusted:
+            raise BundleError("bundle is unsigned, but --trust keys are configured; refusing it "
+                              "(pass --allow-unsigned to import it anyway)")
         return None
     try:
         doc = json.loads(signature)
@@ -77,7 +81,9 @@ def check_signature(manifest: bytes, signature: bytes | None, trusted: list[Ed25
         sig = bytes.fromhex(doc["signature"])
         if doc.get("algorithm") != ALGORITHM:
             raise ValueError(f"algorithm {doc.get('algorithm')!r}")
-    except (ValueError, KeyError, TypeError) as e:
+    except RecursionError:
+        raise BundleError("bundle signature entry is malformed (nested too deeply); refusing it") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise BundleError(f"bundle signature entry is malformed ({e}); refusing it") from None
     try:
         signer.verify(sig, manifest)
@@ -85,6 +91,7 @@ def check_signature(manifest: bytes, signature: bytes | None, trusted: list[Ed25
         raise BundleError(
             f"bundle signature does not match its manifest (key {fingerprint(signer)}): altered; refusing it"
         ) from None
-    if trusted and raw_public(signer) not in {raw_public(k) for k in trusted}:
-        raise BundleError(f"bundle is signed by key {fingerprint(signer)}, which is not among the --trust keys")
+    if trusted and not allow_untrusted and raw_public(signer) not in {raw_public(k) for k in trusted}:
+        raise BundleError(f"bundle is signed by key {fingerprint(signer)}, which is not among the --trust keys "
+                          "(pass --allow-unsigned to import it anyway)")
     return fingerprint(signer)

@@ -8,7 +8,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+import zstandard
+
 from sync.bundle_parts import BundleError
+
+# What a damaged stream raises while it is read: a short or failing file, or a zstd frame that does not decode
+# (zstandard's ZstdError is no ValueError).
+STREAM_ERRORS = (OSError, ValueError, EOFError, zstandard.ZstdError)
 
 BLOCK = tarfile.BLOCKSIZE
 COPY_CHUNK = 4 << 20
@@ -114,7 +120,7 @@ class TarReader:
         while got < len(view):
             try:
                 n = self.stream.readinto(view[got:])
-            except (OSError, ValueError, EOFError) as e:  # zstd frames report damage as ZstdError (a ValueError)
+            except STREAM_ERRORS as e:
                 raise self.damaged(f"{type(e).__name__}: {e}") from None
             if not n:
                 break

@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sync.errors import ConfigError, HubserveError
+from sync.errors import ConfigError, HubserveError, disk_full
 
 if TYPE_CHECKING:
     from sync.store import FileEntry
@@ -87,6 +87,14 @@ def cli_errors(fn: F) -> F:
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None
+        except OSError as e:  # a full disk the code below did not name itself: still one line, no traceback
+            full = disk_full(e, e.filename or "the store")
+            if full is None:
+                raise
+            if verbose:
+                err.print_exception()
+            err.print(f"[red]error:[/red] {full}")
+            raise typer.Exit(full.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -260,6 +268,9 @@ def verify_cmd(config: ConfigOpt = None, store: StoreOpt = None, verbose: Verbos
     records = st.revisions()
     for rec in records:
         found = st.verify(rec)
+        if found and st.get_revision(rec.repo, rec.commit) is None:
+            out.print(f"{rec.repo}@{rec.commit[:12]}: removed while it was verified (gc), skipped")
+            continue
         problems += found
         out.print(f"{rec.repo}@{rec.commit[:12]}: {'OK' if not found else f'{len(found)} problem(s)'}")
     for p in problems:
@@ -282,24 +293,35 @@ def gc_cmd(
     config: ConfigOpt = None,
     store: StoreOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Really delete (default: dry run).")] = False,
+    server: Annotated[
+        str | None,
+        typer.Option(help="URL of a running `hubserve serve`: what it serves is kept (default: \\[daemon] server)."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Go on when the server cannot be asked what it serves.")
+    ] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Remove revisions, blobs and temp files that no pin of models.toml references (dry run unless --yes).
 
-    Example: hubserve gc --config models.toml --yes
+    What to keep is read from models.lock under the store lock (a sync running meanwhile finishes first), and
+    no revision a running server serves is removed.
+
+    Example: hubserve gc --config models.toml --server http://127.0.0.1:8080 --yes
     """
-    from sync.inspect import gc_keep
+    from sync.inspect import gc_keep, served_keep
     from sync.manifest import load_config
     from sync.progress import human_bytes
     from sync.store import Store
 
     cfg = load_config(config, store)
     st = Store(cfg.store_path)
-    keep, warnings = gc_keep(cfg)
-    for w in warnings:
-        err.print(f"[yellow]warning:[/yellow] {w}")
     with st.locked():
-        doomed = st.gc_plan(keep)
+        keep, warnings = gc_keep(cfg)
+        serving, more = served_keep(st, server or cfg.manifest.daemon.server, force)
+        for w in warnings + more:
+            err.print(f"[yellow]warning:[/yellow] {w}")
+        doomed = st.gc_plan(keep | serving)
         size = sum(p.lstat().st_size for p in doomed if p.is_file() and not p.is_symlink())
         for p in doomed:
             out.print(f"{'remove' if yes else 'would remove'} {p.relative_to(st.root)}")

@@ -52,13 +52,16 @@ def export_cmd(
     key = load_private_key(sign) if sign else None
     part_size = parse_size(split) if split else None
     st = Store(cfg.store_path)
-    manifest = plan_export(st, read_lock(cfg.lock_path), names, load_since(since) if since else None)
-    total = sum(e.size for _, e in manifest.blobs)
     compress = zstd if zstd is not None else out_file.suffix == ".zst"
-    with DownloadProgress(f"export {out_file.name}", total, len(manifest.blobs), err,
-                          verbs=("writing", "wrote")) as progress:
-        result = export_bundle(st, manifest, out_file, split=part_size, zstd=compress, key=key, verify=verify,
-                               progress=progress.advance)
+    # Under the store lock: the pins read from models.lock and their blobs stay as they are (no gc, no sync
+    # moving them) until the last byte is written.
+    with st.locked():
+        manifest = plan_export(st, read_lock(cfg.lock_path), names, load_since(since) if since else None)
+        total = sum(e.size for _, e in manifest.blobs)
+        with DownloadProgress(f"export {out_file.name}", total, len(manifest.blobs), err,
+                              verbs=("writing", "wrote")) as progress:
+            result = export_bundle(st, manifest, out_file, split=part_size, zstd=compress, key=key, verify=verify,
+                                   progress=progress.advance)
     for m in manifest.models:
         err.print(f"{m.name}: {m.repo}@{m.commit[:12]}")
     signed = f", signed by key {fingerprint(key.public_key())}" if key else ", unsigned"
@@ -76,15 +79,27 @@ def import_bundle_cmd(
     trust: Annotated[
         list[Path] | None, typer.Option("--trust", help="ed25519 public key (PEM or OpenSSH) to require; repeatable.")
     ] = None,
+    allow_downgrade: Annotated[
+        bool, typer.Option("--allow-downgrade", help="Let the bundle move a pin back to a commit it was pinned to.")
+    ] = False,
+    allow_unsigned: Annotated[
+        bool, typer.Option("--allow-unsigned", help="With --trust: accept an unsigned bundle or another signer.")
+    ] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Pickle files of models that models.toml does not name.")
+    ] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Verify a bundle while streaming it, promote its revisions into the store, and merge models.lock.
+
+    The receiving models.toml's include/exclude and allow_pickle apply to every file; a bundle pinning a
+    model to a commit it was pinned to before is refused (--allow-downgrade).
 
     Example: hubserve import-bundle /media/usb/models.tar.000 /media/usb/models.tar.001 --trust site.pub
     """
     from rich.markup import escape
 
-    from sync.bundle import BundleManifest, import_bundle
+    from sync.bundle import BundleManifest, ImportOptions, import_bundle
     from sync.bundle_sign import load_public_key
     from sync.progress import DownloadProgress, human_bytes
     from sync.store import Store
@@ -100,9 +115,19 @@ def import_bundle_cmd(
                                    verbs=("verifying", "verified"))
             return shown.enter_context(bar).advance
 
-        result = import_bundle(Store(root), files, keys, lock_path, progress=show)
-    if result.signer:
+        options = ImportOptions(allow_downgrade, allow_unsigned, allow_pickle)
+        result = import_bundle(Store(root), files, keys, lock_path, progress=show,
+                               receiving=cfg.manifest if cfg else None, options=options)
+    if result.signer is None:
+        err.print("[bold yellow]warning: the bundle is UNSIGNED[/bold yellow]: nothing proves where it came from "
+                  "(sign with `export --sign`, require with `--trust`)")
+    elif keys and not result.signer_trusted:
+        err.print(f"[bold yellow]warning: signed by key {result.signer}, NOT one of the --trust keys[/bold yellow] "
+                  "(imported because of --allow-unsigned)")
+    else:
         err.print(f"signature by key {result.signer}: {'trusted' if keys else 'valid (no --trust given)'}")
+    for line in result.skipped:
+        err.print(f"[yellow]skipped:[/yellow] {escape(line)}")
     for rec in result.promoted:
         out.print(f"{rec.repo}@{rec.commit}: verified and promoted ({human_bytes(rec.size)})")
     for rec in result.already:

@@ -6,6 +6,8 @@ Each error carries an ``exit_code`` for the CLI (1 failure, 2 bad config or usag
 
 from __future__ import annotations
 
+import errno
+
 
 class HubserveError(Exception):
     """Base of every error hubserve raises on purpose; its message is one actionable line."""
@@ -78,3 +80,17 @@ class TransientUpstreamError(UpstreamError):
 
 class StoreError(HubserveError):
     """The store on disk is not in the state an operation needs."""
+
+
+class DiskFullError(StoreError):
+    """The store's filesystem is full (ENOSPC/EDQUOT): not transient, never retried; temp files are removed."""
+
+
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def disk_full(e: OSError, where: object) -> DiskFullError | None:
+    """The DiskFullError for ``e`` when it is a full disk or quota, else None (re-raise ``e``)."""
+    if e.errno not in NO_SPACE_ERRNOS:
+        return None
+    return DiskFullError(f"no space left on the device holding {where} ({e.strerror}); free space and run again")

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from sync.diskio import disk_errors
 from sync.errors import StoreError, UnsafePathError
 from sync.hashing import CHUNK, FileHasher, is_lfs_candidate
 from sync.paths import check_repo_id, is_pickle, safe_relpath
@@ -64,7 +65,7 @@ def _ingest(store: Store, repo_id: str, src: Path, rel: str) -> FileEntry:
     hasher = FileHasher(lfs, size)
     tmp = store.new_tmp_file("import")
     try:
-        with src.open("rb") as fin, tmp.open("wb") as fout:
+        with disk_errors(tmp, tmp), src.open("rb") as fin, tmp.open("wb") as fout:
             while chunk := fin.read(CHUNK):
                 hasher.update(chunk)
                 fout.write(chunk)

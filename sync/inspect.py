@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from sync.errors import StoreError
 from sync.lock import kept_commits, pinned_commit, read_lock
 from sync.manifest import Config
 from sync.store import Store, repo_folder_name
@@ -60,6 +61,27 @@ def gc_keep(cfg: Config) -> tuple[set[tuple[str, str]], list[str]]:
                 if locked.rolled_back_from:
                     keep.add((spec.repo, locked.rolled_back_from))
     return keep, warnings
+
+
+def served_keep(store: Store, server: str | None, force: bool) -> tuple[set[tuple[str, str]], list[str]]:
+    """The verified (repo, commit) pairs a running server serves, which gc never removes; and warnings.
+
+    A configured server that does not answer (down, unreachable, serving nothing) stops gc unless ``force``,
+    as the daemon's prune skips its run then: gc cannot know what it would take away from under it.
+    """
+    if not server:
+        return set(), []
+    from sync.daemon_http import served_commits
+
+    served = set(served_commits(server).values())
+    if not served:
+        if force:
+            return set(), [f"{server} did not say what it serves; --force: removing without asking it"]
+        raise StoreError(
+            f"gc: the server {server} did not say what it serves (not running or unreachable?); start it, "
+            "pass the right --server, or --force to remove without asking it"
+        )
+    return {(r.repo, r.commit) for r in store.revisions() if r.commit in served}, []
 
 
 def prune_plan(cfg: Config, repos: set[str], serving: set[tuple[str, str]]) -> tuple[list[Path], list[str]]:

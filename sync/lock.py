@@ -9,9 +9,10 @@ from pathlib import Path
 
 import tomli_w
 
+from sync.diskio import atomic_write
 from sync.errors import ConfigError
 from sync.paths import is_commit
-from sync.store import FileEntry, atomic_write
+from sync.store import FileEntry
 
 LOCK_VERSION = 1
 HISTORY_MAX = 10  # previous commits remembered per model (the store keeps [store] keep_revisions of them)

@@ -8,7 +8,7 @@ from sync.errors import StoreError
 from sync.lock import LockedModel
 from sync.manifest import ModelSpec
 from sync.paths import is_commit
-from sync.store import FileEntry
+from sync.store import FileEntry, check_file_tree
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ class Selection:
 
 
 def select_files(spec: ModelSpec, listing: list[FileEntry]) -> Selection:
-    """Apply include/exclude and the pickle rule to an upstream listing."""
+    """Apply include/exclude and the pickle rule to an upstream listing (refused whole if it cannot be a tree)."""
+    check_file_tree(listing, f"{spec.name} ({spec.repo})")
     wanted = [f for f in listing if spec.wants(f.path)]
     pickles = tuple(f.path for f in wanted if spec.refuses_pickle(f.path))
     files = tuple(f for f in wanted if f.path not in pickles)

@@ -27,9 +27,12 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from sync.diskio import atomic_write, disk_errors, fsync_dir
 from sync.errors import StoreError, UnsafePathError
 from sync.hashing import hash_file
 from sync.paths import check_repo_id, is_commit, safe_relpath
+
+__all__ = ["FileEntry", "RevisionRecord", "Store", "atomic_write"]  # atomic_write: for callers that import it here
 
 RECORD_VERSION = 1
 CACHEDIR_TAG = "Signature: 8a477f597d28d172789f06886806bc55\n# This is a huggingface_hub cache, kept by hubserve.\n"
@@ -60,7 +63,14 @@ class FileEntry:
     git_sha1: str | None = None  # regular files (git blob sha1 of the content)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.path, str):
+            raise StoreError(f"file path {self.path!r} is not a string")
         safe_relpath(self.path)
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 0:
+            raise StoreError(f"{self.path}: size {self.size!r} is not a non-negative integer")
+        for digest, length in ((self.sha256, 64), (self.git_sha1, 40)):
+            if digest is not None and not (isinstance(digest, str) and len(digest) == length and _is_hex(digest)):
+                raise StoreError(f"{self.path}: {digest!r} is not a {length}-hex digest")
         if (self.sha256 is None) == (self.git_sha1 is None):
             raise StoreError(f"{self.path}: exactly one of sha256 (LFS) or git_sha1 must be set")
 
@@ -92,6 +102,28 @@ class FileEntry:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
+
+
+def check_file_tree(files: tuple[FileEntry, ...] | list[FileEntry], where: str) -> None:
+    """Refuse a file list that cannot be one directory tree: a path twice, or ``a`` beside ``a/b``.
+
+    Checked on the whole list before any blob is fetched or staged, so such a revision fails up front.
+    """
+    seen: set[str] = set()
+    for f in files:
+        if f.path in seen:
+            raise UnsafePathError(f"{where}: file {f.path!r} is listed twice")
+        seen.add(f.path)
+    for path in seen:
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent in seen:
+                raise UnsafePathError(f"{where}: {parent!r} is both a file and the directory of {path!r}")
+
+
 @dataclass(frozen=True)
 class RevisionRecord:
     """A verified revision: every listed file was hashed and matched before this was written."""
@@ -103,6 +135,9 @@ class RevisionRecord:
     source: str = ""
     pipeline_tag: str | None = None
     refs: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        check_file_tree(self.files, f"{self.repo}@{str(self.commit)[:12]}")
 
     @property
     def size(self) -> int:
@@ -145,36 +180,6 @@ def now_iso() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class Store:
     """Read and write API over one store directory. Readers only ever see verified revisions."""
 
@@ -206,9 +211,10 @@ class Store:
 
     def ensure(self) -> None:
         """Create the store skeleton (idempotent)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / ".locks").mkdir(exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        with disk_errors(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / ".locks").mkdir(exist_ok=True)
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
         tag = self.root / "CACHEDIR.TAG"
         if not tag.exists():
             atomic_write(tag, CACHEDIR_TAG.encode())
@@ -277,20 +283,22 @@ class Store:
 
     # ---- writing ------------------------------------------------------------------------
     def new_tmp_file(self, label: str) -> Path:
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix=f"{label}.", suffix=".part")
+        with disk_errors(self.tmp_dir):
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix=f"{label}.", suffix=".part")
         os.close(fd)
         return Path(name)
 
     def add_blob(self, repo_id: str, entry: FileEntry, verified_tmp: Path) -> Path:
         """Move a verified temp file into blobs/ under its content name (atomic, fsynced)."""
         dest = self.blob_path(repo_id, entry.etag)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with verified_tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(verified_tmp, 0o644)
-        os.replace(verified_tmp, dest)
-        _fsync_dir(dest.parent)
+        with disk_errors(dest, verified_tmp):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with verified_tmp.open("rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(verified_tmp, 0o644)
+            os.replace(verified_tmp, dest)
+        fsync_dir(dest.parent)
         return dest
 
     def promote(self, record: RevisionRecord, refs: tuple[str, ...] = ()) -> None:
@@ -303,12 +311,13 @@ class Store:
                 raise StoreError(f"{record.repo}: blob for {entry.path} missing or wrong size; not promoted")
         snap = self.snapshot_dir(record.repo, record.commit)
         wanted = {f.path for f in record.files}
-        for entry in record.files:
-            self._link(snap, entry)
-        atomic_write(self.record_path(record.repo, record.commit), record.to_json().encode())
-        self._prune_snapshot(snap, wanted)  # after the record: readers of the old record never miss a file
-        for ref in refs:
-            self.write_ref(record.repo, ref, record.commit)
+        with disk_errors(snap):
+            for entry in record.files:
+                self._link(snap, entry)
+            atomic_write(self.record_path(record.repo, record.commit), record.to_json().encode())
+            self._prune_snapshot(snap, wanted)  # after the record: readers of the old record never miss a file
+            for ref in refs:
+                self.write_ref(record.repo, ref, record.commit)
 
     def write_ref(self, repo_id: str, ref: str, commit: str) -> None:
         ref = safe_relpath(ref)

@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from sync.adapters import check_adapter, in_folder
+from sync.diskio import check_free_space
 from sync.errors import ConfigError, HubserveError
 from sync.lock import Lock, LockedModel, read_lock, write_lock
 from sync.manifest import Config, ModelSpec
@@ -213,8 +214,9 @@ class Syncer:
         if not todo:
             return
         total = sum(f.size for f in todo)
-        workers = min(self.config.manifest.upstream.max_workers, len(todo))
         label = f"{spec.name} ({spec.repo}@{commit[:12]})"
+        check_free_space(self.store.tmp_dir, total - sum(self._partial(f) for f in todo), f"syncing {label}")
+        workers = min(self.config.manifest.upstream.max_workers, len(todo))
         with DownloadProgress(label, total, len(todo), self.console) as progress, ThreadPoolExecutor(workers) as pool:
             futures: list[Future[None]] = [
                 pool.submit(self._fetch_one, spec.repo, commit, f, progress) for f in todo
@@ -227,6 +229,13 @@ class Syncer:
                     raise fut.exception()  # type: ignore[misc]
         result.downloaded_bytes += total
         result.downloaded_files += len(todo)
+
+    def _partial(self, entry: FileEntry) -> int:
+        """Bytes an earlier run left in this file's .part (resumed, so not needed again)."""
+        try:
+            return min(entry.size, (self.store.tmp_dir / f"{entry.etag}.part").stat().st_size)
+        except OSError:
+            return 0
 
     def _fetch_one(self, repo: str, commit: str, entry: FileEntry, progress: DownloadProgress) -> None:
         part = self.store.tmp_dir / f"{entry.etag}.part"

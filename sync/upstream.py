@@ -29,6 +29,7 @@ from tenacity import (
 )
 
 from sync.bodystream import BodyFetcher, uses_proxy
+from sync.diskio import disk_errors
 from sync.errors import (
     AuthError,
     EntryNotFound,
@@ -228,6 +229,7 @@ class Upstream:
         if have == entry.size:
             return hasher.hexdigest()
         headers = {"Range": f"bytes={have}-"} if have else {}
+        too_long = False
         try:
             with self._open_body(url, headers) as (resp, chunks):
                 self._raise_for(resp, repo, commit, entry.path)
@@ -239,21 +241,37 @@ class Upstream:
                         on_bytes(-have)
                     have = 0  # the server ignored Range: start over
                     hasher = FileHasher(entry.lfs, entry.size)
-                with part.open("ab" if have else "wb") as f:
-                    for chunk in chunks:  # as received: a broken body keeps what arrived
-                        f.write(chunk)
-                        hasher.update(chunk)
-                        if on_bytes:
-                            on_bytes(len(chunk))
+                too_long = _write_body(chunks, part, have, entry.size, hasher, on_bytes)
         except (OSError, http.client.HTTPException) as e:
             raise TransientUpstreamError(f"{repo}: {entry.path}: {type(e).__name__}: {e}") from e
+        if too_long:
+            part.unlink(missing_ok=True)
+            raise UpstreamError(f"{repo}: {entry.path}: the body is longer than the {entry.size} bytes the tree "
+                                "declares; refusing it (stopped at the declared size)")
         got = part.stat().st_size
         if got < entry.size:
             raise TransientUpstreamError(f"{repo}: {entry.path}: body ended at {got} of {entry.size} bytes")
-        if got > entry.size:
-            part.unlink()
-            raise UpstreamError(f"{repo}: {entry.path}: {got} bytes served, the tree says {entry.size}")
         return hasher.hexdigest()
+
+
+def _write_body(
+    chunks: Iterator[Any], part: Path, have: int, size: int, hasher: FileHasher, on_bytes: ProgressCallback | None
+) -> bool:
+    """Append the body to ``part`` (``have`` bytes already there), never past ``size``; True if it was longer.
+
+    A full disk is a DiskFullError (not an OSError: never retried) with ``part`` removed.
+    """
+    left = size - have
+    with disk_errors(part, part), part.open("ab" if have else "wb") as f:
+        for chunk in chunks:  # as received: a broken body keeps what arrived
+            if len(chunk) > left:
+                return True
+            f.write(chunk)
+            hasher.update(chunk)
+            left -= len(chunk)
+            if on_bytes:
+                on_bytes(len(chunk))
+    return False
 
 
 @contextmanager
