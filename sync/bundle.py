@@ -75,6 +75,7 @@ def lock_entry(m: LockedModel) -> dict[str, Any]:
     return {
         "name": m.name, "repo": m.repo, "revision": m.revision, "commit": m.commit, "selection": m.selection,
         "history": list(m.history),
+        **({"base": m.base} if m.base else {}),  # a LoRA adapter: the model it adapts
         "files": [f.to_dict() for f in sorted(m.files, key=lambda f: f.path)],
     }
 
@@ -87,7 +88,7 @@ def locked_model(d: dict[str, Any]) -> LockedModel:
     return LockedModel(
         name=str(d["name"]), repo=str(d["repo"]), revision=str(d["revision"]), commit=str(d["commit"]),
         files=tuple(FileEntry(**f) for f in d.get("files", [])), selection=str(d.get("selection", "")),
-        history=history,
+        history=history, base=str(d["base"]) if isinstance(d.get("base"), str) else None,
     )
 
 

@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sync.errors import ConfigError, HubserveError, disk_full
+from sync.paths import printable
 
 if TYPE_CHECKING:
     from sync.store import FileEntry
@@ -82,7 +84,7 @@ def cli_errors(fn: F) -> F:
         except HubserveError as e:
             if verbose:
                 err.print_exception()
-            err.print(f"[red]error:[/red] {e}")
+            err.print(f"[red]error:[/red] {escape(printable(str(e)))}")  # a name from the network is no markup
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -213,6 +215,9 @@ def mirror_cmd(
         str, typer.Option(help="Env var holding a bearer token clients must send (unset: no auth).")
     ] = "HUBSERVE_MIRROR_TOKEN",
     workers: Annotated[int, typer.Option(min=1, max=64, help="Processes serving the one port (one per core).")] = 1,
+    trust_forwarded: Annotated[
+        bool, typer.Option(help="Build links from X-Forwarded-Host/-Proto (behind a proxy you trust only).")
+    ] = False,
     insecure_public: InsecurePublicOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -229,7 +234,7 @@ def mirror_cmd(
     token = os.environ.get(token_env) or None
     check_bind(host, token is not None, insecure_public, f"set ${token_env}")
     err.print(f"mirror of {root} on http://{host}:{port} ({'token required' if token else 'no auth'})")
-    serve_mirror(Store(root), host, port, token, workers)
+    serve_mirror(Store(root), host, port, token, workers, trust_forwarded=trust_forwarded or None)
 
 
 @cli_errors
@@ -260,6 +265,7 @@ def verify_cmd(config: ConfigOpt = None, store: StoreOpt = None, verbose: Verbos
 
     Example: hubserve verify --config models.toml
     """
+    from sync.integrity import verify_and_mark
     from sync.store import Store
 
     root = store.absolute() if store else _config_store(config)
@@ -267,7 +273,7 @@ def verify_cmd(config: ConfigOpt = None, store: StoreOpt = None, verbose: Verbos
     problems: list[str] = []
     records = st.revisions()
     for rec in records:
-        found = st.verify(rec)
+        found = verify_and_mark(st, rec)  # a corrupt revision is marked: no server starts an engine on it
         if found and st.get_revision(rec.repo, rec.commit) is None:
             out.print(f"{rec.repo}@{rec.commit[:12]}: removed while it was verified (gc), skipped")
             continue

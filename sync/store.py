@@ -28,9 +28,9 @@ from pathlib import Path
 from filelock import FileLock
 
 from sync.diskio import atomic_write, disk_errors, fsync_dir
-from sync.errors import StoreError, UnsafePathError
+from sync.errors import HubserveError, StoreError, UnsafePathError
 from sync.hashing import hash_file
-from sync.paths import check_repo_id, is_commit, safe_relpath
+from sync.paths import check_ref, check_repo_id, is_commit, safe_relpath
 
 __all__ = ["FileEntry", "RevisionRecord", "Store", "atomic_write"]  # atomic_write: for callers that import it here
 
@@ -165,14 +165,16 @@ class RevisionRecord:
     @classmethod
     def from_json(cls, text: str) -> RevisionRecord:
         data = json.loads(text)
+        if not is_commit(str(data["commit"])):
+            raise ValueError(f"commit {data['commit']!r} is not 40-hex")
         return cls(
-            repo=data["repo"],
+            repo=check_repo_id(str(data["repo"])),  # a record may come from a bundle: its names are checked too
             commit=data["commit"],
             files=tuple(FileEntry(**f) for f in data["files"]),
             verified_at=data["verified_at"],
             source=data.get("source", ""),
             pipeline_tag=data.get("pipeline_tag"),
-            refs=tuple(data.get("refs", ())),
+            refs=tuple(check_ref(str(r)) for r in data.get("refs", ())),
         )
 
 
@@ -246,8 +248,8 @@ class Store:
             for rec_path in sorted(folder.glob("*.json")):
                 try:
                     out.append(RevisionRecord.from_json(rec_path.read_text(encoding="utf-8")))
-                except (OSError, ValueError, KeyError, TypeError):
-                    continue
+                except (OSError, ValueError, KeyError, TypeError, HubserveError):
+                    continue  # unreadable or refused (a name written before names were checked): not visible
         return out
 
     def repos(self) -> list[str]:

@@ -28,9 +28,9 @@ from typing import Any
 
 import tomli_w
 
+from sync.diskio import fsync_dir as _fsync_dir
 from sync.errors import ConfigError, HubserveError
 from sync.filelock import exclusive
-from sync.store import _fsync_dir
 
 log = logging.getLogger("hubserve.keys")
 
