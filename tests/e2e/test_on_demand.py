@@ -225,6 +225,16 @@ def test_adapter_moved_to_a_new_commit_under_streaming_load(site: Site, server: 
     assert _same_greedy(_tgi_ids(server, "/generate", {"adapter_id": "tiny-poet"}), _expected(site.adapter_dirs[1]))
 
 
+def test_adapter_rolls_back_and_shows_in_status_like_a_model(site: Site, server: Server) -> None:
+    status = site.site.cli("status")
+    assert status.returncode == 0 and "tiny-poet" in status.stdout, status.stdout + status.stderr
+    rolled = site.site.cli("rollback", "tiny-poet")
+    assert rolled.returncode == 0, rolled.stderr
+    server.wait_for("the adapter's previous commit",
+                    lambda: _models(server)["tiny-poet"]["commit"] == site.adapter_commits[0], timeout=120)
+    assert _same_greedy(_tgi_ids(server, "/generate", {"adapter_id": "tiny-poet"}), _expected(site.adapter_dirs[0]))
+
+
 def test_idle_model_is_unloaded_and_its_processes_are_gone(site: Site, server: Server) -> None:
     config = site.site.config
     text = config.read_text(encoding="utf-8")
