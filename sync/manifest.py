@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sync.errors import ConfigError
-from sync.paths import REPO_ID_RE, is_commit, is_pickle
+from sync.paths import REPO_ID_RE, is_commit, is_pickle, printable
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}\Z")  # \Z: "$" would let a trailing newline through
@@ -317,7 +317,7 @@ def _loc(manifest_data: dict[str, Any], loc: tuple[Any, ...]) -> str:
             label = f"[{key}]"
             if loc[:i] == ("models",):
                 with contextlib.suppress(KeyError, IndexError, TypeError):
-                    label += f" ({manifest_data['models'][key]['name']!r})"  # quoted: a name may hold anything
+                    label += f" ({printable(manifest_data['models'][key]['name'], 128)})"  # a name may hold anything
             parts.append(label)
         else:
             parts.append(("." if parts else "") + str(key))

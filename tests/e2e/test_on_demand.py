@@ -160,7 +160,8 @@ def test_adapter_answers_through_openai_tgi_and_hub_like_peft(site: Site, server
     assert _same_greedy(ids, adapted)
     out = client.completions.create(model="tiny-poet", prompt=PROMPT, max_tokens=MAX_NEW, temperature=0)
     assert out.model == "tiny-poet"  # the served name, not the engine's name of the revision
-    assert out.choices[0].text == tokenizer.decode(ids, skip_special_tokens=True)
+    # vLLM holds back a trailing incomplete UTF-8 sequence (byte-level BPE) that decode() shows as U+FFFD
+    assert out.choices[0].text.rstrip("\ufffd") == tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
     chunks = list(client.completions.create(model="tiny-poet", prompt=PROMPT, max_tokens=MAX_NEW, temperature=0,
                                             stream=True))
     assert {c.model for c in chunks} == {"tiny-poet"}
