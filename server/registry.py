@@ -241,8 +241,8 @@ class Registry:
                 continue
             if not served.held:
                 if served.loading is not None or (engine.state in UNLOADED and served.unloadable):
-                    if served.queued >= self.settings.max_queued_requests:
-                        raise Overloaded(f"Model `{engine.info.name}` is loading and {served.queued} requests "
+                    if served.load_waiters >= self.settings.max_queued_requests:
+                        raise Overloaded(f"Model `{engine.info.name}` is loading and {served.load_waiters} requests "
                                          "wait for it; retry later.", retry_after=engine.retry_after_s)
                     await self.lifecycle.wait_loaded(served, self._load_patience(served.info))
                     self._check_still_served(served)

@@ -15,6 +15,7 @@ import pytest
 
 from server.app import create_app
 from server.engines.base import ModelInfo
+from server.errors import Overloaded
 from server.registry import Registry
 from server.settings import Settings
 from tests.fixtures.gateway_app import served
@@ -144,3 +145,31 @@ def test_requests_for_both_models_at_once_all_succeed(two_on_demand: tuple[str, 
         futures = [pool.submit(_complete, url, "ab"[i % 2], delay=0.05 * (i % 3)) for i in range(16)]
         statuses = [f.result().status_code for f in futures]
     assert statuses == [200] * 16
+
+
+async def test_a_pin_moved_on_an_unloaded_model_loads_the_new_commit_next_time(tmp_path: Path) -> None:
+    import dataclasses
+
+    from server.desired import Desired
+
+    (tmp_path / "models.toml").write_text("")
+    settings = Settings(config=tmp_path / "models.toml", watch=False, engine_start_attempts=1,
+                        max_queued_requests=2)  # type: ignore[arg-type]
+    registry = _registry(tmp_path, settings, a={"on_demand": True})
+    registry._factory = lambda info, s: SyntheticProcessEngine(info, s)  # type: ignore[assignment]
+    try:
+        old = registry.engines["a"]
+        moved = dataclasses.replace(old.info, commit="1" * 40)
+        await registry.apply(Desired([moved], {}, {}))
+        new = registry.engines["a"]
+        assert new is not old and new.info.commit == "1" * 40 and new.pid is None  # nothing started
+        waiting = [asyncio.ensure_future(registry.admit("a")) for _ in range(3)]  # a load; 2 may wait for it
+        done, _ = await asyncio.wait(waiting, timeout=60, return_when=asyncio.ALL_COMPLETED)
+        outcomes = [t.exception() or t.result() for t in done]
+        slots = [o for o in outcomes if not isinstance(o, BaseException)]
+        assert len(slots) == 2 and sum(isinstance(o, Overloaded) for o in outcomes) == 1
+        assert slots[0].engine.info.commit == "1" * 40
+        for slot in slots:
+            slot.release()
+    finally:
+        await registry.stop_all()
