@@ -45,13 +45,13 @@ def ttft(url: str, model: str) -> float:
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=900,
                       headers={"Authorization": f"Bearer {KEY}"}) as r:
         r.raise_for_status()
+        first = None
         for line in r.iter_lines():
-            if line.startswith("data:") and '"text"' in line:
+            if first is None and line.startswith("data:") and '"text"' in line:
                 first = time.perf_counter() - started
-                for _ in r.iter_lines():
-                    pass
-                return first
-    raise RuntimeError("no token came")
+    if first is None:
+        raise RuntimeError("no token came")
+    return first
 
 
 def cli(config: Path, *args: str) -> None:
