@@ -237,17 +237,18 @@ def test_adapter_rolls_back_and_shows_in_status_like_a_model(site: Site, server:
 
 
 def test_idle_model_is_unloaded_and_its_processes_are_gone(site: Site, server: Server) -> None:
+    """tiny-a (loaded by the adapter tests) gets ``idle_unload_s = 2`` by an edit of models.toml: it unloads."""
+    pid = _pid(server, "tiny-a")
+    assert pid is not None and _models(server)["tiny-a"]["state"] == "loaded"
+    children = [p.pid for p in psutil.Process(pid).children(recursive=True)]
     config = site.site.config
     text = config.read_text(encoding="utf-8")
-    config.write_text(text.replace(f'repo = "{OTHER_REPO}"', f'repo = "{OTHER_REPO}"\nidle_unload_s = 2'),
+    assert text.count(f'repo = "{BASE_REPO}"\n') == 1
+    config.write_text(text.replace(f'repo = "{BASE_REPO}"\n', f'repo = "{BASE_REPO}"\nidle_unload_s = 2\n'),
                       encoding="utf-8")
-    server.wait_for("idle_unload_s to apply", lambda: server.health()["models"]["tiny-b"].get("idle_unload_s") == 2,
-                    timeout=60)
-    _client(server).completions.create(model="tiny-b", prompt=PROMPT, max_tokens=2)
-    pid = _pid(server, "tiny-b")
-    assert pid is not None
-    children = [p.pid for p in psutil.Process(pid).children(recursive=True)]
-    server.wait_for("tiny-b to unload when idle", lambda: _models(server)["tiny-b"]["state"] == "unloaded",
-                    timeout=60)
-    server.wait_for("tiny-b's processes to be gone",
+    server.wait_for("tiny-a to unload when idle", lambda: _models(server)["tiny-a"]["state"] == "unloaded",
+                    timeout=120)
+    assert server.health()["models"]["tiny-a"]["idle_unload_s"] == 2  # type: ignore[index]
+    server.wait_for("tiny-a's processes to be gone",
                     lambda: not any(psutil.pid_exists(p) for p in [pid, *children]), timeout=60)
+    assert httpx.get(f"{server.url}/ready", timeout=10).status_code == 200
