@@ -4,6 +4,7 @@ a full disk, and kill -9 during gc and import-bundle."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -283,14 +284,21 @@ def test_full_disk_during_sync_is_not_retried_and_leaves_no_part(
     upstream.publish(tiny_llama, TINY_REPO)
     disk = small_disk("3m")
     with FaultyProxy(upstream.url) as proxy:
-        proxy.faults.bytes_per_s = 2 * 1024 * 1024  # the weights take ~1 s: time to fill the disk under them
+        proxy.faults.bytes_per_s = 512 * 1024  # the weights take ~3 s: time to fill the disk under them
         cfg = write_config(disk, extra=f'[upstream]\nendpoint = "{proxy.url}"\nretries = 3\n')
         store = Store(disk / "store")
+
+        def downloading() -> bool:
+            for part in store.tmp_dir.glob("*.part"):
+                with contextlib.suppress(FileNotFoundError):  # a small file done between glob and stat
+                    if part.stat().st_size > 64 * 1024:
+                        return True
+            return False
 
         def fill_once_downloading() -> None:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
-                if any(p.stat().st_size > 64 * 1024 for p in store.tmp_dir.glob("*.part")):
+                if downloading():
                     fill(disk)
                     return
                 time.sleep(0.01)
