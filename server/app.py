@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from server.desired import desired_models
+from server.desired import desired_models, unserved_models
 from server.errors import ModelNotVerified, document_errors, install_error_handlers
 from server.ops.auth import KeyChecker
 from server.ops.gateway import GatewayMiddleware
@@ -73,7 +73,7 @@ def build_registry(settings: Settings) -> Registry:
 
     config = load_config(settings.config, settings.store)
     desired = desired_models(config)
-    missing = [reason for name, reason in desired.waiting.items() if config.manifest.base_of(name) is None]
+    missing = unserved_models(config, desired)
     if missing and not settings.wait_for_sync:
         raise ModelNotVerified(missing[0])
     for reason in desired.waiting.values():

@@ -20,7 +20,7 @@ from sync.errors import ConfigError
 from sync.integrity import is_corrupt
 from sync.lock import Lock, pinned_commit, read_lock
 from sync.manifest import AdapterSpec, Config, ModelSpec
-from sync.store import RevisionRecord, Store
+from sync.store import Store
 
 log = logging.getLogger("hubserve.desired")
 
@@ -38,8 +38,8 @@ class Desired:
     adapters: dict[str, list[AdapterInfo]] = dataclasses.field(default_factory=dict)  # base name → its adapters
 
 
-def _unverified(name: str, repo: str, revision: str, commit: str | None, config: Config, store: Store) -> str:
-    if commit is not None and is_corrupt(store, repo, commit):
+def _unverified(name: str, repo: str, revision: str, commit: str | None, config: Config, corrupt: bool) -> str:
+    if commit is not None and corrupt:
         return (f"model '{name}' ({repo}@{commit[:12]}) is marked corrupt in the store {config.store_path} (a file "
                 "failed verification); `hubserve daemon` repairs it from upstream, or run `hubserve sync`")
     if commit is None:
@@ -64,10 +64,9 @@ def desired_models(
     for spec in config.manifest.models:
         commit = pinned_commit(lock, spec.name, spec.repo, spec.revision)
         record = store.get_revision(spec.repo, commit) if commit else None
-        if commit is not None and record is not None and is_corrupt(store, spec.repo, commit):
-            record = None  # verify found it damaged: no engine starts on it until it is repaired
-        if commit is None or record is None:
-            reason = _unverified(spec.name, spec.repo, spec.revision, commit, config, store)
+        corrupt = record is not None and is_corrupt(store, spec.repo, record.commit)
+        if commit is None or record is None or corrupt:  # corrupt: no engine starts on it until it is repaired
+            reason = _unverified(spec.name, spec.repo, spec.revision, commit, config, corrupt)
             current = keep.get(spec.name)
             if current is not None and current.repo == spec.repo:
                 out.models.append(current)
@@ -128,18 +127,13 @@ def _adapter(config: Config, a: AdapterSpec, spec: ModelSpec, base: ModelInfo, s
                           f"served on text-generation models")
     commit = pinned_commit(lock, a.name, a.repo, a.revision)
     record = store.get_revision(a.repo, commit) if commit else None
-    if commit is None or record is None or is_corrupt(store, a.repo, commit):
-        raise ConfigError(_unverified(a.name, a.repo, a.revision, commit, config, store).replace(
+    corrupt = record is not None and is_corrupt(store, a.repo, record.commit)
+    if commit is None or record is None or corrupt:
+        raise ConfigError(_unverified(a.name, a.repo, a.revision, commit, config, corrupt).replace(
             "model '", "adapter '", 1))
-    snapshot = store.snapshot_dir(a.repo, commit)
-    rank = _fits(record, snapshot, Path(base.snapshot), a.name, spec.name, spec.repo, base.commit)
-    return AdapterInfo(name=a.name, repo=a.repo, commit=commit, snapshot=str(snapshot), base=spec.name, rank=rank)
-
-
-def _fits(record: RevisionRecord, snapshot: Path, base_snapshot: Path, name: str, base_name: str, base_repo: str,
-          base_commit: str) -> int:
-    return _check_cached(record.repo, record.commit, str(snapshot), str(base_snapshot), name, base_name, base_repo,
-                         base_commit)
+    snapshot = str(store.snapshot_dir(a.repo, commit))
+    rank = _check_cached(a.repo, commit, snapshot, base.snapshot, a.name, spec.name, spec.repo, base.commit)
+    return AdapterInfo(name=a.name, repo=a.repo, commit=commit, snapshot=snapshot, base=spec.name, rank=rank)
 
 
 @functools.lru_cache(maxsize=256)
@@ -154,8 +148,12 @@ def _check_cached(repo: str, commit: str, snapshot: str, base_snapshot: str, nam
 def resolve_models(config: Config) -> list[ModelInfo]:
     """The verified revision of every model of the manifest; ModelNotVerified names the first one missing."""
     desired = desired_models(config)
-    missing = {n: r for n, r in desired.waiting.items() if n in config.manifest.names() and
-               config.manifest.base_of(n) is None}
+    missing = unserved_models(config, desired)
     if missing:
-        raise ModelNotVerified(next(iter(missing.values())))
+        raise ModelNotVerified(missing[0])
     return desired.models
+
+
+def unserved_models(config: Config, desired: Desired) -> list[str]:
+    """Why each model (not adapter) of the manifest cannot be served yet."""
+    return [reason for name, reason in desired.waiting.items() if config.manifest.base_of(name) is None]

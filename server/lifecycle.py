@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from server.desired import Desired
-from server.engines.base import AdapterInfo, Engine, EngineState, ModelInfo
+from server.engines.base import AdapterInfo, Engine, EngineState, ModelInfo, drained
 from server.errors import EngineUnavailable, ModelLoading
 from server.served import ServedModel
 from server.settings import RolloutStrategy
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("hubserve.lifecycle")
 
 GIB = 1024**3
-DRAIN_POLL_S = 0.05
 ROOM_POLL_S = 0.1
 DEFAULT_LOAD_ESTIMATE_S = 60.0  # what a 503 says a first load takes, before one was measured
 
@@ -166,17 +165,14 @@ class Lifecycle:
 
     def loading_error(self, served: ServedModel) -> ModelLoading:
         estimate = served.load_s or DEFAULT_LOAD_ESTIMATE_S
-        task = served.loading
-        elapsed = time.monotonic() - getattr(task, "hubserve_started", time.monotonic()) if task else 0.0
-        remaining = max(1.0, estimate - elapsed)
-        return ModelLoading(served.info.name, remaining)
+        elapsed = time.monotonic() - served.load_started if served.loading is not None else 0.0
+        return ModelLoading(served.info.name, max(1.0, estimate - elapsed))
 
     def load(self, served: ServedModel) -> asyncio.Task[None]:
         """The load of ``served`` under way, or a new one."""
         if served.loading is None:
             task = asyncio.create_task(self._load(served), name=f"load:{served.info.name}")
-            task.hubserve_started = time.monotonic()  # type: ignore[attr-defined]
-            served.loading = task
+            served.loading, served.load_started = task, time.monotonic()
             task.add_done_callback(lambda t: self._loaded(served, t))
         return served.loading
 
@@ -354,10 +350,7 @@ class Lifecycle:
 
     async def _drain_and_stop(self, engine: Engine) -> None:
         self._retiring.add(engine)  # cancelled half-way (shutdown), stop_all still stops it
-        deadline = time.monotonic() + self.settings.drain_timeout_s
-        while engine.in_flight > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(DRAIN_POLL_S)
-        if engine.in_flight > 0:
+        if not await drained(engine, self.settings.drain_timeout_s):
             log.warning("model %s: %d request(s) still in flight after %.0f s; stopping the engine",
                         engine.info.name, engine.in_flight, self.settings.drain_timeout_s)
         await engine.stop()

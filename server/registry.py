@@ -24,7 +24,7 @@ from server.desired import Desired
 from server.engines.base import AdapterInfo, Admission, Engine, EngineState, ModelInfo
 from server.errors import EngineUnavailable, InvalidRequest, ModelNotFound, Overloaded
 from server.lifecycle import GIB, Lifecycle, available_memory
-from server.ops.auth import authorize
+from server.ops.auth import authorize, may_use_names
 from server.ops.context import bound_time, current, note_queue
 from server.served import UNLOADED, ServedModel
 from server.settings import Settings
@@ -33,12 +33,6 @@ from server.tasks.catalog import task_timeout_s
 log = logging.getLogger("hubserve.registry")
 
 EngineFactory = Callable[[ModelInfo, Settings], Engine]
-
-
-def _may_name(name: str) -> bool:
-    """Whether the current request's key may use (so learn of) the model ``name``."""
-    ctx = current()
-    return ctx is None or ctx.principal is None or ctx.principal.may_use((name,))
 
 
 class Registry:
@@ -119,11 +113,14 @@ class Registry:
                 return base, adapter
         return None
 
-    def _lookup(self, name_or_repo: str | None) -> tuple[ServedModel, AdapterInfo | None]:
+    def _lookup(self, name_or_repo: str | None) -> tuple[ServedModel, AdapterInfo | None, Engine]:
+        """The served model, the adapter (None: the model itself) and the engine (or adapter view) a name means,
+        once the request's key may use it; its time limit bounds the request from here."""
         if not name_or_repo:
-            return self._served[self.default().info.name], None
+            engine = self.default()
+            return self._served[engine.info.name], None, engine
         found = self._find(name_or_repo)
-        if found is None and name_or_repo in self.waiting and _may_name(name_or_repo):
+        if found is None and name_or_repo in self.waiting and may_use_names((name_or_repo,)):
             raise EngineUnavailable(
                 f"Model `{name_or_repo}` is not loaded yet: {self.waiting[name_or_repo]}; retry later.",
                 retry_after=self.settings.retry_after_s,
@@ -131,10 +128,10 @@ class Registry:
         if found is None:
             raise ModelNotFound(name_or_repo, self.names())
         served, adapter = found
-        info = served.info if adapter is None else self._adapter_info(served, adapter)
-        authorize(info)  # the request's key may use this model (403 otherwise); every family comes here
+        engine = served.engine if adapter is None else self.get_adapter(served, adapter)
+        authorize(engine.info)  # the request's key may use this model (404 otherwise); every family comes here
         bound_time(self.timeout_s(served.info))  # the model's time limit replaces the server's
-        return served, adapter
+        return served, adapter, engine
 
     def adapter_of(self, base: Engine, adapter_id: str) -> Engine:
         """The adapter ``adapter_id`` (served name or repo id) of the model ``base`` serves (TGI's adapter_id);
@@ -150,9 +147,6 @@ class Registry:
         authorize(view.info)
         return view
 
-    def _adapter_info(self, served: ServedModel, adapter: AdapterInfo) -> ModelInfo:
-        return self.get_adapter(served, adapter).info
-
     def timeout_s(self, info: ModelInfo) -> float:
         """How long one request to ``info`` may take: its ``timeout_s``, else its task kind's default."""
         return info.timeout_s or task_timeout_s(info.task, self.settings.request_timeout_s)
@@ -160,8 +154,7 @@ class Registry:
     def get(self, name_or_repo: str | None) -> Engine:
         """The engine serving ``name_or_repo`` (served name first, then repo id, then adapters); None →
         ``default()``. For an adapter, its view on the base engine (loaded or not yet)."""
-        served, adapter = self._lookup(name_or_repo)
-        return served.engine if adapter is None else self.get_adapter(served, adapter)
+        return self._lookup(name_or_repo)[2]
 
     @staticmethod
     def get_adapter(served: ServedModel, adapter: AdapterInfo) -> Engine:
@@ -180,8 +173,8 @@ class Registry:
                 authorize(served.info)
                 return served.engine
         if len(self._served) == 1:
-            return self._lookup(next(iter(self._served)))[0].engine
-        visible = [n for n in self.names() if _may_name(n)]  # a restricted key learns only its own models
+            return self._lookup(next(iter(self._served)))[2]
+        visible = [n for n in self.names() if may_use_names((n,))]  # a restricted key learns only its own models
         raise InvalidRequest(
             f"This server serves several models and none is the default; name one of: {', '.join(visible)}.",
             param="model",
@@ -228,7 +221,7 @@ class Registry:
         down answers EngineUnavailable (503) at once.
         """
         name = engine_or_name.info.name if isinstance(engine_or_name, Engine) else engine_or_name
-        served, adapter = self._lookup(name)
+        served, adapter, _ = self._lookup(name)
         loop = asyncio.get_running_loop()
         deadline: float | None = None
         entered = loop.time()

@@ -22,7 +22,8 @@ class ServedModel:
         self.rollout: dict[str, Any] | None = None  # the last rollout: state, commits, error, timings
         self.failed: ModelInfo | None = None  # a revision that failed to start (not retried until it changes)
         self.adapters: list[AdapterInfo] = list(adapters or [])  # what should be loaded into the engine
-        self.loading: asyncio.Task[None] | None = None  # a load in progress (on demand, or at boot)
+        self.loading: asyncio.Task[None] | None = None  # a load in progress (on demand)
+        self.load_started = 0.0  # when that load began (monotonic)
         self.load_s: float | None = None  # how long the last load took (the estimate a 503 gives)
         self.unloads = 0
         self.load_waiters = 0  # requests waiting for a load to finish

@@ -12,6 +12,7 @@ in the generator's ``finally`` (``Admission`` is idempotent).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
 from abc import ABC, abstractmethod
@@ -26,6 +27,7 @@ import httpx
 from server.errors import EngineUnavailable, Overloaded
 
 GIB = 1024**3
+DRAIN_POLL_S = 0.05
 
 
 class EngineState(enum.StrEnum):
@@ -262,3 +264,11 @@ class Engine(ABC):
             "ready_for_s": round(time.monotonic() - self.ready_since, 1) if self.ready_since else None,
             "last_error": self.last_error,
         }
+
+
+async def drained(engine: Engine, timeout_s: float) -> bool:
+    """Wait until ``engine`` has no request in flight, at most ``timeout_s``; whether it got there."""
+    deadline = time.monotonic() + timeout_s
+    while engine.in_flight > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(DRAIN_POLL_S)
+    return engine.in_flight == 0

@@ -17,12 +17,11 @@ import time
 import httpx
 
 from server.engines.adapter import AdapterEngine
-from server.engines.base import AdapterInfo, Engine
+from server.engines.base import AdapterInfo, Engine, drained
 from server.errors import EngineStartError
 
 log = logging.getLogger("hubserve.lora")
 
-DRAIN_POLL_S = 0.05
 
 
 class AdapterSet:
@@ -32,7 +31,6 @@ class AdapterSet:
         self.base = base
         self.drain_timeout_s = drain_timeout_s
         self.current: dict[str, AdapterEngine] = {}  # served name → the view requests are admitted to
-        self.failed: dict[str, str] = {}  # served name → why the engine did not load it
         self._retiring: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         self._live: httpx.AsyncClient | None = None  # the running process's client, once it loaded the adapters
@@ -48,14 +46,13 @@ class AdapterSet:
         knows none). Under the lock, so an ``apply`` meanwhile either comes first or loads through ``client``."""
         async with self._lock:
             self._live = None
-            for name, view in list(self.current.items()):
+            for view in list(self.current.values()):
                 try:
                     await _load(client, view.adapter_info)
                 except EngineStartError as e:  # the base serves on; the adapter answers 503 with the reason
                     log.error("model %s: %s", self.base.info.name, e)
                     view.unloaded = True
                     view.last_error = str(e)
-                    self.failed[name] = str(e)
             self._live = client
 
     async def apply(self, wanted: list[AdapterInfo]) -> None:
@@ -77,7 +74,6 @@ class AdapterSet:
                             raise  # the running engine refused it
                         # the engine died meanwhile: its restart loads the adapter (load_all)
                 self.current[adapter.name] = AdapterEngine(self.base, adapter)
-                self.failed.pop(adapter.name, None)
                 log.info("model %s: adapter %s %s %s in %.2f s", self.base.info.name, adapter.name,
                          "moved to" if view else "loaded at", adapter.commit[:12], time.monotonic() - started)
                 if view is not None:
@@ -92,16 +88,14 @@ class AdapterSet:
         task.add_done_callback(self._retiring.discard)
 
     async def _unload_when_idle(self, view: AdapterEngine) -> None:
-        deadline = time.monotonic() + self.drain_timeout_s
-        while view.in_flight > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(DRAIN_POLL_S)
+        await drained(view, self.drain_timeout_s)
         view.unloaded = True
         live = self._live
         if live is None or live.is_closed:
             return
         with contextlib.suppress(httpx.HTTPError):
             await live.post("/v1/unload_lora_adapter", json={"lora_name": view.adapter_info.engine_name},
-                                          timeout=30.0)
+                            timeout=30.0)
 
     async def close(self) -> None:
         """The engine stopped: nothing is loaded any more (a start loads the current adapters again)."""

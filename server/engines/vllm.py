@@ -162,8 +162,8 @@ class VLLMEngine(ProcessEngine):
 
     async def sleep(self) -> None:
         """vLLM's sleep level 1: weights to host memory, KV cache dropped; the process stays (POST /sleep)."""
-        response = await self.client().post("/sleep", params={"level": 1}, timeout=self.settings.engine_stop_timeout_s
-                                            * 20)
+        timeout = self.settings.engine_stop_timeout_s * 20  # weights copied to host memory: longer than a stop
+        response = await self.client().post("/sleep", params={"level": 1}, timeout=timeout)
         response.raise_for_status()
         self._state = EngineState.SLEEPING
 

@@ -127,6 +127,11 @@ def authorize(info: ModelInfo) -> None:
 
 def may_see(info: ModelInfo) -> bool:
     """Whether the current request's key may see the model (in /v1/models)."""
+    return may_use_names(info.served_names)
+
+
+def may_use_names(names: tuple[str, ...]) -> bool:
+    """Whether the current request's key may use (and so learn of) a model known by one of ``names``."""
     ctx = context.current()
     who = ctx.principal if ctx is not None else None
-    return who is None or who.may_use(info.served_names)
+    return who is None or who.may_use(names)
