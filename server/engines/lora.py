@@ -49,6 +49,7 @@ class AdapterSet:
             for view in list(self.current.values()):
                 try:
                     await _load(client, view.adapter_info)
+                    view.unloaded = False  # it may have failed to load into the engine's previous process
                 except EngineStartError as e:  # the base serves on; the adapter answers 503 with the reason
                     log.error("model %s: %s", self.base.info.name, e)
                     view.unloaded = True

@@ -127,3 +127,21 @@ def test_engine_flags_for_adapters_and_sleep_mode(tmp_path: Path) -> None:
     assert "enable_sleep_mode" not in effective_engine_args(info, Device.GPU, settings)  # resident: never sleeps
     no_sleep = Settings(gpu_sleep=False)  # type: ignore[call-arg]
     assert "enable_sleep_mode" not in effective_engine_args(on_demand, Device.GPU, no_sleep)
+
+
+async def test_an_adapter_the_engine_refused_is_served_again_once_a_restart_loads_it(tmp_path: Path) -> None:
+    import httpx
+
+    from server.engines.base import AdapterInfo
+    from server.engines.lora import AdapterSet
+    from tests.fixtures.scripted_engine import ScriptedEngine
+
+    answers = iter([httpx.Response(500, text="refused"), httpx.Response(200, text="Success")])
+    client = httpx.AsyncClient(transport=httpx.MockTransport(lambda _r: next(answers)), base_url="http://engine")
+    base = ScriptedEngine(ModelInfo("m", "o/m", "0" * 40, "text-generation", str(tmp_path)), lambda _r: None)  # type: ignore[arg-type,return-value]
+    adapters = AdapterSet(base, drain_timeout_s=1.0)
+    await adapters.apply([AdapterInfo("p", "o/p", "1" * 40, str(tmp_path), "m", 8)])  # no process yet
+    await adapters.load_all(client)  # the engine refuses it: 503 with the reason
+    assert adapters.lookup("p").unloaded  # type: ignore[union-attr]
+    await adapters.load_all(client)  # the engine's next process loads it
+    assert not adapters.lookup("p").unloaded  # type: ignore[union-attr]
