@@ -12,8 +12,9 @@ from pathlib import Path
 from sync.errors import DiskFullError, disk_full
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never a torn one.
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never a torn one; the file has
+    ``mode`` from its first byte (the temp file is created 0600 and changed before anything is written).
 
     A full disk is a DiskFullError with the temp file removed and ``path`` as it was.
     """
@@ -21,7 +22,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            os.fchmod(fd, 0o644)
+            os.fchmod(fd, mode)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

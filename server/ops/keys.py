@@ -17,10 +17,8 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
-import os
 import re
 import secrets
-import tempfile
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +26,7 @@ from typing import Any
 
 import tomli_w
 
-from sync.diskio import fsync_dir as _fsync_dir
+from sync.diskio import atomic_write
 from sync.errors import ConfigError, HubserveError
 from sync.filelock import exclusive
 
@@ -130,20 +128,7 @@ def write_keys(path: Path, records: dict[str, KeyRecord]) -> None:
     """Atomic write (temp file, fsync, rename, directory fsync), readable by the owner only: a running server
     never sees half, and a crash after the rename keeps it. Concurrent writers go through ``update_keys``."""
     body = HEADER + tomli_w.dumps({"keys": [r.to_toml() for r in records.values()]})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the store's atomic_write makes files 0644; a keys file stays 0600 from its first byte (mkstemp's mode)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, body.encode(), mode=0o600)
 
 
 class KeysFileError(HubserveError):
