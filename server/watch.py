@@ -63,7 +63,8 @@ class ManifestWatcher:
             self._last_error = None
         keep = {name: engine.info for name, engine in self.registry.engines.items()}
         keep_adapters = {a.name: a for _, a in self.registry.adapters()}
-        desired = desired_models(config, keep, keep_adapters)
+        # reads the lock, the store's records and adapters' safetensors headers: off the event loop
+        desired = await asyncio.to_thread(desired_models, config, keep, keep_adapters)
         await self.registry.apply(desired)
         return {"applied": True, "waiting": desired.waiting, "pending": desired.pending}
 
