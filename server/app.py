@@ -18,6 +18,7 @@ from server.ops.keys import KeyRing
 from server.ops.metrics import Metrics
 from server.registry import Registry
 from server.settings import Settings
+from server.state import open_state
 from server.watch import ManifestWatcher
 
 log = logging.getLogger("hubserve.app")
@@ -46,6 +47,7 @@ def create_app(settings: Settings, registry: Registry | None = None, start_engin
             if watcher is not None:
                 await watcher.stop()
             await registry.stop_all()
+            await app.state.state.close()
 
     # the docs routes are server/ops/routes.py's docs_router: closed like the API once keys exist
     app = FastAPI(title="hubserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -54,6 +56,8 @@ def create_app(settings: Settings, registry: Registry | None = None, start_engin
     app.state.registry = registry
     app.state.watcher = None
     app.state.started = time.time()
+    # budgets, usage, idempotency records, the response cache, batch jobs (server/state/): SQLite or Redis
+    app.state.state = open_state(settings.state_url, settings.state_path())
     app.state.key_checker = KeyChecker(settings.all_key_digests(), KeyRing(settings.keys_path()),
                                        reserve=settings.max_new_tokens)
     metrics = Metrics()

@@ -74,6 +74,15 @@ class Settings(BaseSettings):
         default=LogFormat.AUTO, description="json (one object per line), text, or auto: text on a terminal."
     )
 
+    # ---- shared state (budgets, usage, idempotency, cache, batches) ----------------------------------------
+    state_url: str | None = Field(
+        default=None, repr=False, description="Where the gateway keeps its state: unset = an embedded SQLite file "
+        "(state.db beside keys.toml); redis://host:port/db (or rediss://) = one Redis shared by several gateways.",
+    )
+    cache_max_bytes: int = Field(
+        default=256 * 1024**2, ge=0, description="Most bytes the response cache holds (least recently used out first).",
+    )
+
     # ---- limits -----------------------------------------------------------------------------------------
     max_concurrent_requests: int = Field(
         default=128, ge=1, description="In-flight requests per model; more wait in the queue, then 429."
@@ -228,6 +237,10 @@ class Settings(BaseSettings):
             return self.keys_file
         config = self.config if self.config is not None else Path("models.toml")
         return config.parent / "keys.toml"
+
+    def state_path(self) -> Path:
+        """The embedded state database: state.db beside the keys file (its files in state.db.files/)."""
+        return self.keys_path().parent / "state.db"
 
     def all_key_digests(self) -> frozenset[str]:
         """Digests of every accepted API key (empty: auth is off)."""
