@@ -5,7 +5,10 @@
 - the body limit (413), the per-request timeout (504, or an error event once a stream has started);
 - a client that disconnects cancels its request, which closes the engine connection: vLLM aborts the
   generation (streamed or not) instead of finishing it for nobody;
-- one log line and the metrics per request, with its key name, model, tokens, queue time and latency.
+- one log line and the metrics per request, with its key name, model, tokens, queue time and latency;
+- ``X-Hubserve-Model`` / ``X-Hubserve-Commit`` on every answer that a model gave: the served name and the
+  commit that answered (an alias's fallback, a batch line and a cached answer are told apart by them).
+  The request's context is also at ``scope["state"]["request_context"]``, for in-process callers (batches).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ access_log = logging.getLogger("hubserve.access")
 MAX_HEADER_BYTES = 32 * 1024  # nginx's default for large headers; far above what any client sends
 QUIET_PATHS = frozenset({"/metrics", "/health", "/ready"})  # probes: no log line, no request metrics
 PROMPT_LOG_BYTES = 4000
+OWN_HEADERS = frozenset({b"x-request-id", b"x-hubserve-model", b"x-hubserve-commit"})  # only the gateway sets them
 
 
 class _Exchange:
@@ -73,6 +77,7 @@ class GatewayMiddleware:
         ctx = RequestContext(rid, engine_rid)
         ctx.scale_up_timeout_s = context.scale_up_timeout(headers.get("x-scale-up-timeout"))
         scope.setdefault("state", {})["request_id"] = rid
+        scope["state"]["request_context"] = ctx
         ex = _Exchange()
         token = context.begin(ctx)
         try:
@@ -154,7 +159,7 @@ class GatewayMiddleware:
                 return message
 
             with app_scope:
-                await self.app(scope, app_receive, self._wrap_send(send, ex, ctx.request_id))
+                await self.app(scope, app_receive, self._wrap_send(send, ex, ctx.request_id, ctx))
             tg.cancel_scope.cancel()  # stop the watcher
 
     async def _timed_out(self, scope: Scope, send: Send, ex: _Exchange, ctx: RequestContext) -> None:
@@ -169,15 +174,20 @@ class GatewayMiddleware:
             await send({"type": "http.response.body", "body": tail, "more_body": False})
             ex.complete = True
 
-    def _wrap_send(self, send: Send, ex: _Exchange, rid: str) -> Send:
+    def _wrap_send(self, send: Send, ex: _Exchange, rid: str, ctx: RequestContext | None = None) -> Send:
         log_prompts = self.settings.log_prompts
 
         async def wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
                 ex.status = message["status"]
-                raw = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                raw = [(k, v) for k, v in message.get("headers", []) if k.lower() not in OWN_HEADERS]
                 ex.stream = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in raw)
-                message = {**message, "headers": [*raw, (b"x-request-id", rid.encode())]}
+                raw.append((b"x-request-id", rid.encode()))
+                if ctx is not None and ctx.model is not None:  # names validated by models.toml; commits are hex
+                    raw.append((b"x-hubserve-model", ctx.model.encode()))
+                    if ctx.commit:
+                        raw.append((b"x-hubserve-commit", ctx.commit.encode()))
+                message = {**message, "headers": raw}
             elif message["type"] == "http.response.body":
                 body = message.get("body", b"")
                 if body:

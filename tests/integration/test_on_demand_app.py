@@ -65,7 +65,9 @@ def test_a_request_loads_its_model_and_the_lru_idle_one_makes_room(two_on_demand
     url, registry = two_on_demand
     assert httpx.get(f"{url}/ready", timeout=10).status_code == 200  # nothing loaded, and ready
     assert _state(url) == {"a": "unloaded", "b": "unloaded"}
-    assert _complete(url, "a").status_code == 200
+    answer = _complete(url, "a")
+    assert answer.status_code == 200
+    assert (answer.headers["x-hubserve-model"], answer.headers["x-hubserve-commit"]) == ("a", "0" * 40)
     assert _state(url) == {"a": "loaded", "b": "unloaded"}
     a_pid = registry.engines["a"].pid
     assert a_pid is not None
