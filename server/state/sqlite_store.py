@@ -43,12 +43,18 @@ class SQLiteStore(StateStore):
         self.blob_dir = path.with_name(path.name + ".files")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubserve-state")
         self._writes = 0
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = self._executor.submit(self._connect).result()
-        except (OSError, sqlite3.Error) as e:
-            self._executor.shutdown(wait=False)
-            raise StateUnavailable(f"state database {path}: cannot open it ({e})") from None
+        self._db: sqlite3.Connection | None = None  # opened by the first call: an app that keeps no state makes no file
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        """The connection (state thread only), opened on first use."""
+        if self._db is None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = self._connect()
+            except OSError as e:
+                raise StateUnavailable(f"state database {self.path}: cannot open it ({e.strerror or e})") from None
+        return self._db
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
@@ -320,8 +326,10 @@ class SQLiteStore(StateStore):
 
     async def close(self) -> None:
         def op() -> None:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.close()
+            if self._db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.close()
+                self._db = None
 
         with contextlib.suppress(RuntimeError):
             await asyncio.get_running_loop().run_in_executor(self._executor, op)
