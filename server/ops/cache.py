@@ -109,9 +109,8 @@ def _seeded_or_greedy(params: dict[str, Any]) -> bool:
     return any(_seed(p.get("seed")) or p.get("do_sample") is False for p in (params, inner))
 
 
-def cache_key(model: str, commit: str, base_commit: str | None, route: str, accept: str, body: bytes,
+def cache_key(model: str, commit: str, base_commit: str | None, route: str, accept: str, body_digest: str,
               max_new_tokens: int | None) -> str:
-    """The cache key of one answer: what decides it, hashed. ``body``: the canonical body (normalize_body)."""
-    head = json.dumps([model, commit, base_commit, route, accept, max_new_tokens]).encode()
-    digest = hashlib.sha256(head + b"\0" + body).hexdigest()
-    return f"cache:{digest}"
+    """The cache key of one answer: what decides it, hashed. ``body_digest``: sha256 of the canonical body."""
+    parts = json.dumps([model, commit, base_commit, route, accept, body_digest, max_new_tokens]).encode()
+    return f"cache:{hashlib.sha256(parts).hexdigest()}"

@@ -45,8 +45,15 @@ def normalize_body(body: bytes, content_type: str) -> tuple[bytes, object]:
     return body, None
 
 
-def fingerprint(canonical: bytes) -> str:
-    return hashlib.sha256(canonical).hexdigest()
+def digest_body(body: bytes, content_type: str) -> tuple[str, object]:
+    """(sha256 of the normalized body, parsed JSON or None): what a request is compared and keyed by."""
+    canonical, payload = normalize_body(body, content_type)
+    return hashlib.sha256(canonical).hexdigest(), payload
+
+
+def fingerprint(model: str, body_digest: str) -> str:
+    """An Idempotency-Key's request: its body and the model it resolved to."""
+    return hashlib.sha256(f"{model}\0{body_digest}".encode()).hexdigest()
 
 
 def identity(principal_name: str, presented_key: str | None) -> str:

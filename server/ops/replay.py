@@ -36,7 +36,7 @@ from server.errors import IdempotencyKeyReused, InvalidIdempotencyKey, error_res
 from server.ops.auth import presented_key
 from server.ops.cache import cache_key, cacheable
 from server.ops.context import RequestContext
-from server.ops.idempotency import BIG_BODY, check_key, fingerprint, identity, normalize_body, record_key
+from server.ops.idempotency import BIG_BODY, check_key, digest_body, fingerprint, identity, record_key
 from server.settings import Settings
 from server.state import StateStore, StateUnavailable
 
@@ -193,16 +193,16 @@ class _Exchange:
         if not self.body_done:  # the route looked the model up before reading its body: nothing to key on
             return
         body, content_type = bytes(self.body), self.headers.get("content-type", "")
-        if len(body) > BIG_BODY:
-            canonical, payload = await anyio.to_thread.run_sync(normalize_body, body, content_type)
+        if len(body) > BIG_BODY:  # parsing and hashing megabytes: off the event loop
+            digest, payload = await anyio.to_thread.run_sync(digest_body, body, content_type)
         else:
-            canonical, payload = normalize_body(body, content_type)
+            digest, payload = digest_body(body, content_type)
         info = engine.info
         if self.key is not None:
-            await self._claim(fingerprint(info.name.encode() + b"\0" + canonical))
+            await self._claim(fingerprint(info.name, digest))
         route = getattr(self.scope.get("route"), "path_format", "")
         if info.cache and cacheable(route, info.task, payload):
-            await self._lookup_cache(engine, canonical)
+            await self._lookup_cache(engine, digest)
         if self.idem is not None or self.cache is not None:
             self.recorded = bytearray()
 
@@ -229,12 +229,12 @@ class _Exchange:
                 raise _Answered(answer, REPLAYED)
             await anyio.sleep(self.settings.idempotency_poll_s)  # bounded by the request's own time limit
 
-    async def _lookup_cache(self, engine: Engine, canonical: bytes) -> None:
+    async def _lookup_cache(self, engine: Engine, digest: str) -> None:
         info = engine.info
         base = engine.base.info.commit if isinstance(engine, AdapterEngine) else None
         query = self.scope.get("query_string", b"").decode("latin-1")
         route = self.scope["path"] + (f"?{query}" if query else "")
-        key = cache_key(info.name, info.commit, base, route, self.headers.get("accept", ""), canonical,
+        key = cache_key(info.name, info.commit, base, route, self.headers.get("accept", ""), digest,
                         self.settings.max_new_tokens)
         raw = await self.store.cache_get(key)
         answer = decode_record(raw)[1] if raw is not None else None

@@ -9,7 +9,7 @@ import pytest
 
 from server.errors import InvalidIdempotencyKey
 from server.ops.cache import cache_key, cacheable, route_kind
-from server.ops.idempotency import check_key, identity, normalize_body, record_key
+from server.ops.idempotency import check_key, digest_body, fingerprint, identity, normalize_body, record_key
 from server.ops.replay import Answer, decode_record, ends_in_error, sse_events
 from sync.errors import ConfigError
 from sync.manifest import parse_manifest
@@ -35,6 +35,8 @@ def test_bodies_are_compared_as_canonical_json_or_with_the_multipart_boundary_bl
     two = normalize_body(b"--q1w2\r\nfile\r\n--q1w2--", 'multipart/form-data; boundary="q1w2"')[0]
     assert one == two
     assert normalize_body(b"\x89PNG", "image/png") == (b"\x89PNG", None)
+    assert digest_body(b'{"b":1,"a":2}', "application/json")[0] == digest_body(b'{"a": 2, "b": 1}', "")[0]
+    assert fingerprint("gen", "d") != fingerprint("emb", "d")  # the same body to another model is another request
 
 
 def test_records_are_scoped_to_the_key_the_route_and_the_header() -> None:
@@ -91,12 +93,12 @@ def test_route_kinds() -> None:
 
 
 def test_the_cache_key_changes_with_everything_that_changes_the_answer() -> None:
-    args = ("gen", "a" * 40, None, CHAT, "", b'{"temperature":0}', None)
+    args = ("gen", "a" * 40, None, CHAT, "", "d1", None)
     key = cache_key(*args)
     assert key == cache_key(*args) and key.startswith("cache:")
     variants = [("gen2",), ("gen", "b" * 40), ("gen", "a" * 40, "c" * 40), ("gen", "a" * 40, None, "/x"),
-                ("gen", "a" * 40, None, CHAT, "text/event-stream"), ("gen", "a" * 40, None, CHAT, "", b"{}"),
-                ("gen", "a" * 40, None, CHAT, "", b'{"temperature":0}', 16)]
+                ("gen", "a" * 40, None, CHAT, "text/event-stream"), ("gen", "a" * 40, None, CHAT, "", "d2"),
+                ("gen", "a" * 40, None, CHAT, "", "d1", 16)]
     others = {cache_key(*(v + args[len(v):])) for v in variants}  # type: ignore[arg-type]
     assert key not in others and len(others) == len(variants)
 
