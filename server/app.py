@@ -16,6 +16,7 @@ from server.ops.auth import KeyChecker
 from server.ops.gateway import GatewayMiddleware
 from server.ops.keys import KeyRing
 from server.ops.metrics import Metrics
+from server.ops.replay import ReplayMiddleware
 from server.registry import Registry
 from server.settings import Settings
 from server.state import open_state
@@ -63,6 +64,7 @@ def create_app(settings: Settings, registry: Registry | None = None, start_engin
     metrics = Metrics()
     metrics.watch_engines(lambda: app.state.registry)
     app.state.metrics = metrics
+    app.add_middleware(ReplayMiddleware, settings=settings, metrics=metrics)  # inside the gateway's envelope
     app.add_middleware(GatewayMiddleware, settings=settings, metrics=metrics)
     install_error_handlers(app)
     _include_routers(app)

@@ -19,7 +19,7 @@ from sync.adapters import check_adapter, engine_lora_rank, in_folder
 from sync.errors import ConfigError
 from sync.integrity import is_corrupt
 from sync.lock import Lock, pinned_commit, read_lock
-from sync.manifest import AdapterSpec, Config, ModelSpec
+from sync.manifest import DEFAULT_CACHE_TTL_S, AdapterSpec, Config, ModelSpec
 from sync.store import Store
 
 log = logging.getLogger("hubserve.desired")
@@ -92,6 +92,8 @@ def desired_models(
             on_demand=spec.load == "on-demand",
             idle_unload_s=spec.idle_unload_s,
             load_timeout_s=spec.load_timeout_s,
+            cache=spec.cache,
+            cache_ttl_s=spec.cache_ttl_s or DEFAULT_CACHE_TTL_S,
         )
         adapters = _adapters(config, spec, info, store, lock, keep_adapters, out)
         if spec.adapters and info.task in GENERATIVE_TASKS:

@@ -505,3 +505,30 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http_exception)
     app.add_exception_handler(RecursionError, on_too_deep)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+# ---- idempotency (server/ops/replay.py) ----------------------------------------------------------------------
+
+
+class InvalidIdempotencyKey(InvalidRequest):
+    """An ``Idempotency-Key`` header that is not 1-255 printable ASCII characters."""
+
+    code = "invalid_idempotency_key"
+
+    def __init__(self) -> None:
+        super().__init__("Idempotency-Key: use 1-255 printable ASCII characters.", param="Idempotency-Key")
+
+
+class IdempotencyKeyReused(ServerError):
+    """The same ``Idempotency-Key`` (same API key, same route) came with a different body or model: 422."""
+
+    status = 422
+    code = "idempotency_key_reused"
+    openai_type = "invalid_request_error"
+    tgi_type = "validation"
+    anthropic_type = "invalid_request_error"
+    hub_code = "IdempotencyKeyReused"
+
+    def __init__(self) -> None:
+        super().__init__("Idempotency-Key: this key was already used with a different request (another body or "
+                         "model); use a new key for a new request.", param="Idempotency-Key")

@@ -26,6 +26,7 @@ from server.errors import EngineUnavailable, InvalidRequest, ModelNotFound, Over
 from server.lifecycle import GIB, Lifecycle, available_memory
 from server.ops.auth import authorize, may_use_names
 from server.ops.context import bound_time, current, note_queue
+from server.ops.replay import model_resolved
 from server.served import UNLOADED, ServedModel
 from server.settings import Settings
 from server.tasks.catalog import task_timeout_s
@@ -221,7 +222,8 @@ class Registry:
         down answers EngineUnavailable (503) at once.
         """
         name = engine_or_name.info.name if isinstance(engine_or_name, Engine) else engine_or_name
-        served, adapter, _ = self._lookup(name)
+        served, adapter, view = self._lookup(name)
+        await model_resolved(view)  # an Idempotency-Key replay or a cache hit, once the key may use it (ops/replay.py)
         loop = asyncio.get_running_loop()
         deadline: float | None = None
         entered = loop.time()

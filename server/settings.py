@@ -83,6 +83,21 @@ class Settings(BaseSettings):
         default=256 * 1024**2, ge=0, description="Most bytes the response cache holds (least recently used out first).",
     )
 
+    # ---- idempotency and the response cache (server/ops/replay.py) --------------------------------------
+    idempotency_ttl_s: float = Field(
+        default=86400.0, gt=0, description="How long an Idempotency-Key's answer is kept and replayed (s).",
+    )
+    idempotency_max_bytes: int = Field(
+        default=4 * 1024**2, ge=0, description="Largest answer kept for an Idempotency-Key replay (a larger one is "
+        "sent but not kept: a retry runs again).",
+    )
+    idempotency_poll_s: float = Field(
+        default=0.05, gt=0, description="How often a duplicate of a request still running checks for its answer.",
+    )
+    cache_max_entry_bytes: int = Field(
+        default=4 * 1024**2, ge=0, description="Largest answer the response cache keeps (a larger one is not cached).",
+    )
+
     # ---- limits -----------------------------------------------------------------------------------------
     max_concurrent_requests: int = Field(
         default=128, ge=1, description="In-flight requests per model; more wait in the queue, then 429."

@@ -40,6 +40,8 @@ UNSERVED_TASKS = {
 }
 BACKENDS = ("auto", "vllm", "transformers")
 LOAD_POLICIES = ("startup", "on-demand")
+DEFAULT_CACHE_TTL_S = 600.0  # a model's `cache_ttl_s` when it sets `cache = true` and no ttl
+MAX_CACHE_TTL_S = 30 * 86400.0
 # What a PEFT adapter repo needs (and its card); anything else in it (training state, pickles) is not fetched.
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "README.md"]
 
@@ -186,10 +188,22 @@ class ModelSpec(_Strict):
         None, gt=0, description="Longest a request waits for the model to load (default HUBSERVE_LOAD_TIMEOUT_S)."
     )
     adapters: list[AdapterSpec] = Field(default_factory=list, description="LoRA adapters served on this model.")
+    cache: bool = Field(False, description="Cache deterministic answers (temperature 0 or a seed; embeddings, "
+                        "classification and other non-generative tasks), keyed on the serving commit.")
+    cache_ttl_s: float | None = Field(
+        None, gt=0, le=MAX_CACHE_TTL_S,
+        description=f"How long a cached answer is kept (default {DEFAULT_CACHE_TTL_S:g} s; needs cache = true).",
+    )
 
     _name = field_validator("name")(lambda cls, v: _check_name(v))
     _repo = field_validator("repo")(lambda cls, v: _check_repo(v))
     _revision = field_validator("revision")(lambda cls, v: _check_revision(v))
+
+    @model_validator(mode="after")
+    def _cache_ttl_needs_cache(self) -> ModelSpec:
+        if self.cache_ttl_s is not None and not self.cache:
+            raise ValueError("cache_ttl_s is set but cache is not: add cache = true (or remove cache_ttl_s)")
+        return self
 
     @field_validator("load")
     @classmethod

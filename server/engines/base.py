@@ -58,6 +58,8 @@ class ModelInfo:
     idle_unload_s: float = 0.0  # unloaded after this many idle seconds (0: never)
     load_timeout_s: float | None = None  # longest a request waits for it to load (None: HUBSERVE_LOAD_TIMEOUT_S)
     max_lora_rank: int = 0  # the engine starts with LoRA enabled up to this rank (0: no adapters, LoRA off)
+    cache: bool = False  # models.toml `cache`: deterministic answers are cached (server/ops/replay.py)
+    cache_ttl_s: float = 600.0  # models.toml `cache_ttl_s`
 
     @property
     def served_names(self) -> tuple[str, ...]:

@@ -60,6 +60,7 @@ class RequestContext:
     started_at: float = 0.0
     timeout_s: float = 0.0
     scale_up_timeout_s: float | None = None  # X-Scale-Up-Timeout: how long the client waits for a model to load
+    cache: str | None = None  # server/ops/replay.py: "hit" | "miss" (response cache), "replay" (Idempotency-Key)
 
     def add_tokens(self, tokens_in: int | None, tokens_out: int | None) -> None:
         if tokens_in is not None:

@@ -235,6 +235,7 @@ class GatewayMiddleware:
             "queue_s": round(ctx.queue_s, 4),
             "ttft_s": round(ttft, 4) if ttft is not None else None,
             "latency_s": round(latency, 4),
+            "cache": ctx.cache,
         }
         if self.settings.log_prompts:
             line["prompt"] = ex.prompt.decode(errors="replace")

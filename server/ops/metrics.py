@@ -79,6 +79,11 @@ class Metrics:
             "hubserve_key_requests", "Requests by API key name.", ("key", "model", "status"), registry=self.registry
         )
 
+        self.cache_requests = Counter(
+            "hubserve_cache_requests", "Response cache lookups (cacheable requests of models with cache = true).",
+            ("model", "result"), registry=self.registry,
+        )
+
     def watch_engines(self, registry_fn: Callable[[], Registry | None]) -> None:
         self.registry.register(EngineCollector(registry_fn))
 
