@@ -35,9 +35,10 @@ DEFAULT_LOAD_ESTIMATE_S = 60.0  # what a 503 says a first load takes, before one
 
 
 def same_engine(a: ModelInfo, b: ModelInfo) -> bool:
-    """Whether one engine can serve both: they differ at most in the default flag and the load policy."""
+    """Whether one engine can serve both: they differ at most in the default flag, the load and cache policies."""
     def key(m: ModelInfo) -> ModelInfo:
-        return dataclasses.replace(m, default=False, on_demand=False, idle_unload_s=0.0, load_timeout_s=None)
+        return dataclasses.replace(m, default=False, on_demand=False, idle_unload_s=0.0, load_timeout_s=None,
+                                   cache=False, cache_ttl_s=600.0)
     return key(a) == key(b)
 
 

@@ -25,7 +25,7 @@ from server.engines.base import AdapterInfo, Admission, Engine, EngineState, Mod
 from server.errors import EngineUnavailable, InvalidRequest, ModelNotFound, Overloaded
 from server.lifecycle import GIB, Lifecycle, available_memory
 from server.ops.auth import authorize, may_use_names
-from server.ops.context import bound_time, current, note_queue
+from server.ops.context import bound_time, current, note_answerer, note_queue
 from server.ops.replay import model_resolved
 from server.served import UNLOADED, ServedModel
 from server.settings import Settings
@@ -246,7 +246,9 @@ class Registry:
                     raise engine.unavailable()
                 if engine.in_flight < engine.max_in_flight:
                     note_queue(loop.time() - entered)  # for the request's log line and the queue histogram
-                    return self._take(served, adapter)
+                    slot = self._take(served, adapter)
+                    note_answerer(slot.engine.info)  # after waiting through a swap: the new revision answers
+                    return slot
             patience = self.settings.swap_wait_timeout_s if served.held else self.settings.queue_timeout_s
             if deadline is None:
                 deadline = loop.time() + patience

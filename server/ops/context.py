@@ -121,6 +121,13 @@ def bound_time(seconds: float) -> None:
         ctx.deadline.deadline = ctx.started_at + seconds
 
 
+def note_answerer(info: Any) -> None:
+    """Label the request with the model and commit of the engine that took it (a ModelInfo)."""
+    ctx = _current.get()
+    if ctx is not None:
+        ctx.model, ctx.commit = info.name, info.commit
+
+
 def note_queue(seconds: float) -> None:
     ctx = _current.get()
     if ctx is not None:

@@ -182,7 +182,7 @@ class _Exchange:
         self.idem: str | None = None  # the record whose in-progress marker this request holds
         self.fp = ""
         self.stored = False
-        self.cache: tuple[str, float] | None = None  # (cache key, ttl) of a cacheable miss
+        self.cache: tuple[str, float, str] | None = None  # (cache key, ttl, commit) of a cacheable miss
         self.started = False
         self.status = 0
         self.answer_headers: list[tuple[bytes, bytes]] = []
@@ -241,7 +241,7 @@ class _Exchange:
         self.metrics.cache_requests.labels(info.name, "hit" if answer else "miss").inc()
         self.ctx.cache = "hit" if answer else "miss"
         if answer is None:
-            self.cache = (key, info.cache_ttl_s)
+            self.cache = (key, info.cache_ttl_s, info.commit)
             return
         if self.idem is not None:  # the key's answer is this one: keep it for the key's replays too
             await self._keep_idempotent(answer)
@@ -293,8 +293,9 @@ class _Exchange:
                     and size <= self.settings.idempotency_max_bytes:
                 await self._keep_idempotent(answer)
             if self.cache is not None and self.status == 200 and size <= self.settings.cache_max_entry_bytes:
-                key, ttl = self.cache
-                await self.store.cache_put(key, answer.encode(), ttl, self.settings.cache_max_bytes)
+                key, ttl, commit = self.cache
+                if self.ctx.commit == commit:  # not when a swap moved the request to another commit meanwhile
+                    await self.store.cache_put(key, answer.encode(), ttl, self.settings.cache_max_bytes)
         except StateUnavailable as e:  # the answer still goes out; it is just not kept
             log.warning("request %s: its answer was not stored: %s", self.ctx.request_id, e)
 
