@@ -1,0 +1,208 @@
+"""The OpenAI Batch API (/v1/files, /v1/batches) with the stock ``openai`` SDK against the real gateway on
+loopback over scripted engines: create, poll, download, error files, cancel, pages, the per-key bounds, two
+gateways on one state, a revision swap mid-batch, and a kill -9 of a gateway process mid-batch."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from server.app import create_app
+from server.batch.files import FileStore
+from server.batch.jobs import JobStore
+from server.engines.base import ModelInfo
+from server.registry import Registry
+from server.settings import Settings
+from server.state.sqlite_store import SQLiteStore
+from tests.fixtures.gateway_app import FLAT_KEY, EngineScript, Keys, build_app, served
+from tests.fixtures.scripted_engine import ScriptedEngine
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+FAST = {"batch_poll_s": 0.05, "batch_lease_s": 1.0, "batch_retry_max_s": 0.2}
+COMMIT_A, COMMIT_B = "c" * 40, "d" * 40
+
+
+def jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+
+
+def chat_lines(n: int, model: str = "gen", start: int = 0) -> list[dict[str, Any]]:
+    return [{"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": model, "messages": [{"role": "user", "content": f"line {i}"}]}}
+            for i in range(start, start + n)]
+
+
+def upload(client: openai.OpenAI, lines: list[dict[str, Any]]) -> str:
+    return client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch").id
+
+
+def wait_for(client: openai.OpenAI, batch_id: str, until: Callable[[Any], bool], timeout: float = 20) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if until(batch):
+            return batch
+        assert time.monotonic() < deadline, f"batch stuck: {batch}"
+        time.sleep(0.05)
+
+
+def done(batch: Any) -> bool:
+    return batch.status in ("completed", "failed", "cancelled", "expired")
+
+
+def output(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    return [json.loads(line) for line in client.files.content(file_id).content.splitlines()]
+
+
+@contextlib.contextmanager
+def sdk(tmp_path: Path, script: EngineScript, key: str = FLAT_KEY, **settings: Any) -> Any:
+    app, _ = build_app(tmp_path, script, **(FAST | settings))
+    with served(app) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+
+def test_files_and_a_batch_with_the_openai_sdk(tmp_path: Path, script: EngineScript) -> None:
+    with sdk(tmp_path, script) as client:
+        lines = chat_lines(3)
+        lines.insert(1, {**chat_lines(1, model="nope")[0], "custom_id": "bad-model"})  # a 404: an error line
+        file = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        assert (file.object, file.purpose, file.bytes, file.filename) == ("file", "batch", len(jsonl(lines)),
+                                                                          "in.jsonl")
+        assert client.files.retrieve(file.id).id == file.id
+        assert client.files.content(file.id).content == jsonl(lines)
+        assert [f.id for f in client.files.list()] == [file.id]
+
+        batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h", metadata={"job": "nightly"})
+        assert batch.status == "validating" and batch.metadata == {"job": "nightly"}
+        batch = wait_for(client, batch.id, done)
+        assert batch.status == "completed" and batch.completed_at and batch.in_progress_at
+        counts = batch.request_counts
+        assert (counts.total, counts.completed, counts.failed) == (4, 3, 1)
+        assert batch.usage is not None and batch.usage.total_tokens == 3 * 7  # each answer's usage, summed
+
+        out = output(client, batch.output_file_id)
+        assert [x["custom_id"] for x in out] == ["req-0", "req-1", "req-2"]  # input order
+        first = out[0]
+        assert first["response"]["status_code"] == 200 and first["error"] is None
+        assert first["response"]["body"]["choices"][0]["message"]["content"] == "Paris"
+        assert (first["model"], first["commit"]) == ("gen", COMMIT_A)  # what answered, per line
+        assert first["response"]["request_id"] == f"{batch.id}-0" and first["id"].startswith("batch_req_")
+        errors = output(client, batch.error_file_id)
+        assert [x["custom_id"] for x in errors] == ["bad-model"]
+        assert errors[0]["response"]["status_code"] == 404
+        assert errors[0]["response"]["body"]["error"]["code"] == "model_not_found"
+
+        assert client.files.retrieve(batch.output_file_id).purpose == "batch_output"
+        assert client.files.delete(file.id).deleted
+        with pytest.raises(openai.NotFoundError):
+            client.files.retrieve(file.id)
+
+
+def test_a_bad_input_file_fails_the_batch_and_bad_requests_are_400(tmp_path: Path, script: EngineScript) -> None:
+    with sdk(tmp_path, script, batch_max_lines=5) as client:
+        lines = chat_lines(3)
+        lines[1]["custom_id"] = "req-0"  # duplicate
+        lines[2]["url"] = "/v1/embeddings"
+        bad = jsonl(lines) + b"{not json\n"
+        file_id = client.files.create(file=("bad.jsonl", io.BytesIO(bad)), purpose="batch").id
+        batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert batch.status == "failed" and batch.failed_at is not None
+        assert batch.errors is not None and batch.errors.data is not None
+        assert [(e.code, e.line) for e in batch.errors.data] == [
+            ("duplicate_custom_id", 2), ("invalid_url", 3), ("invalid_json_line", 4)]
+        assert batch.request_counts is not None and batch.request_counts.total == 0
+
+        with pytest.raises(openai.BadRequestError, match="endpoint"):
+            client.batches.create(input_file_id=file_id, endpoint="/v1/moderations", completion_window="24h")
+        with pytest.raises(openai.BadRequestError, match="HUBSERVE_BATCH_MAX_LINES"):
+            client.batches.create(input_file_id=upload(client, chat_lines(6)), endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+        with pytest.raises(openai.NotFoundError, match="No such File"):
+            client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h")
+        with pytest.raises(openai.BadRequestError, match="purpose"):
+            client.files.create(file=("x.jsonl", io.BytesIO(b"{}")), purpose="assistants")
+        with pytest.raises(openai.NotFoundError):
+            client.batches.retrieve("batch_nope")
+
+
+def test_files_and_batches_belong_to_their_key(tmp_path: Path, script: EngineScript, keys: Keys) -> None:
+    app, _ = build_app(tmp_path, script, **FAST, batch_max_per_key=1)
+    with served(app) as url:
+        mine = openai.OpenAI(base_url=f"{url}/v1", api_key=keys.all, max_retries=0)
+        other = openai.OpenAI(base_url=f"{url}/v1", api_key=keys.gen_only, max_retries=0)
+        file_id = upload(mine, chat_lines(1))
+        with pytest.raises(openai.NotFoundError):
+            other.files.content(file_id)
+        assert list(other.files.list()) == []
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).files.list()
+        # the per-key bound counts batches not finished: this one's line stays in flight until the gateway stops
+        slow = [{**chat_lines(1)[0], "body": {"model": "gen", "messages": [{"role": "user", "content": "slow"}]}}]
+        mine.batches.create(input_file_id=upload(mine, slow), endpoint="/v1/chat/completions", completion_window="24h")
+        with pytest.raises(openai.RateLimitError, match="HUBSERVE_BATCH_MAX_PER_KEY"):
+            mine.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+        # a key's model list holds for its batch lines: `gen` is not allowed to emb-only, so it reads as unknown
+        emb_only = openai.OpenAI(base_url=f"{url}/v1", api_key=keys.emb_only, max_retries=0)
+        batch = emb_only.batches.create(input_file_id=upload(emb_only, chat_lines(1)),
+                                        endpoint="/v1/chat/completions", completion_window="24h")
+        assert [b.id for b in other.batches.list()] == []
+        with pytest.raises(openai.NotFoundError):
+            other.batches.retrieve(batch.id)
+        batch = wait_for(emb_only, batch.id, done)
+        assert batch.request_counts is not None and batch.request_counts.failed == 1
+        assert output(emb_only, batch.error_file_id)[0]["response"]["status_code"] == 404
+
+
+def test_cancel_finishes_the_lines_in_flight_and_keeps_the_finished_ones(tmp_path: Path) -> None:
+    script = EngineScript(pause_s=0.1)
+    with sdk(tmp_path, script, batch_concurrency=1) as client:
+        batch = client.batches.create(input_file_id=upload(client, chat_lines(20)), endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        wait_for(client, batch.id, lambda b: b.request_counts.completed >= 2)
+        cancelling = client.batches.cancel(batch.id)
+        assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at is not None
+        batch = wait_for(client, batch.id, done)
+        assert batch.status == "cancelled" and batch.cancelled_at is not None
+        finished = batch.request_counts.completed
+        assert 2 <= finished < 20
+        out = output(client, batch.output_file_id)
+        assert [x["custom_id"] for x in out] == [f"req-{i}" for i in range(finished)]  # partial, in order
+        assert script.finished == finished and script.cancelled == 0  # in flight at the cancel: finished
+        with pytest.raises(openai.ConflictError):
+            client.batches.cancel(batch.id)
+
+
+def test_list_pages_newest_first(tmp_path: Path, script: EngineScript) -> None:
+    with sdk(tmp_path, script) as client:
+        file_id = upload(client, chat_lines(1))
+        ids = [client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                     completion_window="24h").id for _ in range(3)]
+        page = client.batches.list(limit=2)
+        assert [b.id for b in page.data] == ids[::-1][:2] and page.has_more
+        assert [b.id for b in client.batches.list(limit=2, after=page.data[-1].id).data] == [ids[0]]
+        assert [b.id for b in client.batches.list(limit=2)] == ids[::-1]  # the SDK follows the pages itself
+        assert [f.id for f in client.files.list(purpose="batch", limit=1)] == [file_id]
+        auth = {"Authorization": f"Bearer {FLAT_KEY}"}
+        raw = httpx.get(f"{client.base_url}batches", params={"limit": 2}, headers=auth)
+        assert raw.json()["first_id"] == ids[2] and raw.json()["last_id"] == ids[1]
