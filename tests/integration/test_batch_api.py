@@ -23,13 +23,15 @@ import openai
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from typer.testing import CliRunner
 
 from server.app import create_app
+from server.cli import app as cli_app
 from server.batch.files import FileStore
 from server.batch.jobs import JobStore
 from server.engines.base import ModelInfo
 from server.registry import Registry
-from server.settings import Settings
+from server.settings import Settings, hash_key
 from server.state.sqlite_store import SQLiteStore
 from tests.fixtures.gateway_app import FLAT_KEY, EngineScript, Keys, build_app, served
 from tests.fixtures.scripted_engine import ScriptedEngine
@@ -114,6 +116,16 @@ def test_files_and_a_batch_with_the_openai_sdk(tmp_path: Path, script: EngineScr
         assert errors[0]["response"]["body"]["error"]["code"] == "model_not_found"
 
         assert client.files.retrieve(batch.output_file_id).purpose == "batch_output"
+        cli = CliRunner()
+        listed = cli.invoke(cli_app, ["batches", "--json", "--state-url", f"sqlite://{tmp_path / 'state.db'}"])
+        assert listed.exit_code == 0, listed.output
+        row = json.loads(listed.stdout)[0]
+        assert (row["id"], row["status"], row["key"], row["request_counts"]["completed"]) == (
+            batch.id, "completed", f"key-{hash_key(FLAT_KEY)[:8]}", 3)
+        table = cli.invoke(cli_app, ["batches", "--config", str(tmp_path / "models.toml")], env={"COLUMNS": "200"})
+        assert table.exit_code == 0 and batch.id in table.stdout and "/v1/chat/completions" in table.stdout
+        bad = cli.invoke(cli_app, ["batches", "--state-url", "ftp://nowhere"])
+        assert bad.exit_code != 0 and "HUBSERVE_STATE_URL" in bad.output and "Traceback" not in bad.output
         assert client.files.delete(file.id).deleted
         with pytest.raises(openai.NotFoundError):
             client.files.retrieve(file.id)
@@ -206,3 +218,146 @@ def test_list_pages_newest_first(tmp_path: Path, script: EngineScript) -> None:
         auth = {"Authorization": f"Bearer {FLAT_KEY}"}
         raw = httpx.get(f"{client.base_url}batches", params={"limit": 2}, headers=auth)
         assert raw.json()["first_id"] == ids[2] and raw.json()["last_id"] == ids[1]
+
+
+@contextlib.asynccontextmanager
+async def serving(app: FastAPI) -> AsyncIterator[str]:
+    """The app behind uvicorn on a loopback port in this test's event loop (so the test can drive its registry)."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not task.done(), "uvicorn did not start"
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def wait_async(client: openai.AsyncOpenAI, batch_id: str, until: Callable[[Any], bool]) -> Any:
+    async with asyncio.timeout(20):
+        while not until(batch := await client.batches.retrieve(batch_id)):
+            await asyncio.sleep(0.05)
+    return batch
+
+
+async def test_lines_wait_while_interactive_requests_wait_for_their_model(tmp_path: Path) -> None:
+    script = EngineScript()
+    app, registry = build_app(tmp_path, script, **FAST, max_concurrent_requests=1, queue_timeout_s=20)
+    async with serving(app) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=FLAT_KEY, max_retries=0)
+        held = await registry.admit("gen")  # the only slot: what comes next waits in the queue
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {FLAT_KEY}"}) as http:
+            interactive = asyncio.create_task(http.post("/v1/completions", json={"model": "gen", "prompt": "me first"},
+                                                        timeout=20))
+            while registry.served["gen"].queued == 0:
+                await asyncio.sleep(0.01)
+            file = await client.files.create(file=("in.jsonl", jsonl(chat_lines(3))), purpose="batch")
+            batch = await client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
+                                                completion_window="24h")
+            await wait_async(client, batch.id, lambda b: b.status == "in_progress")
+            await asyncio.sleep(0.3)
+            assert registry.served["gen"].queued == 1  # the interactive request only: no line joined the queue
+            held.release()
+            assert (await interactive).status_code == 200
+            batch = await wait_async(client, batch.id, done)
+        assert batch.status == "completed" and batch.request_counts.completed == 3
+        assert b"me first" in script.seen[0].content  # the engine saw the interactive request before any line
+
+
+async def test_a_batch_spanning_a_swap_records_both_commits(tmp_path: Path) -> None:
+    import dataclasses
+
+    script = EngineScript(pause_s=0.05)
+    settings = Settings.model_validate({"keys_file": tmp_path / "keys.toml", "rollout": "blue-green",
+                                        "batch_concurrency": 1, **FAST})
+    info = ModelInfo(name="gen", repo="org/gen", commit=COMMIT_A, task="text-generation", snapshot=str(tmp_path))
+    registry = Registry([ScriptedEngine(info, script.handle)], settings=settings,  # type: ignore[arg-type]
+                        factory=lambda i, _s: ScriptedEngine(i, script.handle))  # type: ignore[arg-type]
+    async with serving(create_app(settings, registry, start_engines=False)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        file = await client.files.create(file=("in.jsonl", jsonl(chat_lines(12))), purpose="batch")
+        batch = await client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
+                                            completion_window="24h")
+        await wait_async(client, batch.id, lambda b: b.request_counts.completed >= 3)
+        await registry.apply([dataclasses.replace(info, commit=COMMIT_B)])  # blue/green: the new commit serves
+        assert registry.get("gen").info.commit == COMMIT_B
+        batch = await wait_async(client, batch.id, done)
+        assert batch.status == "completed" and batch.request_counts.completed == 12
+        lines = [json.loads(x) for x in (await client.files.content(batch.output_file_id)).content.splitlines()]
+    commits = [x["commit"] for x in lines]
+    assert commits[0] == COMMIT_A and commits[-1] == COMMIT_B  # each line names the commit that answered it
+    assert commits == sorted(commits) and {x["model"] for x in lines} == {"gen"}
+
+
+def test_two_gateways_on_one_state_share_batches_and_run_each_line_once(tmp_path: Path) -> None:
+    script = EngineScript(pause_s=0.02)
+    app_a, _ = build_app(tmp_path, script, **FAST, batch_concurrency=2)
+    app_b, _ = build_app(tmp_path, script, **FAST, batch_concurrency=2)  # same folder: the same state.db
+    with served(app_a) as url_a, served(app_b) as url_b:
+        a = openai.OpenAI(base_url=f"{url_a}/v1", api_key=FLAT_KEY, max_retries=0)
+        b = openai.OpenAI(base_url=f"{url_b}/v1", api_key=FLAT_KEY, max_retries=0)
+        ids = [a.batches.create(input_file_id=upload(a, chat_lines(8, start=10 * k)), endpoint="/v1/chat/completions",
+                                completion_window="24h").id for k in range(3)]
+        assert [x.id for x in b.batches.list()] == ids[::-1]  # submitted to A, seen on B
+        batches = [wait_for(b, i, done) for i in ids]
+        assert [x.status for x in batches] == ["completed"] * 3
+        for k, x in enumerate(batches):
+            assert [y["custom_id"] for y in output(b, x.output_file_id)] == [f"req-{10 * k + i}" for i in range(8)]
+    assert script.finished == 24  # the engine answered each line once: one runner held each batch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _gateway_process(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HUBSERVE_TEST_PAUSE_S": "0.1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fixtures.batch_gateway", str(folder), str(port)],
+                            cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        assert proc.poll() is None and time.monotonic() < deadline, "the gateway did not start"
+        time.sleep(0.05)
+
+
+def test_a_kill_9_mid_batch_loses_no_finished_line_and_a_restart_finishes_the_rest(tmp_path: Path) -> None:
+    first, url = _gateway_process(tmp_path)
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=FLAT_KEY, max_retries=0)
+        batch = client.batches.create(input_file_id=upload(client, chat_lines(16)), endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        wait_for(client, batch.id, lambda b: b.request_counts.completed >= 4)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        first.kill()
+
+    async def finished() -> dict[int, dict[str, Any]]:
+        store = SQLiteStore(tmp_path / "state.db")
+        try:
+            return await JobStore(store, FileStore(store)).finished_lines(batch.id)
+        finally:
+            await store.close()
+
+    before = asyncio.run(finished())
+    assert 4 <= len(before) < 16  # killed mid-batch, with lines recorded
+    script = EngineScript(pause_s=0.02)
+    app, _ = build_app(tmp_path, script, **FAST)  # the restarted gateway (in this process: no second start-up)
+    with served(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=FLAT_KEY, max_retries=0)
+        batch = wait_for(client, batch.id, done)  # resumed once the dead gateway's lease expired
+        assert batch.status == "completed" and batch.request_counts.completed == 16
+        lines = output(client, batch.output_file_id)
+    assert [x["custom_id"] for x in lines] == [f"req-{i}" for i in range(16)]  # each line once, in order
+    for index, result in before.items():
+        assert lines[index] == result["line"]  # recorded before the kill: kept as is, not run again
+    assert script.finished == 16 - len(before)  # the rest ran once each
