@@ -38,12 +38,11 @@ def create_app(settings: Settings, registry: Registry | None = None, start_engin
         starting = asyncio.create_task(_boot(registry, watcher), name="start-engines") if start_engines else None
         if starting is not None:
             starting.add_done_callback(_report_start_failure)
-        batches = app.state.batches = BatchRunner(app, app.state.state, settings)  # server/batch/: /v1/batches
-        batches.start()
+        app.state.batches.start()
         try:
             yield
         finally:
-            await batches.stop()
+            await app.state.batches.stop()
             if starting is not None:
                 starting.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -62,6 +61,7 @@ def create_app(settings: Settings, registry: Registry | None = None, start_engin
     app.state.started = time.time()
     # budgets, usage, idempotency records, the response cache, batch jobs (server/state/): SQLite or Redis
     app.state.state = open_state(settings.state_url, settings.state_path())
+    app.state.batches = BatchRunner(app, app.state.state, settings)  # /v1/files, /v1/batches; runs in the lifespan
     app.state.key_checker = KeyChecker(settings.all_key_digests(), KeyRing(settings.keys_path()),
                                        reserve=settings.max_new_tokens)
     metrics = Metrics()

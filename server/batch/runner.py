@@ -56,6 +56,7 @@ class BatchRunner:
         self._loop_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        self.stopping = False
         self._loop_task = asyncio.create_task(self._loop(), name="batch-runner")
 
     def wake(self) -> None:

@@ -26,9 +26,9 @@ from fastapi import FastAPI
 from typer.testing import CliRunner
 
 from server.app import create_app
-from server.cli import app as cli_app
 from server.batch.files import FileStore
 from server.batch.jobs import JobStore
+from server.cli import app as cli_app
 from server.engines.base import ModelInfo
 from server.registry import Registry
 from server.settings import Settings, hash_key
