@@ -10,6 +10,8 @@ runs their lines through the gateway itself (inproc.py), behind interactive traf
   interactive requests wait for its model (``Registry.waiting_for``). A line answered 429 or 503 (overloaded,
   loading, rate-limited) is retried after Retry-After (at most HUBSERVE_BATCH_RETRY_MAX_S) until the batch's
   completion window ends; it never becomes an error line for that.
+- A batch runs with its submitter's key as it is now: a key revoked (or no longer accepted) stops the batch,
+  ``failed`` with ``api_key_revoked`` in its errors; a key's changed model list or limits apply to the next line.
 - Each line records the model and the commit that answered it (``model`` / ``commit`` on its output line): a
   batch that spans a revision swap shows both commits, line by line.
 """
@@ -30,7 +32,9 @@ from fastapi import FastAPI
 from server.batch import inproc
 from server.batch.files import FileStore
 from server.batch.jobs import ACTIVE, Job, JobStore, batch_key, decode_requests, input_blob, lease_key
-from server.batch.protocol import TERMINAL, BatchRequest
+from server.batch.protocol import TERMINAL, BatchError, BatchErrors, BatchRequest
+from server.ops.context import ANONYMOUS, Principal
+from server.ops.keys import read_keys
 from server.settings import Settings
 from server.state import StateStore
 
@@ -125,10 +129,28 @@ class _BatchRun:
         self.job = job
         self.settings = runner.settings
         self.lost = False
+        self.principal: Principal | None = job.principal
+        self._keys_stamp: tuple[int, int] | None = None
         self.lines: set[asyncio.Task[None]] = set()
 
     def should_stop(self) -> bool:
-        return self.lost or self.runner.stopping or self.job.cancel_requested or self.expired()
+        return (self.lost or self.runner.stopping or self.job.cancel_requested or self.principal is None
+                or self.expired())
+
+    async def _check_key(self) -> None:
+        """Re-read the submitter's key when the keys file changed: None once it is no longer accepted."""
+        checker = self.runner.app.state.key_checker
+        path = checker.ring.path if checker.ring is not None else None
+        try:
+            st = path.stat() if path is not None else None
+            stamp = (st.st_mtime_ns, st.st_size) if st is not None else None
+        except OSError:
+            stamp = None
+        if stamp == self._keys_stamp and self.principal is not None and self._keys_stamp is not None:
+            return
+        self._keys_stamp = stamp
+        self.principal = await asyncio.to_thread(current_principal, self.job.principal, checker.enabled,
+                                                 self.settings.all_key_digests, path if stamp else None)
 
     def expired(self) -> bool:
         return time.time() > self.job.doc["expires_at"]
@@ -142,6 +164,7 @@ class _BatchRun:
             await jobs.retire(job)
             return
         requests = await asyncio.to_thread(decode_requests, data)
+        await self._check_key()
         done = await jobs.finished_lines(job.id)
         await jobs.recount(job.id, done)  # a kill between a line's write and its count leaves them apart
         if job.stored_status == "validating" and not job.cancel_requested:
@@ -167,7 +190,7 @@ class _BatchRun:
                 if self.should_stop():
                     slots.release()
                     break
-                task = asyncio.create_task(self._line(index, request))
+                task = asyncio.create_task(self._line(index, request, self.principal))  # type: ignore[arg-type]
                 self.lines.add(task)
                 task.add_done_callback(self.lines.discard)
         finally:
@@ -179,11 +202,10 @@ class _BatchRun:
         while registry is not None and registry.waiting_for(model) > 0 and not self.should_stop():
             await asyncio.sleep(YIELD_CHECK_S)
 
-    async def _line(self, index: int, request: BatchRequest) -> None:
+    async def _line(self, index: int, request: BatchRequest, who: Principal) -> None:
         try:
             while True:
-                answer = await inproc.call(self.runner.app, request.url, request.body, self.job.principal,
-                                           f"{self.job.id}-{index}")
+                answer = await inproc.call(self.runner.app, request.url, request.body, who, f"{self.job.id}-{index}")
                 if answer.status not in RETRY_STATUSES:
                     break
                 if self.should_stop():
@@ -214,6 +236,8 @@ class _BatchRun:
                 renewed = time.monotonic() if ok else renewed
             if cancel is not None:
                 self.job.fields["cancelling_at"] = cancel
+            with contextlib.suppress(Exception):
+                await self._check_key()
             if not ok:
                 log.warning("batch %s: lease lost; another gateway resumes it", self.job.id)
                 self.lost = True
@@ -224,17 +248,22 @@ class _BatchRun:
     async def _finalize(self, requests: list[BatchRequest]) -> None:
         jobs, job = self.runner.jobs, self.job
         done = await jobs.finished_lines(job.id)
+        extra: dict[str, str] = {}
         if job.cancel_requested:
             final = "cancelled"
         elif len(done) == len(requests):
             final = "completed"
+        elif self.principal is None:
+            final = "failed"
+            error = BatchError(code="api_key_revoked", message="The API key that created this batch is no longer "
+                               "accepted; its unfinished requests were not run.")
+            extra["errors"] = BatchErrors(data=[error]).model_dump_json()
         elif self.expired():
             final = "expired"
         else:
             return  # a line could not be recorded (the state was unreachable): the next lease runs it
         await jobs.set_status(job, "finalizing")
         out, err = await asyncio.to_thread(assemble, requests, done, final == "expired")
-        extra: dict[str, str] = {}
         for kind, data in (("output", out), ("error", err)):
             if data:
                 file = await self.runner.files.create(job.owner, f"{job.id}_{kind}.jsonl", "batch_output", data,
@@ -286,3 +315,25 @@ def _retry_after(headers: dict[str, str]) -> float:
         return max(0.05, float(headers.get("retry-after", "1")))
     except ValueError:
         return 1.0
+
+
+def current_principal(
+    who: Principal, auth_on: bool, flat_digests: Any, keys_file: Any
+) -> Principal | None:
+    """``who`` as the keys are now: its named key's current models and limits; unchanged for a flat key that is
+    still configured (or anyone while auth is off); None when no longer accepted. Reads files: run in a thread."""
+    if not auth_on:
+        return who
+    if who.name == ANONYMOUS.name:
+        return None  # submitted while auth was off: it does not run once keys exist
+    if who.name.startswith("key-") and any(d.startswith(who.name[4:]) for d in flat_digests()):
+        return who
+    try:
+        records = read_keys(keys_file) if keys_file is not None else {}
+    except Exception:  # a bad edit: the server keeps the previous keys too (KeyRing)
+        return who
+    record = next((r for r in records.values() if r.name == who.name), None)
+    if record is None:
+        return None
+    return Principal(record.name, frozenset(record.models) if record.models is not None else None, record.rpm,
+                     record.tpm)

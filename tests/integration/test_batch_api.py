@@ -361,3 +361,30 @@ def test_a_kill_9_mid_batch_loses_no_finished_line_and_a_restart_finishes_the_re
     for index, result in before.items():
         assert lines[index] == result["line"]  # recorded before the kill: kept as is, not run again
     assert script.finished == 16 - len(before)  # the rest ran once each
+
+
+def test_a_revoked_key_stops_its_batch(tmp_path: Path, keys: Keys) -> None:
+    from server.ops.keys import update_keys
+
+    async def stored(batch_id: str) -> Any:  # the key is gone: read what the gateway wrote
+        store = SQLiteStore(tmp_path / "state.db")
+        try:
+            job = await JobStore(store, FileStore(store)).load(batch_id)
+            assert job is not None
+            return job.to_batch()
+        finally:
+            await store.close()
+
+    script = EngineScript(pause_s=0.1)
+    with sdk(tmp_path, script, key=keys.all, batch_concurrency=1) as client:
+        batch = client.batches.create(input_file_id=upload(client, chat_lines(20)), endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        wait_for(client, batch.id, lambda b: b.request_counts.completed >= 1)
+        update_keys(keys.path, lambda records: {i: r for i, r in records.items() if r.name != "all"})
+        ran = script.finished
+        deadline = time.monotonic() + 10
+        while (batch := asyncio.run(stored(batch.id))).status != "failed":
+            assert time.monotonic() < deadline, batch
+            time.sleep(0.05)
+    assert batch.errors is not None and batch.errors.data[0].code == "api_key_revoked"
+    assert batch.request_counts.completed < 20 and script.finished <= ran + 1  # at most the line in flight
