@@ -205,6 +205,23 @@ def test_cancel_finishes_the_lines_in_flight_and_keeps_the_finished_ones(tmp_pat
             client.batches.cancel(batch.id)
 
 
+def test_embeddings_responses_and_hub_task_batches(tmp_path: Path, script: EngineScript) -> None:
+    cases = [
+        ("/v1/embeddings", {"model": "emb", "input": ["a", "b"]}, lambda body: len(body["data"]) == 2),
+        ("/v1/responses", {"model": "gen", "input": "hi"}, lambda body: body["object"] == "response"),
+        ("/models/org/emb", {"inputs": "hello"}, lambda body: isinstance(body, list)),  # the Hub task route
+    ]
+    with sdk(tmp_path, script) as client:
+        for endpoint, body, check in cases:
+            lines = [{"custom_id": "x", "method": "POST", "url": endpoint, "body": body}]
+            batch = client.batches.create(input_file_id=upload(client, lines), endpoint=endpoint,  # type: ignore[arg-type]
+                                          completion_window="24h")
+            batch = wait_for(client, batch.id, done)
+            assert (batch.status, batch.request_counts.completed) == ("completed", 1), (endpoint, batch)
+            result = output(client, batch.output_file_id)[0]
+            assert check(result["response"]["body"]) and result["commit"] == COMMIT_A, (endpoint, result)
+
+
 def test_list_pages_newest_first(tmp_path: Path, script: EngineScript) -> None:
     with sdk(tmp_path, script) as client:
         file_id = upload(client, chat_lines(1))
