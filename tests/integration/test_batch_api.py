@@ -132,7 +132,10 @@ def test_files_and_a_batch_with_the_openai_sdk(tmp_path: Path, script: EngineScr
 
 
 def test_a_bad_input_file_fails_the_batch_and_bad_requests_are_400(tmp_path: Path, script: EngineScript) -> None:
-    with sdk(tmp_path, script, batch_max_lines=5) as client:
+    with sdk(tmp_path, script, batch_max_lines=5, batch_max_file_bytes=4096) as client:
+        with pytest.raises(openai.APIStatusError, match="HUBSERVE_BATCH_MAX_FILE_BYTES") as too_big:
+            client.files.create(file=("big.jsonl", io.BytesIO(b" " * 5000)), purpose="batch")
+        assert too_big.value.status_code == 413
         lines = chat_lines(3)
         lines[1]["custom_id"] = "req-0"  # duplicate
         lines[2]["url"] = "/v1/embeddings"
@@ -189,7 +192,7 @@ def test_files_and_batches_belong_to_their_key(tmp_path: Path, script: EngineScr
 def test_cancel_finishes_the_lines_in_flight_and_keeps_the_finished_ones(tmp_path: Path) -> None:
     script = EngineScript(pause_s=0.1)
     with sdk(tmp_path, script, batch_concurrency=1) as client:
-        batch = client.batches.create(input_file_id=upload(client, chat_lines(20)), endpoint="/v1/chat/completions",
+        batch = client.batches.create(input_file_id=upload(client, chat_lines(40)), endpoint="/v1/chat/completions",
                                       completion_window="24h")
         wait_for(client, batch.id, lambda b: b.request_counts.completed >= 2)
         cancelling = client.batches.cancel(batch.id)
@@ -197,7 +200,7 @@ def test_cancel_finishes_the_lines_in_flight_and_keeps_the_finished_ones(tmp_pat
         batch = wait_for(client, batch.id, done)
         assert batch.status == "cancelled" and batch.cancelled_at is not None
         finished = batch.request_counts.completed
-        assert 2 <= finished < 20
+        assert 2 <= finished < 40
         out = output(client, batch.output_file_id)
         assert [x["custom_id"] for x in out] == [f"req-{i}" for i in range(finished)]  # partial, in order
         assert script.finished == finished and script.cancelled == 0  # in flight at the cancel: finished
@@ -220,6 +223,21 @@ def test_embeddings_responses_and_hub_task_batches(tmp_path: Path, script: Engin
             assert (batch.status, batch.request_counts.completed) == ("completed", 1), (endpoint, batch)
             result = output(client, batch.output_file_id)[0]
             assert check(result["response"]["body"]) and result["commit"] == COMMIT_A, (endpoint, result)
+
+
+def test_lines_refused_by_admission_are_retried_never_errors(tmp_path: Path) -> None:
+    script = EngineScript(pause_s=0.05)
+    with sdk(tmp_path, script, batch_concurrency=3, max_concurrent_requests=1, queue_timeout_s=0) as client:
+        batch = client.batches.create(input_file_id=upload(client, chat_lines(6)), endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        batch = wait_for(client, batch.id, done)
+        metrics = httpx.get(f"{client.base_url}".removesuffix("v1/") + "metrics",
+                            headers={"Authorization": f"Bearer {FLAT_KEY}"}).text
+    assert (batch.status, batch.request_counts.completed, batch.request_counts.failed) == ("completed", 6, 0)
+    assert batch.error_file_id is None and script.finished == 6
+    refused = [ln for ln in metrics.splitlines()
+               if ln.startswith("hubserve_requests_total{") and 'status="429"' in ln and "chat/completions" in ln]
+    assert refused and float(refused[0].split()[-1]) >= 1  # lines were refused at admission, then ran
 
 
 def test_list_pages_newest_first(tmp_path: Path, script: EngineScript) -> None:
@@ -294,25 +312,49 @@ async def test_a_batch_spanning_a_swap_records_both_commits(tmp_path: Path) -> N
                         factory=lambda i, _s: ScriptedEngine(i, script.handle))  # type: ignore[arg-type]
     async with serving(create_app(settings, registry, start_engines=False)) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
-        file = await client.files.create(file=("in.jsonl", jsonl(chat_lines(12))), purpose="batch")
+        file = await client.files.create(file=("in.jsonl", jsonl(chat_lines(30))), purpose="batch")
         batch = await client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
                                             completion_window="24h")
         await wait_async(client, batch.id, lambda b: b.request_counts.completed >= 3)
         await registry.apply([dataclasses.replace(info, commit=COMMIT_B)])  # blue/green: the new commit serves
         assert registry.get("gen").info.commit == COMMIT_B
         batch = await wait_async(client, batch.id, done)
-        assert batch.status == "completed" and batch.request_counts.completed == 12
+        assert batch.status == "completed" and batch.request_counts.completed == 30
         lines = [json.loads(x) for x in (await client.files.content(batch.output_file_id)).content.splitlines()]
     commits = [x["commit"] for x in lines]
     assert commits[0] == COMMIT_A and commits[-1] == COMMIT_B  # each line names the commit that answered it
     assert commits == sorted(commits) and {x["model"] for x in lines} == {"gen"}
 
 
-def test_two_gateways_on_one_state_share_batches_and_run_each_line_once(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def redis_url(tmp_path: Path) -> Any:
+    """A real redis-server on a free loopback port (skipped until the Redis backend, server/state/redis_store.py,
+    is there)."""
+    pytest.importorskip("server.state.redis_store")
+    port = _free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_two_gateways_on_one_state_share_batches_and_run_each_line_once(tmp_path: Path, backend: str) -> None:
     script = EngineScript(pause_s=0.02)
-    app_a, _ = build_app(tmp_path, script, **FAST, batch_concurrency=2)
-    app_b, _ = build_app(tmp_path, script, **FAST, batch_concurrency=2)  # same folder: the same state.db
-    with served(app_a) as url_a, served(app_b) as url_b:
+    with contextlib.ExitStack() as stack:
+        shared = {"state_url": stack.enter_context(redis_url(tmp_path))} if backend == "redis" else {}
+        app_a, _ = build_app(tmp_path, script, **FAST, **shared, batch_concurrency=2)
+        app_b, _ = build_app(tmp_path, script, **FAST, **shared, batch_concurrency=2)  # sqlite: the same state.db
+        url_a, url_b = stack.enter_context(served(app_a)), stack.enter_context(served(app_b))
         a = openai.OpenAI(base_url=f"{url_a}/v1", api_key=FLAT_KEY, max_retries=0)
         b = openai.OpenAI(base_url=f"{url_b}/v1", api_key=FLAT_KEY, max_retries=0)
         ids = [a.batches.create(input_file_id=upload(a, chat_lines(8, start=10 * k)), endpoint="/v1/chat/completions",
@@ -350,7 +392,7 @@ def test_a_kill_9_mid_batch_loses_no_finished_line_and_a_restart_finishes_the_re
     first, url = _gateway_process(tmp_path)
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=FLAT_KEY, max_retries=0)
-        batch = client.batches.create(input_file_id=upload(client, chat_lines(16)), endpoint="/v1/chat/completions",
+        batch = client.batches.create(input_file_id=upload(client, chat_lines(40)), endpoint="/v1/chat/completions",
                                       completion_window="24h")
         wait_for(client, batch.id, lambda b: b.request_counts.completed >= 4)
         first.send_signal(signal.SIGKILL)
@@ -366,18 +408,18 @@ def test_a_kill_9_mid_batch_loses_no_finished_line_and_a_restart_finishes_the_re
             await store.close()
 
     before = asyncio.run(finished())
-    assert 4 <= len(before) < 16  # killed mid-batch, with lines recorded
+    assert 4 <= len(before) < 40  # killed mid-batch, with lines recorded
     script = EngineScript(pause_s=0.02)
     app, _ = build_app(tmp_path, script, **FAST)  # the restarted gateway (in this process: no second start-up)
     with served(app) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=FLAT_KEY, max_retries=0)
         batch = wait_for(client, batch.id, done)  # resumed once the dead gateway's lease expired
-        assert batch.status == "completed" and batch.request_counts.completed == 16
+        assert batch.status == "completed" and batch.request_counts.completed == 40
         lines = output(client, batch.output_file_id)
-    assert [x["custom_id"] for x in lines] == [f"req-{i}" for i in range(16)]  # each line once, in order
+    assert [x["custom_id"] for x in lines] == [f"req-{i}" for i in range(40)]  # each line once, in order
     for index, result in before.items():
         assert lines[index] == result["line"]  # recorded before the kill: kept as is, not run again
-    assert script.finished == 16 - len(before)  # the rest ran once each
+    assert script.finished == 40 - len(before)  # the rest ran once each
 
 
 def test_a_revoked_key_stops_its_batch(tmp_path: Path, keys: Keys) -> None:
