@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
+from server.batch.runner import BatchRunner
 from server.desired import desired_models, unserved_models
 from server.errors import ModelNotVerified, document_errors, install_error_handlers
 from server.ops.auth import KeyChecker
@@ -38,9 +39,11 @@ def create_app(settings: Settings, registry: Registry | None = None, start_engin
         starting = asyncio.create_task(_boot(registry, watcher), name="start-engines") if start_engines else None
         if starting is not None:
             starting.add_done_callback(_report_start_failure)
+        app.state.batches.start()
         try:
             yield
         finally:
+            await app.state.batches.stop()
             if starting is not None:
                 starting.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -59,6 +62,7 @@ def create_app(settings: Settings, registry: Registry | None = None, start_engin
     app.state.started = time.time()
     # budgets, usage, idempotency records, the response cache, batch jobs (server/state/): SQLite or Redis
     app.state.state = open_state(settings.state_url, settings.state_path())
+    app.state.batches = BatchRunner(app, app.state.state, settings)  # /v1/files, /v1/batches; runs in the lifespan
     app.state.key_checker = KeyChecker(settings.all_key_digests(), KeyRing(settings.keys_path()),
                                        reserve=settings.max_new_tokens)
     metrics = Metrics()
@@ -106,6 +110,7 @@ def _include_routers(app: FastAPI) -> None:
     ``/models/{repo_id}/...`` routes, so it comes last. Families import none of each other: what one lends
     another (TGI's text generation to the Hub routes) is handed over here, on app.state."""
     from server.anthropic import routes as anthropic
+    from server.batch import routes as batch
     from server.hub import routes as hub
     from server.openai import routes as openai
     from server.ops.admin import router as admin_router
@@ -115,6 +120,6 @@ def _include_routers(app: FastAPI) -> None:
     from server.tgi.serving import hub_text_generation
 
     app.state.text_generation = hub_text_generation
-    for router in (ops_router, docs_router, admin_router, anthropic.router, anthropic.model_router, openai.router,
-                   openai.model_router, openai.root_router, tgi.router, hub.router, hub.root_router):
+    for router in (ops_router, docs_router, admin_router, anthropic.router, anthropic.model_router, batch.router,
+                   openai.router, openai.model_router, openai.root_router, tgi.router, hub.router, hub.root_router):
         app.include_router(router)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from server.batch.cli import batches_cmd
 from server.keys_cli import keys_app
 from sync.cli import (
     ConfigOpt,
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 register_sync_commands(app)
 app.add_typer(keys_app)
+app.command("batches")(batches_cmd)
 
 # ---- serve (server side) ---------------------------------------------------------------------------------
 

@@ -532,3 +532,34 @@ class IdempotencyKeyReused(ServerError):
     def __init__(self) -> None:
         super().__init__("Idempotency-Key: this key was already used with a different request (another body or "
                          "model); use a new key for a new request.", param="Idempotency-Key")
+
+
+# ---- batch jobs (server/batch/: /v1/files, /v1/batches) ----------------------------------------------------
+
+
+class BatchFileNotFound(NotFound):
+    """No such file for this key (another key's file reads the same)."""
+
+    code = "file_not_found"
+
+
+class BatchNotFound(NotFound):
+    """No such batch for this key (another key's batch reads the same)."""
+
+    code = "batch_not_found"
+
+
+class BatchConflict(ServerError):
+    """The batch's state does not allow it (cancel of a finished batch)."""
+
+    status = 409
+    code = "batch_conflict"
+    openai_type = "invalid_request_error"
+    tgi_type = "validation"
+    anthropic_type = "invalid_request_error"
+
+
+class BatchLimitExceeded(RateLimited):
+    """A key with HUBSERVE_BATCH_MAX_PER_KEY batches not finished yet."""
+
+    code = "batch_limit_exceeded"

@@ -301,3 +301,14 @@ class Registry:
 
     def forget_failures(self) -> None:
         self.lifecycle.forget_failures()
+
+    def waiting_for(self, name_or_repo: str | None) -> int:
+        """How many requests wait for a slot on, or the load of, the model ``name_or_repo`` means (None: the
+        default); 0 when it names none. Read-only, no key check: batch lines start only while this is 0."""
+        found = self._find(name_or_repo) if name_or_repo else None
+        served = found[0] if found is not None else None
+        if not name_or_repo:
+            served = next((s for s in self._served.values() if s.info.default), None)
+            if served is None and len(self._served) == 1:
+                served = next(iter(self._served.values()))
+        return 0 if served is None else served.queued + served.load_waiters

@@ -98,6 +98,32 @@ class Settings(BaseSettings):
         default=4 * 1024**2, ge=0, description="Largest answer the response cache keeps (a larger one is not cached).",
     )
 
+    # ---- batch jobs (/v1/files, /v1/batches; server/batch/) ---------------------------------------------
+    batch_concurrency: int = Field(
+        default=4, ge=1, description="Batch lines one gateway runs at once (lines wait while interactive requests "
+        "wait for their model).",
+    )
+    batch_max_file_bytes: int = Field(
+        default=200 * 1024**2, ge=1, description="Largest file `POST /v1/files` takes (HUBSERVE_MAX_BODY_BYTES "
+        "bounds the request too); more: 413.",
+    )
+    batch_max_lines: int = Field(default=50_000, ge=1, description="Most requests in one batch's input file.")
+    batch_max_per_key: int = Field(
+        default=100, ge=1, description="Batches not finished yet one key may have; more: 429 at create.",
+    )
+    batch_poll_s: float = Field(
+        default=1.0, gt=0, description="How often a gateway looks for batches to run and for waiting interactive "
+        "requests to let go first.",
+    )
+    batch_lease_s: float = Field(
+        default=30.0, gt=0, description="A running batch's lease (renewed while it runs): after a crash, another "
+        "gateway (or the restarted one) resumes it this long after the last renewal.",
+    )
+    batch_retry_max_s: float = Field(
+        default=30.0, gt=0, description="Longest wait before a line answered 429/503 (overload, loading) is retried; "
+        "such a line is retried until the batch's completion window ends.",
+    )
+
     # ---- limits -----------------------------------------------------------------------------------------
     max_concurrent_requests: int = Field(
         default=128, ge=1, description="In-flight requests per model; more wait in the queue, then 429."
