@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from server.desired import desired_models, unserved_models
 from server.errors import ModelNotVerified, document_errors, install_error_handlers
 from server.ops.auth import KeyChecker
+from server.ops.fallback import FallbackMiddleware
 from server.ops.gateway import GatewayMiddleware
 from server.ops.keys import KeyRing
 from server.ops.metrics import Metrics
@@ -63,6 +64,7 @@ def create_app(settings: Settings, registry: Registry | None = None, start_engin
     metrics = Metrics()
     metrics.watch_engines(lambda: app.state.registry)
     app.state.metrics = metrics
+    app.add_middleware(FallbackMiddleware, metrics=metrics)  # inside the gateway's: an alias's models, in order
     app.add_middleware(GatewayMiddleware, settings=settings, metrics=metrics)
     install_error_handlers(app)
     _include_routers(app)
