@@ -228,8 +228,10 @@ class FallbackMiddleware:
                     return
                 hops.append((candidate, reason))
                 self.metrics.observe_fallback(alias.name, candidate, alias.models[i + 1], reason)
-                log.info("alias %s: model %s did not answer (%s, HTTP %d); trying %s", alias.name, candidate,
-                         reason, held.status, alias.models[i + 1])
+                fields = {"request_id": ctx.request_id if ctx else None, "alias": alias.name, "from_model": candidate,
+                          "to_model": alias.models[i + 1], "reason": reason, "status": held.status}
+                log.info("alias %s: model %s did not answer (%s); trying %s", alias.name, candidate, reason,
+                         alias.models[i + 1], extra={"request": fields})
         finally:
             scope["path"], raw_path, scope["headers"] = original
             if raw_path is not None:

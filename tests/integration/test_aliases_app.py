@@ -6,6 +6,7 @@ their first byte and never after, the model that answered in the `model` field a
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -138,12 +139,24 @@ def test_the_first_model_answers_when_it_can(gateway: Gateway) -> None:
     assert gateway.fallbacks() == {}
 
 
-def test_overloaded_falls_back_and_is_counted(gateway: Gateway) -> None:
+def test_overloaded_falls_back_and_is_counted_and_logged(gateway: Gateway, caplog: pytest.LogCaptureFixture) -> None:
     gateway.registry.engines["big"].max_in_flight = 0  # its queue is full: Overloaded (429)
+    caplog.set_level(logging.INFO)
     raw = _chat(gateway)
     assert raw.parse().model == "small"
     assert _answered(raw) == ("small", "big->small", "overloaded")
     assert gateway.fallbacks() == {("chat", "big", "small", "overloaded"): 1.0}
+    rid = raw.headers["x-request-id"]
+    deadline = time.monotonic() + 5  # the access line is written once the answer is sent: just after the client has it
+    while True:
+        lines = {r.name: r.request for r in caplog.records  # type: ignore[attr-defined]
+                 if isinstance(getattr(r, "request", None), dict) and r.request.get("request_id") == rid}  # type: ignore[attr-defined]
+        if "hubserve.access" in lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert lines["hubserve.access"]["model"] == "small" and lines["hubserve.access"]["status"] == 200
+    assert lines["hubserve.fallback"] == {"request_id": rid, "alias": "chat", "from_model": "big", "to_model": "small",
+                                          "reason": "overloaded", "status": 429}
 
 
 @pytest.mark.parametrize("refusal", [503, 500, "close"])
