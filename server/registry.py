@@ -281,7 +281,9 @@ class Registry:
                 if engine.in_flight < engine.max_in_flight:
                     note_queue(loop.time() - entered)  # for the request's log line and the queue histogram
                     return self._take(served, adapter)
-            patience = self.settings.swap_wait_timeout_s if served.held else self.settings.queue_timeout_s
+            attempt = current_attempt()  # an alias's model that is not its last: full is full, the next one answers
+            queue = 0.0 if attempt is not None and not attempt.may_queue else self.settings.queue_timeout_s
+            patience = self.settings.swap_wait_timeout_s if served.held else queue
             if deadline is None:
                 deadline = loop.time() + patience
             remaining = deadline - loop.time()

@@ -12,6 +12,9 @@ Why an attempt failed is known without reading our own error messages: the regis
 answered 5xx, a lost connection); the engine's context-length refusal is a 400 (TGI's validation: 422) carrying
 vLLM's message ("This model's maximum context length is ...") or TGI's, the one case read from the answer.
 
+Every model but the last is asked not to wait: with ``loading`` its load starts but the request does not wait for
+it (X-Scale-Up-Timeout: 0), with ``overloaded`` a model at its in-flight limit refuses at once (no queue wait).
+
 Keys: a key restricted to some models needs the alias's name in its list; through the alias, the alias's models
 are its to use (the operator chose who answers), and only through it (server/registry.py grants them).
 """
@@ -63,6 +66,7 @@ class Attempt:
     alias: str
     candidate: str
     refusal: ServerError | None = None
+    may_queue: bool = True  # False: at its in-flight limit it is Overloaded at once (the next model answers)
 
 
 _attempt: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar("hubserve_alias_attempt", default=None)
@@ -213,7 +217,7 @@ class FallbackMiddleware:
                     ctx.model = ctx.commit = None  # the lookup of this candidate labels the answer
                     # not the last: start loading it but let the next model answer at once (X-Scale-Up-Timeout: 0)
                     ctx.scale_up_timeout_s = 0.0 if not last and "loading" in alias.fallback_on else asked_patience
-                attempt = Attempt(alias.name, candidate)
+                attempt = Attempt(alias.name, candidate, may_queue=last or "overloaded" not in alias.fallback_on)
                 held = _Held(send, not last, _headers(alias.name, candidate, hops))
                 token = _attempt.set(attempt)
                 try:

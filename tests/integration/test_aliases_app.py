@@ -98,7 +98,7 @@ def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         records[record.id] = record
     write_keys(tmp_path / "keys.toml", records)
     settings = Settings(api_keys=KEY, config=tmp_path / "models.toml", keys_file=tmp_path / "keys.toml", watch=False,
-                        queue_timeout_s=0, engine_start_attempts=1)  # type: ignore[call-arg]
+                        queue_timeout_s=30, engine_start_attempts=1)  # type: ignore[call-arg]
     manifest = parse_manifest(MANIFEST)
     engines = [SyntheticProcessEngine(ModelInfo(m.name, m.repo, "0" * 40, "text-generation", str(tmp_path),
                                                 on_demand=m.load == "on-demand"), settings, named=True)
@@ -142,7 +142,9 @@ def test_the_first_model_answers_when_it_can(gateway: Gateway) -> None:
 def test_overloaded_falls_back_and_is_counted_and_logged(gateway: Gateway, caplog: pytest.LogCaptureFixture) -> None:
     gateway.registry.engines["big"].max_in_flight = 0  # its queue is full: Overloaded (429)
     caplog.set_level(logging.INFO)
+    started = time.monotonic()
     raw = _chat(gateway)
+    assert time.monotonic() - started < 10  # not the 30 s queue wait: the next model answers at once
     assert raw.parse().model == "small"
     assert _answered(raw) == ("small", "big->small", "overloaded")
     assert gateway.fallbacks() == {("chat", "big", "small", "overloaded"): 1.0}
