@@ -28,7 +28,7 @@ from server.errors import EngineUnavailable, InvalidRequest, ModelNotFound, Over
 from server.lifecycle import GIB, Lifecycle, available_memory
 from server.ops.auth import authorize, may_use_names
 from server.ops.context import bound_time, current, note_queue
-from server.ops.fallback import current_attempt, enter_alias, note_refusal
+from server.ops.fallback import current_attempt, note_refusal
 from server.served import UNLOADED, ServedModel
 from server.settings import Settings
 from server.tasks.catalog import task_timeout_s
@@ -125,9 +125,9 @@ class Registry:
         if not name_or_repo:
             engine = self.default()
             return self._served[engine.info.name], None, engine
-        alias, name_or_repo = self._through_alias(name_or_repo)
+        granted, name_or_repo = self._through_alias(name_or_repo)
         found = self._find(name_or_repo)
-        if found is None and name_or_repo in self.waiting and (alias is not None or may_use_names((name_or_repo,))):
+        if found is None and name_or_repo in self.waiting and (granted or may_use_names((name_or_repo,))):
             raise EngineUnavailable(
                 f"Model `{name_or_repo}` is not loaded yet: {self.waiting[name_or_repo]}; retry later.",
                 retry_after=self.settings.retry_after_s,
@@ -137,29 +137,30 @@ class Registry:
         served, adapter = found
         engine = served.engine if adapter is None else self.get_adapter(served, adapter)
         ctx = current()
-        if alias is not None and ctx is not None:  # granted through the alias: label the answer as authorize does
+        if granted and ctx is not None:  # granted through the alias: label the answer as authorize does
             ctx.model, ctx.commit = engine.info.name, engine.info.commit
         else:
             authorize(engine.info)  # the request's key may use this model (404 otherwise); every family comes here
         bound_time(self.timeout_s(served.info))  # the model's time limit replaces the server's
         return served, adapter, engine
 
-    def _through_alias(self, name: str) -> tuple[AliasSpec | None, str]:
-        """(the alias this lookup goes through, the model name to look up), once the request's key may use the alias
-        (404 otherwise, as for an unknown model). Through the fallback middleware's current attempt the name is its
-        candidate; an alias named with no attempt under way (a multipart body, an in-process caller) means its first
-        model, with no fallback. (None, ``name``): no alias."""
+    def _through_alias(self, name: str) -> tuple[bool, str]:
+        """(whether the key may use the model through an alias, the model name to look up), once the request's key
+        may use the alias (404 otherwise, as for an unknown model). Through the fallback middleware's attempt, the
+        name is its candidate and the alias grants it. An alias named with no attempt under way (a multipart body, an
+        in-process caller) means its first model, without fallback and without a grant: the key must be allowed that
+        model as well (no state outlives the attempt, so a grant can never leak to a later lookup)."""
         attempt = current_attempt()
         alias = self.aliases.get(attempt.alias) if attempt is not None and name == attempt.candidate else None
+        granted = alias is not None
         if alias is None:
             alias = self.aliases.get(name)
             if alias is None:
-                return None, name
+                return False, name
             name = alias.models[0]
-            enter_alias(alias.name, name)
         if not may_use_names((alias.name,)):
             raise ModelNotFound(alias.name, [*self.names(), *self.aliases])
-        return alias, name
+        return granted, name
 
     def adapter_of(self, base: Engine, adapter_id: str) -> Engine:
         """The adapter ``adapter_id`` (served name or repo id) of the model ``base`` serves (TGI's adapter_id);

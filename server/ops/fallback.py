@@ -76,12 +76,6 @@ def current_attempt() -> Attempt | None:
     return _attempt.get()
 
 
-def enter_alias(alias: str, candidate: str) -> None:
-    """The rest of this request goes through ``alias`` to ``candidate`` (the registry, for callers that name an
-    alias without this middleware: its first model answers, no fallback). The middleware resets it per request."""
-    _attempt.set(Attempt(alias, candidate))
-
-
 def note_refusal(error: ServerError) -> None:
     """The registry refused the current attempt's admission with ``error`` (why this candidate did not answer)."""
     attempt = _attempt.get()
@@ -168,11 +162,7 @@ class FallbackMiddleware:
         if scope["type"] != "http" or not aliases:
             await self.app(scope, receive, send)
             return
-        token = _attempt.set(None)  # whatever the request sets (enter_alias) ends with it
-        try:
-            await self._route(scope, receive, send, aliases)
-        finally:
-            _attempt.reset(token)
+        await self._route(scope, receive, send, aliases)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send, aliases: dict[str, AliasSpec]) -> None:
         by_path = path_alias(scope["path"], aliases)

@@ -254,6 +254,7 @@ def test_models_lists_aliases_with_their_candidates(gateway: Gateway) -> None:
     assert listed["chat"].object == "model" and listed["chat"].candidates == ["big", "small"]  # type: ignore[attr-defined]
     card = gateway.openai().models.retrieve("chat")
     assert card.candidates == ["big", "small"]  # type: ignore[attr-defined]
+    assert gateway.registry.get("chat").info.name == "big"  # named outside the middleware: its first model
 
 
 def test_a_key_needs_the_alias_in_its_list_and_sees_no_other_names(gateway: Gateway) -> None:
