@@ -14,6 +14,7 @@ from server.batch.runner import BatchRunner
 from server.desired import desired_models, unserved_models
 from server.errors import ModelNotVerified, document_errors, install_error_handlers
 from server.ops.auth import KeyChecker
+from server.ops.fallback import FallbackMiddleware
 from server.ops.gateway import GatewayMiddleware
 from server.ops.keys import KeyRing
 from server.ops.metrics import Metrics
@@ -68,7 +69,8 @@ def create_app(settings: Settings, registry: Registry | None = None, start_engin
     metrics = Metrics()
     metrics.watch_engines(lambda: app.state.registry)
     app.state.metrics = metrics
-    app.add_middleware(ReplayMiddleware, settings=settings, metrics=metrics)  # inside the gateway's envelope
+    app.add_middleware(FallbackMiddleware, metrics=metrics)  # inside the gateway's: an alias's models, in order
+    app.add_middleware(ReplayMiddleware, settings=settings, metrics=metrics)  # outside it: one record per request
     app.add_middleware(GatewayMiddleware, settings=settings, metrics=metrics)
     install_error_handlers(app)
     _include_routers(app)

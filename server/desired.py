@@ -19,7 +19,7 @@ from sync.adapters import check_adapter, engine_lora_rank, in_folder
 from sync.errors import ConfigError
 from sync.integrity import is_corrupt
 from sync.lock import Lock, pinned_commit, read_lock
-from sync.manifest import DEFAULT_CACHE_TTL_S, AdapterSpec, Config, ModelSpec
+from sync.manifest import DEFAULT_CACHE_TTL_S, AdapterSpec, AliasSpec, Config, ModelSpec
 from sync.store import Store
 
 log = logging.getLogger("hubserve.desired")
@@ -36,6 +36,7 @@ class Desired:
     waiting: dict[str, str]  # served name → why it cannot be served yet (not pinned / not verified / not fitting)
     pending: dict[str, str]  # served name → why its new pin is not served yet (the old revision serves)
     adapters: dict[str, list[AdapterInfo]] = dataclasses.field(default_factory=dict)  # base name → its adapters
+    aliases: dict[str, AliasSpec] = dataclasses.field(default_factory=dict)  # alias name → its models, in order
 
 
 def _unverified(name: str, repo: str, revision: str, commit: str | None, config: Config, corrupt: bool) -> str:
@@ -60,7 +61,7 @@ def desired_models(
     lock = read_lock(config.lock_path)
     default = config.manifest.default_model()
     keep, keep_adapters = keep or {}, keep_adapters or {}
-    out = Desired([], {}, {}, {})
+    out = Desired([], {}, {}, {}, {a.name: a for a in config.manifest.aliases})
     for spec in config.manifest.models:
         commit = pinned_commit(lock, spec.name, spec.repo, spec.revision)
         record = store.get_revision(spec.repo, commit) if commit else None

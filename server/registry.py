@@ -9,6 +9,8 @@ API (what serving code uses)::
     registry.engines                      # dict: served name → Engine, in manifest order
     registry.ready                        # every model loaded at startup is served by a ready engine
 
+An alias (``[[aliases]]``) names models tried in order: the fallback middleware (server/ops/fallback.py) tries each
+through ``get``; a key may use an alias's models through it when it may use the alias (``registry.aliases``).
 What should be served comes from server/desired.py; starting, loading, evicting and swapping engines is
 server/lifecycle.py's (``registry.apply(desired)``, ``start_all``, ``stop_all`` hand over to it).
 """
@@ -22,14 +24,16 @@ from collections.abc import AsyncIterator, Callable, Iterable
 
 from server.desired import Desired
 from server.engines.base import AdapterInfo, Admission, Engine, EngineState, ModelInfo
-from server.errors import EngineUnavailable, InvalidRequest, ModelNotFound, Overloaded
+from server.errors import EngineUnavailable, InvalidRequest, ModelNotFound, Overloaded, ServerError
 from server.lifecycle import GIB, Lifecycle, available_memory
 from server.ops.auth import authorize, may_use_names
 from server.ops.context import bound_time, current, note_answerer, note_queue
+from server.ops.fallback import current_attempt, note_refusal
 from server.ops.replay import model_resolved
 from server.served import UNLOADED, ServedModel
 from server.settings import Settings
 from server.tasks.catalog import task_timeout_s
+from sync.manifest import AliasSpec
 
 log = logging.getLogger("hubserve.registry")
 
@@ -59,6 +63,7 @@ class Registry:
         self._factory = factory
         self.waiting: dict[str, str] = {}  # manifest models not servable yet, with the reason
         self.pending: dict[str, str] = {}  # served models whose new pin is not verified yet
+        self.aliases: dict[str, AliasSpec] = {}  # alias name → its models, tried in order (server/ops/fallback.py)
         self.lifecycle = Lifecycle(self)
 
     @classmethod
@@ -82,6 +87,7 @@ class Registry:
     def from_desired(cls, desired: Desired, settings: Settings, factory: EngineFactory | None = None) -> Registry:
         registry = cls.from_models(desired.models, settings, factory, desired.adapters)
         registry.waiting, registry.pending = dict(desired.waiting), dict(desired.pending)
+        registry.aliases = dict(desired.aliases)
         return registry
 
     # ---- lookup -------------------------------------------------------------------------------------
@@ -120,19 +126,42 @@ class Registry:
         if not name_or_repo:
             engine = self.default()
             return self._served[engine.info.name], None, engine
+        granted, name_or_repo = self._through_alias(name_or_repo)
         found = self._find(name_or_repo)
-        if found is None and name_or_repo in self.waiting and may_use_names((name_or_repo,)):
+        if found is None and name_or_repo in self.waiting and (granted or may_use_names((name_or_repo,))):
             raise EngineUnavailable(
                 f"Model `{name_or_repo}` is not loaded yet: {self.waiting[name_or_repo]}; retry later.",
                 retry_after=self.settings.retry_after_s,
             )
         if found is None:
-            raise ModelNotFound(name_or_repo, self.names())
+            raise ModelNotFound(name_or_repo, [*self.names(), *self.aliases])
         served, adapter = found
         engine = served.engine if adapter is None else self.get_adapter(served, adapter)
-        authorize(engine.info)  # the request's key may use this model (404 otherwise); every family comes here
+        ctx = current()
+        if granted and ctx is not None:  # granted through the alias: label the answer as authorize does
+            ctx.model, ctx.commit = engine.info.name, engine.info.commit
+        else:
+            authorize(engine.info)  # the request's key may use this model (404 otherwise); every family comes here
         bound_time(self.timeout_s(served.info))  # the model's time limit replaces the server's
         return served, adapter, engine
+
+    def _through_alias(self, name: str) -> tuple[bool, str]:
+        """(whether the key may use the model through an alias, the model name to look up), once the request's key
+        may use the alias (404 otherwise, as for an unknown model). Through the fallback middleware's attempt, the
+        name is its candidate and the alias grants it. An alias named with no attempt under way (a multipart body, an
+        in-process caller) means its first model, without fallback and without a grant: the key must be allowed that
+        model as well (no state outlives the attempt, so a grant can never leak to a later lookup)."""
+        attempt = current_attempt()
+        alias = self.aliases.get(attempt.alias) if attempt is not None and name == attempt.candidate else None
+        granted = alias is not None
+        if alias is None:
+            alias = self.aliases.get(name)
+            if alias is None:
+                return False, name
+            name = alias.models[0]
+        if not may_use_names((alias.name,)):
+            raise ModelNotFound(alias.name, [*self.names(), *self.aliases])
+        return granted, name
 
     def adapter_of(self, base: Engine, adapter_id: str) -> Engine:
         """The adapter ``adapter_id`` (served name or repo id) of the model ``base`` serves (TGI's adapter_id);
@@ -221,6 +250,14 @@ class Registry:
         in-flight limit it waits ``queue_timeout_s`` (0: not at all). Then Overloaded (429). An engine that is
         down answers EngineUnavailable (503) at once.
         """
+        try:
+            return await self._admit(engine_or_name)
+        except ServerError as e:  # why this model did not answer, for an alias's fallback (server/ops/fallback.py)
+            note_refusal(e)
+            raise
+
+    async def _admit(self, engine_or_name: Engine | str | None) -> Admission:
+        """``admit`` without noting its refusal."""
         name = engine_or_name.info.name if isinstance(engine_or_name, Engine) else engine_or_name
         served, adapter, view = self._lookup(name)
         await model_resolved(view)  # an Idempotency-Key replay or a cache hit, once the key may use it (ops/replay.py)
@@ -249,7 +286,9 @@ class Registry:
                     slot = self._take(served, adapter)
                     note_answerer(slot.engine.info)  # after waiting through a swap: the new revision answers
                     return slot
-            patience = self.settings.swap_wait_timeout_s if served.held else self.settings.queue_timeout_s
+            attempt = current_attempt()  # an alias's model that is not its last: full is full, the next one answers
+            queue = 0.0 if attempt is not None and not attempt.may_queue else self.settings.queue_timeout_s
+            patience = self.settings.swap_wait_timeout_s if served.held else queue
             if deadline is None:
                 deadline = loop.time() + patience
             remaining = deadline - loop.time()
@@ -296,7 +335,8 @@ class Registry:
 
     async def apply(self, desired: Desired | list[ModelInfo]) -> None:
         if not isinstance(desired, Desired):
-            desired = Desired(desired, {}, {})
+            desired = Desired(desired, {}, {}, aliases=self.aliases)
+        self.aliases = dict(desired.aliases)  # an alias edit applies at once (the watcher's reload)
         await self.lifecycle.apply(desired)
 
     def forget_failures(self) -> None:

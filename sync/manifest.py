@@ -42,6 +42,8 @@ BACKENDS = ("auto", "vllm", "transformers")
 LOAD_POLICIES = ("startup", "on-demand")
 DEFAULT_CACHE_TTL_S = 600.0  # a model's `cache_ttl_s` when it sets `cache = true` and no ttl
 MAX_CACHE_TTL_S = 30 * 86400.0
+# Why an alias moves on to its next model (server/ops/fallback.py says how each is recognised).
+FALLBACK_REASONS = ("failed", "overloaded", "loading", "context_length")
 # What a PEFT adapter repo needs (and its card); anything else in it (training state, pickles) is not fetched.
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "README.md"]
 
@@ -254,6 +256,37 @@ class ModelSpec(_Strict):
         return is_pickle(path) and not self.allow_pickle
 
 
+class AliasSpec(_Strict):
+    """A name clients ask for that is answered by the first of its models that can: ``[[aliases]]``."""
+
+    name: str = Field(description="What clients ask for: OpenAI/Anthropic `model`, Hub `/models/{name}`.")
+    models: list[str] = Field(min_length=1, description="Served names of models (or adapters), tried in order.")
+    fallback_on: list[str] = Field(
+        default_factory=lambda: list(FALLBACK_REASONS),
+        description="Why the next model is tried: failed, overloaded, loading, context_length (default: all four).",
+    )
+
+    _name = field_validator("name")(lambda cls, v: _check_name(v))
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: list[str]) -> list[str]:
+        for name in v:
+            _check_name(name)
+        dupes = sorted({n for n in v if v.count(n) > 1})
+        if dupes:
+            raise ValueError(f"a model is listed twice: {', '.join(dupes)}")
+        return v
+
+    @field_validator("fallback_on")
+    @classmethod
+    def _fallback_on(cls, v: list[str]) -> list[str]:
+        for reason in v:
+            if reason not in FALLBACK_REASONS:
+                raise ValueError(f"{reason!r} is not a fallback reason; accepted: {', '.join(FALLBACK_REASONS)}")
+        return list(dict.fromkeys(v))
+
+
 def _match(path: str, pattern: str) -> bool:
     # A pattern without '/' matches the file name at any depth as well as the whole path.
     return fnmatch(path, pattern) or ("/" not in pattern and fnmatch(path.rsplit("/", 1)[-1], pattern))
@@ -264,6 +297,7 @@ class Manifest(_Strict):
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)  # type: ignore[arg-type]
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)  # type: ignore[arg-type]
     models: list[ModelSpec] = Field(default_factory=list)
+    aliases: list[AliasSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique(self) -> Manifest:
@@ -274,7 +308,25 @@ class Manifest(_Strict):
         defaults = [m.name for m in self.models if m.default]
         if len(defaults) > 1:
             raise ValueError(f"more than one model has default = true: {', '.join(defaults)}")
+        self._check_aliases()
         return self
+
+    def _check_aliases(self) -> None:
+        """Alias names are their own: no model's or adapter's name or repo; their models are this manifest's."""
+        names = self.names()
+        taken = set(names) | {m.repo for m in self.pinned}
+        seen: set[str] = set()
+        for i, alias in enumerate(self.aliases):
+            where = f"aliases[{i}] ({alias.name})"
+            if alias.name in seen:
+                raise ValueError(f"{where}.name: another alias has the name {alias.name!r}")
+            if alias.name in taken:
+                raise ValueError(f"{where}.name: {alias.name!r} is already a model's name or repo id")
+            seen.add(alias.name)
+            unknown = [m for m in alias.models if m not in names]
+            if unknown:
+                raise ValueError(f"{where}.models: {', '.join(map(repr, unknown))} is not a model of this manifest; "
+                                 f"known: {', '.join(names) or 'none'}")
 
     @property
     def pinned(self) -> list[ModelSpec]:
@@ -329,9 +381,9 @@ def _loc(manifest_data: dict[str, Any], loc: tuple[Any, ...]) -> str:
     for i, key in enumerate(loc):
         if isinstance(key, int):
             label = f"[{key}]"
-            if loc[:i] == ("models",):
+            if loc[:i] in (("models",), ("aliases",)):
                 with contextlib.suppress(KeyError, IndexError, TypeError):
-                    label += f" ({printable(manifest_data['models'][key]['name'], 128)})"  # a name may hold anything
+                    label += f" ({printable(manifest_data[loc[0]][key]['name'], 128)})"  # a name may hold anything
             parts.append(label)
         else:
             parts.append(("." if parts else "") + str(key))
@@ -355,6 +407,8 @@ def parse_manifest(text: str, source: str = "models.toml") -> Manifest:
             if err["type"] == "extra_forbidden":
                 msg = f"unknown key {err['loc'][-1]!r}"
             bad = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err.get('input')!r})"
+            if not where and msg.startswith("aliases["):  # the cross-checks of [[aliases]] name their own place
+                where, msg, bad = msg.split(": ", 1)[0], msg.split(": ", 1)[1], ""
             lines.append(f"{source}: {where or 'top level'}: {msg}{bad}")
         raise ConfigError("; ".join(lines)) from e
 

@@ -4,14 +4,16 @@ body's ``model`` routes) and under ``/models/{repo_id}/v1`` (the path routes), l
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, Field
 
 from server.engines.client import read_json
 from server.engines.tokenize import tokenize_on_engine
 from server.errors import Family, family_dependency, model_path
 from server.openai.audio import transcribe
-from server.openai.protocol import ModelCard, ModelList
+from server.openai.protocol import ModelCard
 from server.openai.serving import (
     create_response,
     list_models,
@@ -19,7 +21,7 @@ from server.openai.serving import (
     proxy_openai,
     stored_response,
 )
-from server.ops.auth import require_api_key
+from server.ops.auth import may_use_names, require_api_key
 from server.tasks.catalog import RERANK_TASKS, SCORE_TASKS
 
 DEPENDENCIES = [Depends(family_dependency(Family.OPENAI)), Depends(require_api_key)]
@@ -38,15 +40,43 @@ def _serve(path: str, endpoint: Endpoint, methods: tuple[str, ...] = ("POST",), 
         r.add_api_route(path, endpoint, methods=list(methods))
 
 
-@router.get("/models")
-async def models(request: Request) -> ModelList:
-    """The models this request's API key may use, each with what it takes in (text, image, audio)."""
-    return list_models(request.app.state.registry, request.app.state.started)
+class AliasCard(BaseModel):
+    """An alias of models.toml's ``[[aliases]]`` in /v1/models: a name that its first model able to answers."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "hubserve"
+    candidates: list[str] = Field(description="The models tried in order; the answer names the one that answered.")
+    fallback_on: list[str] = Field(description="Why the next is tried: failed, overloaded, loading, context_length.")
 
 
-@router.get("/models/{model:path}")
-async def model(request: Request, model: str) -> ModelCard:
-    """One model by served name or repo id (`openai` client: `models.retrieve`)."""
+class ModelsAndAliases(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard | AliasCard]
+
+
+def _alias_cards(request: Request) -> list[AliasCard]:
+    """The aliases this request's key may use (their name is in its list); through one, its candidates are its too."""
+    started = int(request.app.state.started)
+    return [AliasCard(id=a.name, created=started, candidates=list(a.models), fallback_on=list(a.fallback_on))
+            for a in request.app.state.registry.aliases.values() if may_use_names((a.name,))]
+
+
+@router.get("/models", response_model=ModelsAndAliases)
+async def models(request: Request) -> ModelsAndAliases:
+    """The models this request's API key may use, each with what it takes in (text, image, audio), then the
+    aliases it may use, each with its candidates."""
+    listed = list_models(request.app.state.registry, request.app.state.started)
+    return ModelsAndAliases(data=[*listed.data, *_alias_cards(request)])
+
+
+@router.get("/models/{model:path}", response_model=ModelCard | AliasCard)
+async def model(request: Request, model: str) -> ModelCard | AliasCard:
+    """One model by served name or repo id, or an alias (`openai` client: `models.retrieve`)."""
+    alias = next((a for a in _alias_cards(request) if a.id == model), None)
+    if alias is not None:
+        return alias
     return model_card(request.app.state.registry.get(model), request.app.state.started)
 
 

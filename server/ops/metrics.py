@@ -78,6 +78,10 @@ class Metrics:
         self.key_requests = Counter(
             "hubserve_key_requests", "Requests by API key name.", ("key", "model", "status"), registry=self.registry
         )
+        self.fallbacks = Counter(
+            "hubserve_fallbacks", "Requests for an alias passed on from one of its models to the next, and why.",
+            ("alias", "from_model", "to_model", "reason"), registry=self.registry,
+        )
 
         self.cache_requests = Counter(
             "hubserve_cache_requests", "Response cache lookups (cacheable requests of models with cache = true).",
@@ -112,6 +116,9 @@ class Metrics:
             self.tokens_out.labels(model).inc(ctx.tokens_out)
         if key is not None:
             self.key_requests.labels(key, model, str(status)).inc()
+
+    def observe_fallback(self, alias: str, from_model: str, to_model: str, reason: str) -> None:
+        self.fallbacks.labels(alias, from_model, to_model, reason).inc()
 
     def observe(self, route: str, model: str, status: int, ttfb: float | None, duration: float) -> None:
         self.requests.labels(route, model, str(status)).inc()

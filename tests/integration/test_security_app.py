@@ -57,7 +57,9 @@ ROUTES: dict[tuple[str, str], tuple[dict[str, str], Any, str | None]] = {
     ("POST", "/v1/score"): ({}, {"model": "emb", "text_1": "a", "text_2": "b"}, "emb"),
     ("POST", "/score"): ({}, {"model": "emb", "text_1": "a", "text_2": "b"}, "emb"),
 }
-UNKNOWN_IDS = {"{response_id}": "resp_unknown", "{file_id}": "file-unknown", "{batch_id}": "batch_unknown"}  # path params of routes not in ROUTES; any other: org/gen
+UNKNOWN_IDS = {  # path params of routes not in ROUTES; any other: org/gen
+    "{response_id}": "resp_unknown", "{file_id}": "file-unknown", "{batch_id}": "batch_unknown",
+}
 
 
 @pytest.fixture
