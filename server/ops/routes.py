@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -13,6 +16,7 @@ from server.errors import Family, family_dependency
 from server.ops.auth import require_docs_access, require_metrics_access
 from server.ops.metrics import Metrics
 from server.registry import Registry
+from server.state import StateStore, StateUnavailable
 
 router = APIRouter(tags=["ops"], dependencies=[Depends(family_dependency(Family.OPS))])
 
@@ -30,12 +34,42 @@ def models_status(registry: Registry | None) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class StateHealth:
+    """The state backend's last ping, for /health: pinged at most every ``every_s`` (probes and crowds of
+    health checks do not each reach Redis), and for at most ``timeout_s`` (a hung Redis does not hold /health)."""
+
+    every_s: float = 5.0
+    timeout_s: float = 1.0
+    checked: float = float("-inf")
+    ok: bool = False
+    _lock: asyncio.Lock | None = None
+
+    async def check(self, store: StateStore) -> dict[str, Any]:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # one ping at a time; the others take its answer
+            if time.monotonic() - self.checked >= self.every_s:
+                try:
+                    await asyncio.wait_for(store.ping(), self.timeout_s)
+                    self.ok = True
+                except (StateUnavailable, TimeoutError):
+                    self.ok = False
+                self.checked = time.monotonic()
+        backend = "sqlite" if store.url.startswith("sqlite") else "redis"
+        return {"backend": backend, "url": store.url, "ok": self.ok}  # store.url never carries a password
+
+
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """200 while the gateway is alive; the state of every model in the body."""
+    """200 while the gateway is alive; the state of every model and of the state backend in the body."""
     registry: Registry | None = request.app.state.registry
     ready = registry is not None and registry.ready
-    return JSONResponse({"status": "ok" if ready else "degraded", "ready": ready, "models": models_status(registry)})
+    if getattr(request.app.state, "state_health", None) is None:
+        request.app.state.state_health = StateHealth()
+    state = await request.app.state.state_health.check(request.app.state.state)
+    status = "ok" if ready and state["ok"] else "degraded"
+    return JSONResponse({"status": status, "ready": ready, "models": models_status(registry), "state": state})
 
 
 @router.get("/ready")

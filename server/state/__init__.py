@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from server.state.base import StateStore
@@ -24,17 +25,21 @@ def open_state(url: str | None, default_path: Path) -> StateStore:
         path = url.split("://", 1)[1]
         return SQLiteStore(Path(path) if path else default_path)
     if scheme in ("redis", "rediss", "unix"):
-        from server.state.redis_store import RedisStore  # type: ignore[import-not-found,unused-ignore]
+        from server.state.redis_store import RedisStore
 
         return RedisStore(url)
     raise StateUnavailable(f"HUBSERVE_STATE_URL {redact_url(url)!r}: use sqlite:///path or redis://host:port/db")
 
 
 def redact_url(url: str) -> str:
-    """``url`` without its password, for logs and errors."""
-    if "://" not in url or "@" not in url.split("://", 1)[1].split("/", 1)[0]:
+    """``url`` without its password (in the netloc or a ``password=`` query parameter), for logs and errors."""
+    if "://" not in url:
         return url
     scheme, rest = url.split("://", 1)
-    creds, host = rest.split("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user + ':***' if user else '***'}@{host}"
+    netloc, sep, tail = rest.partition("/") if "/" in rest.split("?", 1)[0] else rest.partition("?")
+    if "@" in netloc:
+        creds, host = netloc.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        netloc = f"{user + ':***' if user else '***'}@{host}"
+    tail = re.sub(r"(?i)(^|[?&])(password=)[^&#]*", r"\1\2***", tail)
+    return f"{scheme}://{netloc}{sep}{tail}"

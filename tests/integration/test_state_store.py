@@ -8,15 +8,21 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from server.state import StateStore, open_state, redact_url
+from tests.fixtures.redis_server import RedisServer, redis_server_fixture  # noqa: F401 (the redis_server fixture)
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest_asyncio.fixture(params=["sqlite", "redis"], loop_scope="function")  # Redis: the test's own loop
 async def state(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateStore]:
-    store = open_state(None, tmp_path / "state.db")
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        store = open_state(server.url_for(request.node.name), tmp_path / "unused.db")
+    else:
+        store = open_state(None, tmp_path / "state.db")
     try:
         yield store
     finally:
@@ -104,6 +110,7 @@ async def test_the_cache_is_bounded_in_bytes_least_recently_used_first(state: St
     await state.cache_put("short", b"x", ttl_s=0.2, max_bytes=300)
     await asyncio.sleep(0.3)
     assert await state.cache_get("short") is None
+    assert await state.cache_bytes() == 200  # k1 and k4: the expired entry is out of the total
 
 
 async def test_blobs(state: StateStore) -> None:
@@ -140,3 +147,5 @@ def test_urls_are_redacted() -> None:
     assert redact_url("redis://:s3cret@host:6379/0") == "redis://***@host:6379/0"
     assert redact_url("redis://user:s3cret@host/0") == "redis://user:***@host/0"
     assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
+    assert redact_url("unix:///run/redis.sock?db=1&password=s3cret") == "unix:///run/redis.sock?db=1&password=***"
+    assert redact_url("rediss://u:p@ss@host/0?prefix=a") == "rediss://u:***@host/0?prefix=a"

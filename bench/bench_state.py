@@ -1,0 +1,172 @@
+"""What the shared state adds to a request: the lookups the gateway makes per request, on the embedded SQLite file
+and on a real local redis-server, side by side; then a fresh answer through the real gateway vs the raw cost of
+serving one from the response cache.
+
+Per request (one API key's limits, then the cache): ``incr`` of the rpm window, ``incr`` of the tpm window,
+``incr`` of the day's budget, ``get_int`` of the month's budget, then ``cache_get`` of the request's key (a miss
+and, in a second run, a hit of a 2 KiB answer). Timed one request at a time (the latency one request sees) and with
+``--concurrency`` requests at a time (a loaded gateway), p50/p95/p99 over ``--requests``, and the CPU time a
+request costs (this process, i.e. the gateway's side, plus redis-server's): on shared cores the wall time includes
+waiting for a core, the CPU time does not.
+
+The gateway part: the real app (create_app, auth on, uvicorn on loopback) over the synthetic engine process,
+whose answer takes ``--tokens`` x ``--token-ms`` (the time a model would spend generating them); the same request
+repeated. With the response cache merged and ``cache = true`` on the model, the repeats are cache hits.
+
+    .venv/bin/python bench/bench_state.py --requests 2000 --concurrency 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from server.state import StateStore, open_state  # noqa: E402
+from tests.fixtures.redis_server import RedisServer  # noqa: E402
+from tests.fixtures.two_gateways import KEY, serve_with_loop, synthetic_registry, wait_ready  # noqa: E402
+
+ANSWER = json.dumps({"id": "cmpl-1", "object": "text_completion", "choices": [
+    {"index": 0, "text": " token" * 300, "finish_reason": "length"}]}).encode()[:2048]
+
+
+async def lookups(state: StateStore, n: int, hit: bool) -> None:
+    """The state calls of one request by key ``n``: three counters, one budget read, one cache lookup."""
+    key = f"k{n % 50}"
+    await state.incr(f"rl:{key}:rpm", 1, ttl_s=60)
+    await state.incr(f"rl:{key}:tpm", 7, ttl_s=60)
+    await state.incr(f"budget:{key}:day", 7, ttl_s=86400)
+    await state.get_int(f"budget:{key}:month")
+    await state.cache_get("hit" if hit else f"miss:{n}")
+
+
+def percentiles(samples: list[float]) -> str:
+    q = statistics.quantiles(samples, n=100, method="inclusive")
+    return f"p50 {q[49] * 1e3:.3f} ms, p95 {q[94] * 1e3:.3f} ms, p99 {q[98] * 1e3:.3f} ms"
+
+
+async def timed(fn: Callable[[int], Awaitable[None]], requests: int, concurrency: int) -> list[float]:
+    samples: list[float] = []
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(n: int) -> None:
+        async with gate:
+            started = time.perf_counter()
+            await fn(n)
+            samples.append(time.perf_counter() - started)
+
+    await asyncio.gather(*(one(n) for n in range(requests)))
+    return samples
+
+
+def _cpu(server: psutil.Process | None) -> float:
+    """CPU seconds of this process (the gateway's side: the client, SQLite's thread) and of redis-server."""
+    total = time.process_time()
+    if server is not None:
+        times = server.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+async def bench_backend(
+    label: str, state: StateStore, requests: int, concurrency: int, server: psutil.Process | None
+) -> None:
+    await state.cache_put("hit", ANSWER, ttl_s=3600, max_bytes=64 * 1024**2)
+    for n in range(200):  # warm: connections, scripts, the SQLite pages
+        await lookups(state, n, hit=False)
+    for hit in (False, True):
+        for c in (1, concurrency):
+            cpu = _cpu(server)
+            samples = await timed(lambda n, hit=hit: lookups(state, n, hit), requests, c)  # type: ignore[misc]
+            used = (_cpu(server) - cpu) / requests * 1e6
+            print(f"| {label} | {'hit' if hit else 'miss'} | {c} | {percentiles(samples)} | {used:.0f} µs |")
+    put = await timed(lambda n: state.cache_put(f"p{n}", ANSWER, ttl_s=3600, max_bytes=64 * 1024**2), requests, 1)
+    get = await timed(lambda n: _discard(state.cache_get(f"p{n}")), requests, 1)
+    print(f"| {label} | cache_put 2 KiB alone | 1 | {percentiles(put)} | |")
+    print(f"| {label} | cache_get 2 KiB alone | 1 | {percentiles(get)} | |")
+
+
+async def _discard(value: Awaitable[object]) -> None:
+    await value
+
+
+def bench_gateway(folder: Path, state_url: str | None, tokens: int, token_ms: float, repeats: int) -> None:
+    """A fresh answer through the real gateway, then the same request ``repeats`` times."""
+    from server.app import create_app
+    from server.settings import Settings
+
+    (folder / "models.toml").touch()
+    settings = Settings.model_validate({"api_keys": KEY, "config": folder / "models.toml", "watch": False,
+                                        "state_url": state_url, "engine_start_attempts": 1})
+    app = create_app(settings, synthetic_registry(folder, settings, ("a",)))
+    body = {"model": "a", "prompt": "The capital of France is", "max_tokens": tokens, "temperature": 0,
+            "delay": tokens * token_ms / 1000}  # the synthetic engine's stand-in for generating the tokens
+    with serve_with_loop(app) as (url, _), httpx.Client(headers={"Authorization": f"Bearer {KEY}"}) as http:
+        wait_ready(url)
+        times = []
+        for _ in range(repeats + 1):
+            started = time.perf_counter()
+            http.post(f"{url}/v1/completions", json=body, timeout=60).raise_for_status()
+            times.append(time.perf_counter() - started)
+        bare = [_timed_get(http, f"{url}/health") for _ in range(50)]
+    label = "sqlite" if state_url is None else "redis"
+    print(f"| {label} | fresh answer ({tokens} tokens x {token_ms:g} ms) | {times[0] * 1e3:.1f} ms |")
+    print(f"| {label} | same request again, median of {repeats} | {statistics.median(times[1:]) * 1e3:.1f} ms |")
+    print(f"| {label} | GET /health round trip (the HTTP floor), median | {statistics.median(bare) * 1e3:.2f} ms |")
+
+
+def _timed_get(http: httpx.Client, url: str) -> float:
+    started = time.perf_counter()
+    http.get(url, timeout=10)
+    return time.perf_counter() - started
+
+
+async def run_lookups(folder: Path, redis: RedisServer, requests: int, concurrency: int) -> None:
+    print("| backend | cache | concurrent requests | state lookups per request (wall) | CPU per request |")
+    print("|---|---|---|---|---|")
+    assert redis.process is not None
+    for label, url in (("sqlite", None), ("redis", redis.url_for("bench"))):
+        state = open_state(url, folder / "state.db")
+        try:
+            await bench_backend(label, state, requests, concurrency, psutil.Process(redis.process.pid) if url else None)
+        finally:
+            await state.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--token-ms", type=float, default=20.0)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--skip-gateway", action="store_true")
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="bench-state-"))
+    redis = RedisServer.start(folder / "redis")
+    try:
+        asyncio.run(run_lookups(folder, redis, args.requests, args.concurrency))
+        if not args.skip_gateway:
+            print("\n| backend | request | latency |\n|---|---|---|")
+            for url in (None, redis.url_for("bench-gw")):
+                sub = folder / ("gw-sqlite" if url is None else "gw-redis")
+                sub.mkdir()
+                bench_gateway(sub, url, args.tokens, args.token_ms, args.repeats)
+    finally:
+        redis.stop()
+
+
+if __name__ == "__main__":
+    main()
