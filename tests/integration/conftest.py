@@ -1,4 +1,5 @@
-"""Fixtures the in-process app tests share: named keys on disk and the scripted engines' script."""
+"""Fixtures the in-process app tests share: named keys on disk, the scripted engines' script, and one real
+redis-server for the session (``redis_server``: tests/fixtures/redis_server.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.gateway_app import EngineScript, Keys, make_keys
+from tests.fixtures.redis_server import redis_server_fixture  # noqa: F401 (the session's redis-server)
 
 
 @pytest.fixture

@@ -326,32 +326,13 @@ async def test_a_batch_spanning_a_swap_records_both_commits(tmp_path: Path) -> N
     assert commits == sorted(commits) and {x["model"] for x in lines} == {"gen"}
 
 
-@contextlib.contextmanager
-def redis_url(tmp_path: Path) -> Any:
-    """A real redis-server on a free loopback port (skipped until the Redis backend, server/state/redis_store.py,
-    is there)."""
-    pytest.importorskip("server.state.redis_store")
-    port = _free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
-def test_two_gateways_on_one_state_share_batches_and_run_each_line_once(tmp_path: Path, backend: str) -> None:
+def test_two_gateways_on_one_state_share_batches_and_run_each_line_once(tmp_path: Path, backend: str,
+                                                                        request: pytest.FixtureRequest) -> None:
     script = EngineScript(pause_s=0.02)
     with contextlib.ExitStack() as stack:
-        shared = {"state_url": stack.enter_context(redis_url(tmp_path))} if backend == "redis" else {}
+        redis = request.getfixturevalue("redis_server") if backend == "redis" else None
+        shared = {"state_url": redis.url_for("batch")} if redis is not None else {}
         app_a, _ = build_app(tmp_path, script, **FAST, **shared, batch_concurrency=2)
         app_b, _ = build_app(tmp_path, script, **FAST, **shared, batch_concurrency=2)  # sqlite: the same state.db
         url_a, url_b = stack.enter_context(served(app_a)), stack.enter_context(served(app_b))

@@ -8,11 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -295,36 +291,12 @@ async def test_the_cache_is_bounded_in_bytes(tmp_path: Path) -> None:
         assert [await call(big), await call(big)] == [("miss", 4.0), ("miss", 5.0)]
 
 
-@contextlib.contextmanager
-def redis_server(tmp_path: Path) -> Iterator[str]:
-    """A real redis-server on a free loopback port (Debian's package), without persistence."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-    try:
-        for _ in range(500):
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.1):
-                break
-            time.sleep(0.01)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
-async def test_a_second_gateway_on_the_same_state_replays_and_hits(tmp_path: Path, backend: str) -> None:
-    with contextlib.ExitStack() as stack:
-        if backend == "redis":
-            pytest.importorskip("server.state.redis_store", reason="the Redis backend is not merged yet")
-            if shutil.which("redis-server") is None:
-                pytest.skip("redis-server is not installed")
-            url: str | None = stack.enter_context(redis_server(tmp_path))
-        else:
-            url = None  # both gateways open tmp_path/state.db
-        await _two_gateways(tmp_path, url)
+async def test_a_second_gateway_on_the_same_state_replays_and_hits(tmp_path: Path, backend: str,
+                                                                   request: pytest.FixtureRequest) -> None:
+    # sqlite: both gateways open tmp_path/state.db; redis: the session's redis-server, under a prefix of its own
+    url = request.getfixturevalue("redis_server").url_for("replay") if backend == "redis" else None
+    await _two_gateways(tmp_path, url)
 
 
 async def _two_gateways(tmp_path: Path, state_url: str | None) -> None:

@@ -14,7 +14,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from server.state import StateStore, StateUnavailable, open_state, redis_store
-from tests.fixtures.redis_server import RedisServer, free_port, redis_server_fixture, require_redis  # noqa: F401
+from tests.fixtures.redis_server import RedisServer, free_port, require_redis
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 
 from server.state import StateStore, open_state, redact_url
-from tests.fixtures.redis_server import RedisServer, redis_server_fixture  # noqa: F401 (the redis_server fixture)
+from tests.fixtures.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
 

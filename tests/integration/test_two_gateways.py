@@ -16,7 +16,7 @@ from server.ops.routes import StateHealth
 from server.settings import Settings
 from server.state import StateStore
 from tests.fixtures.gateway_app import served
-from tests.fixtures.redis_server import RedisServer, redis_server_fixture, require_redis  # noqa: F401
+from tests.fixtures.redis_server import RedisServer, require_redis
 from tests.fixtures.two_gateways import KEY, synthetic_registry, two_gateways
 
 pytestmark = pytest.mark.integration
