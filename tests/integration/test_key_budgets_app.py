@@ -26,7 +26,7 @@ from tests.fixtures.key_gateway import LEASE_S, gateway
 pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-HI = [{"role": "user", "content": "hi"}]
+HI: Any = [{"role": "user", "content": "hi"}]  # the SDKs' message types, as plain JSON
 
 
 def add_key(root: Path, name: str, **limits: Any) -> str:
@@ -49,7 +49,7 @@ def claude(url: str, key: str) -> anthropic.Anthropic:
 
 def stream_chat(url: str, key: str, tokens: int, **extra: Any) -> int:
     """A streamed chat completion of ``tokens`` tokens out (the synthetic engine sends one per chunk)."""
-    chunks = oai(url, key).chat.completions.create(model="gen", messages=HI, max_tokens=tokens, stream=True,  # type: ignore[call-overload]
+    chunks = oai(url, key).chat.completions.create(model="gen", messages=HI, max_tokens=tokens, stream=True,
                                                    extra_body=extra)
     return sum(1 for _ in chunks)
 
@@ -72,14 +72,14 @@ def test_daily_budget_in_each_family_and_across_a_restart(tmp_path: Path) -> Non
         headers = e.value.response.headers
         assert 1 <= int(headers["retry-after"]) <= 86400 and headers["x-should-retry"] == "false"
         with pytest.raises(anthropic.RateLimitError, match="daily budget of 10 tokens"):
-            claude(url, key).messages.create(model="gen", max_tokens=1, messages=HI)  # type: ignore[arg-type]
+            claude(url, key).messages.create(model="gen", max_tokens=1, messages=HI)
         tgi = httpx.post(f"{url}/generate", json={"inputs": "hi"}, headers={"Authorization": f"Bearer {key}"})
         assert tgi.status_code == 429 and tgi.json()["error_type"] == "overloaded" and "daily" in tgi.json()["error"]
         hub = httpx.post(f"{url}/models/gen", json={"inputs": "hi"}, headers={"Authorization": f"Bearer {key}"})
         assert hub.status_code == 429 and "daily budget" in hub.headers["x-error-message"]
-    with gateway(tmp_path) as url:  # a new app on the same state file: the day's tokens are still spent
-        with pytest.raises(openai.RateLimitError, match="daily budget"):
-            stream_chat(url, key, 1)
+    # a new app on the same state file: the day's tokens are still spent
+    with gateway(tmp_path) as url, pytest.raises(openai.RateLimitError, match="daily budget"):
+        stream_chat(url, key, 1)
     usage = hubserve("keys", "usage", "daily", "--json", "--keys-file", str(tmp_path / "keys.toml"))
     assert usage.returncode == 0, usage.stderr
     [report] = json.loads(usage.stdout)["keys"]
@@ -108,12 +108,12 @@ def test_expired_key_and_missing_scope(tmp_path: Path) -> None:
         with pytest.raises(openai.AuthenticationError, match="key `old` expired at 2020-01-01T00:00:00"):
             oai(url, expired).models.list()
         with pytest.raises(anthropic.AuthenticationError, match="expired at"):
-            claude(url, expired).messages.create(model="gen", max_tokens=1, messages=HI)  # type: ignore[arg-type]
+            claude(url, expired).messages.create(model="gen", max_tokens=1, messages=HI)
         with pytest.raises(openai.PermissionDeniedError, match="lacks the `inference` scope") as e:
             stream_chat(url, batch_only, 1)
         assert e.value.code == "scope_not_allowed"
         with pytest.raises(anthropic.PermissionDeniedError, match="lacks the `inference` scope"):
-            claude(url, batch_only).messages.create(model="gen", max_tokens=1, messages=HI)  # type: ignore[arg-type]
+            claude(url, batch_only).messages.create(model="gen", max_tokens=1, messages=HI)
         reload = httpx.post(f"{url}/admin/reload", headers={"Authorization": f"Bearer {admin}"})
         assert reload.status_code == 404 and "does not follow its manifest" in reload.text  # past auth: watch off
         denied = httpx.post(f"{url}/admin/reload", headers={"Authorization": f"Bearer {batch_only}"})
@@ -133,12 +133,12 @@ def test_max_input_tokens_is_refused_before_running(tmp_path: Path) -> None:
     key = add_key(tmp_path, "short", max_input_tokens=5)
     with gateway(tmp_path) as url:
         assert stream_chat(url, key, 2) == 2  # "hi": 1 token
-        long = [{"role": "user", "content": "one two three four five six"}]
+        long: Any = [{"role": "user", "content": "one two three four five six"}]
         with pytest.raises(openai.BadRequestError, match=r"6 tokens, over the limit of 5 \(max_input_tokens\)") as e:
-            oai(url, key).chat.completions.create(model="gen", messages=long, max_tokens=1)  # type: ignore[arg-type]
+            oai(url, key).chat.completions.create(model="gen", messages=long, max_tokens=1)
         assert e.value.code == "max_input_tokens_exceeded"
         with pytest.raises(anthropic.BadRequestError, match="max_input_tokens"):
-            claude(url, key).messages.create(model="gen", max_tokens=1, messages=long, system="be brief")  # type: ignore[arg-type]
+            claude(url, key).messages.create(model="gen", max_tokens=1, messages=long, system="be brief")
         with pytest.raises(openai.BadRequestError, match="max_input_tokens"):
             oai(url, key).completions.create(model="gen", prompt="a b c d e f g", max_tokens=1)
 
@@ -152,7 +152,7 @@ def test_max_concurrent_in_flight_and_freed_at_the_end(tmp_path: Path) -> None:
             stream_chat(url, key, 1)
         assert e.value.code == "max_concurrent_exceeded"
         with pytest.raises(anthropic.RateLimitError, match="max_concurrent"):
-            claude(url, key).messages.create(model="gen", max_tokens=1, messages=HI)  # type: ignore[arg-type]
+            claude(url, key).messages.create(model="gen", max_tokens=1, messages=HI)
         assert slow.result(timeout=30) == 2
         assert stream_chat(url, key, 1) == 1  # the slot came back when the stream ended
 
