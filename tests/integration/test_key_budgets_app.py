@@ -5,6 +5,7 @@ budgets across an app restart and across two gateways on one state file; a kille
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -20,7 +21,9 @@ import httpx
 import openai
 import pytest
 
+from server.ops.budgets import Slots
 from server.ops.keys import KeyRecord, new_key, update_keys
+from server.state import open_state
 from tests.fixtures.key_gateway import LEASE_S, gateway
 
 pytestmark = pytest.mark.integration
@@ -147,7 +150,7 @@ def test_max_concurrent_in_flight_and_freed_at_the_end(tmp_path: Path) -> None:
     key = add_key(tmp_path, "one-at-a-time", max_concurrent=1)
     with gateway(tmp_path) as url, concurrent.futures.ThreadPoolExecutor(1) as pool:
         slow = pool.submit(stream_chat, url, key, 2, delay=1.5)
-        _wait_refused(url, key)
+        _wait_held(tmp_path, "one-at-a-time", slow)
         with pytest.raises(openai.RateLimitError, match=r"1 requests in flight, its limit \(max_concurrent\)") as e:
             stream_chat(url, key, 1)
         assert e.value.code == "max_concurrent_exceeded"
@@ -164,13 +167,14 @@ def test_a_killed_gateways_slots_come_back(tmp_path: Path) -> None:
                               stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert holder.stdout is not None
-        other = holder.stdout.readline().strip()
         body = {"model": "gen", "messages": HI, "max_tokens": 1, "stream": True, "delay": 60}
-        with gateway(tmp_path) as url, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with gateway(tmp_path) as url, concurrent.futures.ThreadPoolExecutor(1) as pool:  # both start meanwhile
+            other = holder.stdout.readline().strip()
             held = pool.submit(httpx.post, f"{other}/v1/chat/completions", json=body, timeout=90,
                                headers={"Authorization": f"Bearer {key}"})
-            _wait_refused(url, key)  # the other gateway holds the key's one slot (its heartbeat is alive)
-            time.sleep(3 * LEASE_S)
+            _wait_held(tmp_path, "pinned", held)  # the other gateway holds the key's one slot (its heartbeat is alive)
+            assert not held.done(), held.result()
+            time.sleep(2 * LEASE_S)
             with pytest.raises(openai.RateLimitError, match="max_concurrent"):
                 stream_chat(url, key, 1)  # still held: the heartbeat outlives many leases
             os.killpg(holder.pid, signal.SIGKILL)
@@ -191,15 +195,22 @@ def test_a_killed_gateways_slots_come_back(tmp_path: Path) -> None:
             holder.wait(10)
 
 
-def _wait_refused(url: str, key: str) -> None:
-    """Until the key's slot is taken (a request elsewhere was admitted)."""
+def _wait_held(root: Path, name: str, held: concurrent.futures.Future[Any]) -> None:
+    """Until ``held`` (a request of key ``name``) is in flight, as the shared state says (polling the gateway with
+    that key would take its one slot itself, and could make ``held`` the one refused)."""
     deadline = time.monotonic() + 20
-    while True:
-        r = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"})
-        if r.status_code == 429:
-            return
-        assert time.monotonic() < deadline, "the slow request never took its slot"
+    while asyncio.run(_in_flight(root, name)) < 1:
+        if held.done() or time.monotonic() > deadline:
+            raise AssertionError(f"the slow request never took its slot: {held.done() and held.result()}")
         time.sleep(0.05)
+
+
+async def _in_flight(root: Path, name: str) -> int:
+    store = open_state(None, root / "state.db")
+    try:
+        return await Slots(LEASE_S).in_flight(store, name)
+    finally:
+        await store.close()
 
 
 def test_keys_cli_add_update_list_usage(tmp_path: Path) -> None:
