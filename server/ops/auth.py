@@ -15,6 +15,7 @@ what admission took is settled by the gateway middleware when the request ends (
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -123,9 +124,14 @@ class KeyChecker:
         if ctx is None or who is ANONYMOUS or ctx.admission is not None:
             return  # no context: nothing could settle it; ANONYMOUS: auth is off; admitted already
         taken = ctx.admission = Admitted(who)
-        try:
-            taken.rate = await self.limiter.admit(store, who)
-            taken.budgets = await self.budgets.admit(store, who)
+        try:  # the counters of both in one round trip; a refusal by one gives back what the other took
+            rate, budgets = await asyncio.gather(self.limiter.admit(store, who), self.budgets.admit(store, who),
+                                                 return_exceptions=True)
+            taken.rate = rate if isinstance(rate, Taken) else None
+            taken.budgets = budgets if isinstance(budgets, list) else []
+            for outcome in (rate, budgets):
+                if isinstance(outcome, BaseException):
+                    raise outcome
             await check_input_tokens(request, who)
             taken.slot = await self.slots.take(store, who)
             taken.day = await self.usage.request(store, who.name)
@@ -157,10 +163,9 @@ class KeyChecker:
         if taken.day is not None:
             day = taken.day
             steps.append(lambda: self.usage.tokens(store, who.name, day, tokens_in, tokens_out))
-        for step in steps:  # each on its own: one failing must not keep a slot or a reservation
-            try:
-                await step()
-            except Exception as e:  # StateUnavailable, a closed store: logged, and the other steps still run
+        outcomes = await asyncio.gather(*(step() for step in steps), return_exceptions=True)
+        for e in outcomes:  # each on its own: one failing must not keep a slot or a reservation
+            if isinstance(e, Exception):  # StateUnavailable, a closed store: logged, the other steps ran
                 log.warning("key %s: settling its request failed: %s", who.name, e)
 
 

@@ -67,29 +67,24 @@ class Budgets:
     async def admit(self, store: StateStore, who: Principal) -> list[Reserved]:
         now = self._clock()
         when = dt.datetime.fromtimestamp(now, dt.UTC)
-        taken: list[Reserved] = []
-        for what, limit, window in (("daily", who.daily_tokens, day_window), ("monthly", who.monthly_tokens,
-                                                                               month_window)):
-            if limit is None:
-                continue
-            label, end = window(when)
-            key, reserve = f"budget:{who.name}:{label}", min(limit, self.reserve)
-            value = await store.incr(key, reserve, ttl_s=end.timestamp() - now + GRACE_S)
-            if value - reserve >= limit:
-                await store.incr(key, -reserve)
+        limits = (("daily", who.daily_tokens, day_window), ("monthly", who.monthly_tokens, month_window))
+        windows = [(what, limit, *window(when)) for what, limit, window in limits if limit is not None]
+        taken = [Reserved(f"budget:{who.name}:{label}", min(limit, self.reserve), end.timestamp())
+                 for _, limit, label, end in windows]
+        values = await asyncio.gather(*(store.incr(r.key, r.tokens, ttl_s=r.end - now + GRACE_S) for r in taken))
+        for (what, limit, _, end), r, value in zip(windows, taken, values, strict=True):
+            if value - r.tokens >= limit:
                 await self.settle(store, taken, 0)
                 raise BudgetExceeded(
                     f"Key `{who.name}` is over its {what} budget of {limit} tokens ({what}_tokens); it resets at "
                     f"{end.isoformat()} (UTC).", code=f"{what}_tokens_exceeded", retry_after=end.timestamp() - now)
-            taken.append(Reserved(key, reserve, end.timestamp()))
         return taken
 
     async def settle(self, store: StateStore, taken: list[Reserved], tokens: int) -> None:
         """Replace each reservation with ``tokens`` (while the window's counter lives)."""
         now = self._clock()
-        for r in taken:
-            if tokens != r.tokens and now < r.end + GRACE_S:
-                await store.incr(r.key, tokens - r.tokens)
+        await asyncio.gather(*(store.incr(r.key, tokens - r.tokens) for r in taken
+                               if tokens != r.tokens and now < r.end + GRACE_S))
         taken.clear()
 
 
@@ -109,12 +104,12 @@ class Slots:
         limit = who.max_concurrent
         if limit is None:
             return False
-        if not self._held:  # the heartbeat is fresh before this gateway's count can matter
-            await store.zadd(GATEWAYS, self.gateway, self._clock())
+        beat = not self._held  # the heartbeat is fresh before this gateway's count can matter
         self._held[who.name] += 1
         self._start_beating(store)
         try:
-            await store.hincr(f"cc:{who.name}", self.gateway, 1)
+            await asyncio.gather(store.zadd(GATEWAYS, self.gateway, self._clock()) if beat else asyncio.sleep(0),
+                                 store.hincr(f"cc:{who.name}", self.gateway, 1))
         except BaseException:
             await self.release(store, who.name, counted=False)
             raise
@@ -131,9 +126,9 @@ class Slots:
 
     async def in_flight(self, store: StateStore, name: str) -> int:
         """The key's requests in flight on every gateway whose heartbeat is alive."""
-        live = {g for g, _ in await store.zrange(GATEWAYS, min_score=self._clock() - self.lease_s)}
-        live.add(self.gateway)
-        counts = await store.hgetall(f"cc:{name}")
+        gateways, counts = await asyncio.gather(store.zrange(GATEWAYS, min_score=self._clock() - self.lease_s),
+                                                store.hgetall(f"cc:{name}"))
+        live = {g for g, _ in gateways} | {self.gateway}
         return sum(max(0, int(v)) for g, v in counts.items() if g in live)
 
     async def release(self, store: StateStore, name: str, counted: bool = True) -> None:

@@ -14,10 +14,11 @@ requests see each other's reservations, so concurrency cannot run past the limit
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from server.errors import RateLimited
 from server.ops.context import Principal
@@ -72,40 +73,38 @@ class RateLimiter:
         if who.rpm is None and who.tpm is None:
             return None
         now = self._clock()
-        taken = Taken(math.floor(now / WINDOW_S))
-        rpm, tpm = who.rpm, who.tpm
-        if rpm is not None:
-            key = f"rl:{who.name}:r:"
-            cur = await store.incr(key + str(taken.minute), 1, ttl_s=TTL_S)
-            prev = await store.get_int(key + str(taken.minute - 1))
+        minute = math.floor(now / WINDOW_S)
+        reserve = min(who.tpm, self.reserve) if who.tpm is not None else 0
+        taken = Taken(minute, request=who.rpm is not None, reserved=reserve)
+        calls = []  # both windows counted and read in one round trip (a Redis pipeline, one SQLite queue)
+        for kind, limit, amount in (("r", who.rpm, 1), ("t", who.tpm, reserve)):
+            if limit is not None:
+                calls += [store.incr(f"rl:{who.name}:{kind}:{minute}", amount, ttl_s=TTL_S),
+                          store.get_int(f"rl:{who.name}:{kind}:{minute - 1}")]
+        counts = list(await asyncio.gather(*calls))
+        refusal: RateLimited | None = None
+        if who.rpm is not None:
+            rpm, cur, prev = who.rpm, counts.pop(0), counts.pop(0)
             if estimate(prev, cur, now) > rpm:
-                await store.incr(key + str(taken.minute), -1)
-                raise RateLimited(
-                    f"Key `{who.name}` is over its limit of {rpm} requests per minute; retry later.",
-                    retry_after=wait_s(prev, cur - 1, now, lambda v: v + 1 <= rpm),
-                )
-            taken.request = True
-        if tpm is not None:
-            reserve = min(tpm, self.reserve)
-            key = f"rl:{who.name}:t:"
-            cur = await store.incr(key + str(taken.minute), reserve, ttl_s=TTL_S)
-            prev = await store.get_int(key + str(taken.minute - 1))
+                refusal = RateLimited(f"Key `{who.name}` is over its limit of {rpm} requests per minute; retry later.",
+                                      retry_after=wait_s(prev, cur - 1, now, lambda v: v + 1 <= rpm))
+        if who.tpm is not None and refusal is None:
+            tpm, cur, prev = who.tpm, counts.pop(0), counts.pop(0)
             if estimate(prev, cur - reserve, now) >= tpm:
-                await store.incr(key + str(taken.minute), -reserve)
-                await self.undo(store, who, taken)
-                raise RateLimited(
-                    f"Key `{who.name}` is over its limit of {tpm} tokens per minute; retry later.",
-                    retry_after=wait_s(prev, cur - reserve, now, lambda v: v < tpm),
-                )
-            taken.reserved = reserve
+                refusal = RateLimited(f"Key `{who.name}` is over its limit of {tpm} tokens per minute; retry later.",
+                                      retry_after=wait_s(prev, cur - reserve, now, lambda v: v < tpm))
+        if refusal is not None:
+            await self.undo(store, who, taken)
+            raise refusal
         return taken
 
     async def undo(self, store: StateStore, who: Principal, taken: Taken) -> None:
         """Take back what ``admit`` counted (a later admission step refused the request)."""
+        calls: list[Awaitable[object]] = [self.settle(store, who, taken, 0)]
         if taken.request:
-            await store.incr(f"rl:{who.name}:r:{taken.minute}", -1)
+            calls.append(store.incr(f"rl:{who.name}:r:{taken.minute}", -1))
             taken.request = False
-        await self.settle(store, who, taken, 0)
+        await asyncio.gather(*calls)
 
     async def settle(self, store: StateStore, who: Principal, taken: Taken, tokens: int) -> None:
         """At the request's end, however it ended: its reservation goes, the tokens it used count (in the minute

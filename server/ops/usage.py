@@ -8,10 +8,11 @@ SQLite file or from Redis.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from server.state.base import StateStore
 
@@ -50,19 +51,17 @@ class UsageRecorder:
     async def request(self, store: StateStore, name: str) -> str:
         """Count one request of ``name`` today; the day, for ``tokens`` at the end."""
         day = day_of(self._clock())
+        calls: list[Awaitable[object]] = [store.hincr(f"usage:{name}:{day}", "requests", 1)]
         if (name, day) not in self._indexed:
-            await store.zadd(f"usage:days:{name}", day, _epoch_day(day))
-            await store.zadd(KEYS, name, _epoch_day(day))
-            self._indexed = {(n, d) for n, d in self._indexed if d == day} | {(name, day)}
-        await store.hincr(f"usage:{name}:{day}", "requests", 1)
+            calls += [store.zadd(f"usage:days:{name}", day, _epoch_day(day)), store.zadd(KEYS, name, _epoch_day(day))]
+        await asyncio.gather(*calls)
+        self._indexed = {(n, d) for n, d in self._indexed if d == day} | {(name, day)}
         return day
 
     async def tokens(self, store: StateStore, name: str, day: str, tokens_in: int, tokens_out: int) -> None:
         """Add a finished request's tokens to the day it was admitted on."""
-        if tokens_in:
-            await store.hincr(f"usage:{name}:{day}", "tokens_in", tokens_in)
-        if tokens_out:
-            await store.hincr(f"usage:{name}:{day}", "tokens_out", tokens_out)
+        await asyncio.gather(*(store.hincr(f"usage:{name}:{day}", field, n)
+                               for field, n in (("tokens_in", tokens_in), ("tokens_out", tokens_out)) if n))
 
 
 async def key_names(store: StateStore) -> list[str]:
