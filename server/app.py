@@ -65,7 +65,7 @@ def create_app(settings: Settings, registry: Registry | None = None, start_engin
     app.state.state = open_state(settings.state_url, settings.state_path())
     app.state.batches = BatchRunner(app, app.state.state, settings)  # /v1/files, /v1/batches; runs in the lifespan
     app.state.key_checker = KeyChecker(settings.all_key_digests(), KeyRing(settings.keys_path()),
-                                       reserve=settings.max_new_tokens)
+                                       reserve=settings.max_new_tokens, lease_s=settings.key_lease_s)
     metrics = Metrics()
     metrics.watch_engines(lambda: app.state.registry)
     app.state.metrics = metrics

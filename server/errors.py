@@ -563,3 +563,53 @@ class BatchLimitExceeded(RateLimited):
     """A key with HUBSERVE_BATCH_MAX_PER_KEY batches not finished yet."""
 
     code = "batch_limit_exceeded"
+
+
+# ---- key budgets, caps, expiry and scopes (issue 17: server/ops/budgets.py, auth.py) ----------------------
+
+
+class KeyExpired(Unauthorized):
+    """A named key past its ``expires``: 401, as for an unknown key, but saying when it expired."""
+
+    code = "key_expired"
+
+    def __init__(self, name: str, expires: str) -> None:
+        super().__init__(f"API key `{name}` expired at {expires}; ask for a new key (`hubserve keys update "
+                         f"{name} --expires ...`).")
+
+
+class ScopeNotAllowed(Forbidden):
+    """A valid key without the scope the route needs (inference, batch, mirror, admin)."""
+
+    code = "scope_not_allowed"
+
+    def __init__(self, name: str, scope: str) -> None:
+        super().__init__(f"API key `{name}` lacks the `{scope}` scope this route needs "
+                         f"(`hubserve keys update {name} --scopes ...`).")
+
+
+class BudgetExceeded(RateLimited):
+    """A key over its daily or monthly token budget: 429 with Retry-After until the UTC day or month resets.
+    ``x-should-retry: false``: the stock SDKs would otherwise retry at once, for hours of nothing."""
+
+    openai_type = "insufficient_quota"
+
+    def __init__(self, message: str, *, code: str, retry_after: float) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.code = code
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "x-should-retry": "false"}
+
+
+class TooManyConcurrent(RateLimited):
+    """A key with ``max_concurrent`` requests in flight already (over every gateway sharing the state)."""
+
+    code = "max_concurrent_exceeded"
+
+
+class InputTooLong(InvalidRequest):
+    """A request whose input tokens are over its key's ``max_input_tokens``: 400, the status of every family's
+    own "prompt too long" (OpenAI context_length_exceeded, Anthropic invalid_request_error; TGI maps it to 422)."""
+
+    code = "max_input_tokens_exceeded"

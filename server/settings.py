@@ -124,6 +124,12 @@ class Settings(BaseSettings):
         "such a line is retried until the batch's completion window ends.",
     )
 
+    # ---- key budgets, caps and usage (issue 17: server/ops/budgets.py) -----------------------------------
+    key_lease_s: float = Field(
+        default=15.0, gt=0, description="A gateway renews its hold on its keys' max-concurrent slots this often "
+        "(/3) in the shared state; the slots of a gateway that was killed come back this long after it died.",
+    )
+
     # ---- limits -----------------------------------------------------------------------------------------
     max_concurrent_requests: int = Field(
         default=128, ge=1, description="In-flight requests per model; more wait in the queue, then 429."

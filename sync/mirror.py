@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
@@ -36,6 +37,7 @@ from sync.hub_protocol import (
     parse_range,
     tree_entries,
 )
+from sync.keys import KeyRecord, KeyRing
 from sync.mirror_catalog import list_refs, model_info, paths_info, search_models
 from sync.mirror_page import render_index
 from sync.mirror_runtime import RecordCache, run_workers
@@ -150,12 +152,24 @@ class MirrorHandler(BoundedHandler):
         raise HttpError(404, f"no route for {target.path}")
 
     def _check_token(self) -> None:
-        token = self.server.token
-        if token is None:
+        """The mirror's token, or a named key (``hubserve keys``) with the ``mirror`` scope, as the bearer."""
+        token, keys = self.server.token, self.server.keys
+        if token is None and (keys is None or not self.server.keys_seen()):
             return
         given = self.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise HttpError(401, "Invalid credentials: this mirror needs 'Authorization: Bearer <token>'",
+        if token is not None and hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return
+        scheme, _, key = given.partition(" ")
+        record = self.server.find_key(key.strip()) if keys is not None and scheme.lower() == "bearer" else None
+        if record is not None and record.expired():
+            raise HttpError(401, f"API key `{record.name}` expired at {record.expires}", "RepoNotFound",
+                            headers={"WWW-Authenticate": 'Bearer realm="hubserve-mirror"'})
+        if record is not None and "mirror" not in record.scopes:
+            raise HttpError(403, f"API key `{record.name}` lacks the `mirror` scope this mirror needs "
+                            f"(`hubserve keys update {record.name} --scopes ...`)")
+        if record is None:
+            raise HttpError(401, "Invalid credentials: this mirror needs 'Authorization: Bearer <token>' (its token "
+                            "or an API key with the mirror scope)",
                             "RepoNotFound", headers={"WWW-Authenticate": 'Bearer realm="hubserve-mirror"'})
 
     def _api(self, req: Request, head: bool) -> None:
@@ -386,13 +400,30 @@ class MirrorServer(BoundedServer):
     def __init__(
         self, store: Store, host: str = "127.0.0.1", port: int = 8090, token: str | None = None,
         page_size: int = DEFAULT_PAGE_SIZE, *, trust_forwarded: bool = False, limits: Limits | None = None,
+        keys_file: Path | None = None,
     ) -> None:
         self.store: Store = RecordCache(store.root)
         self.token, self.page_size = token, max(1, page_size)
+        self.keys = KeyRing(keys_file) if keys_file is not None else None  # named keys with the mirror scope
+        self._keys_lock = threading.Lock()  # handler threads share the ring (it re-reads the file on change)
         self.trust_forwarded = trust_forwarded
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
         super().__init__((host, port), MirrorHandler, limits or Limits())
+
+    def keys_seen(self) -> bool:
+        """Named-key auth is on once the keys file has existed (deleting it must not open the mirror)."""
+        if self.keys is None:
+            return False
+        with self._keys_lock:
+            self.keys.refresh()
+            return self.keys.seen
+
+    def find_key(self, key: str) -> KeyRecord | None:
+        if self.keys is None:
+            return None
+        with self._keys_lock:
+            return self.keys.find(key)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         with self._conns_lock:
@@ -423,23 +454,33 @@ class MirrorServer(BoundedServer):
 def make_mirror(
     store: Store, host: str = "127.0.0.1", port: int = 8090, token: str | None = None,
     page_size: int = DEFAULT_PAGE_SIZE, *, trust_forwarded: bool = False, limits: Limits | None = None,
+    keys_file: Path | None = None,
 ) -> MirrorServer:
-    """A bound, not yet serving mirror (port 0 picks a free port: see ``server_address``)."""
-    return MirrorServer(store, host, port, token, page_size, trust_forwarded=trust_forwarded, limits=limits)
+    """A bound, not yet serving mirror (port 0 picks a free port: see ``server_address``). ``keys_file``: the
+    gateway's keys file; its keys with the ``mirror`` scope are accepted as well as ``token``."""
+    return MirrorServer(store, host, port, token, page_size, trust_forwarded=trust_forwarded, limits=limits,
+                        keys_file=keys_file)
+
+
+def keys_file_env() -> Path | None:
+    value = os.environ.get(f"{ENV_PREFIX}KEYS_FILE", "").strip()
+    return Path(value) if value else None
 
 
 def serve_mirror(
     store: Store, host: str = "127.0.0.1", port: int = 8090, token: str | None = None, workers: int = 1,
-    trust_forwarded: bool | None = None, limits: Limits | None = None,
+    trust_forwarded: bool | None = None, limits: Limits | None = None, keys_file: Path | None = None,
 ) -> None:
     """Serve until interrupted or terminated, logging one line per request to stderr.
 
     ``trust_forwarded`` and ``limits`` default to ``$HUBSERVE_MIRROR_TRUST_FORWARDED`` and
-    ``$HUBSERVE_MIRROR_MAX_CONNECTIONS`` / ``_IDLE_TIMEOUT`` / ``_HEADER_TIMEOUT`` / ``_BODY_TIMEOUT`` (seconds).
+    ``$HUBSERVE_MIRROR_MAX_CONNECTIONS`` / ``_IDLE_TIMEOUT`` / ``_HEADER_TIMEOUT`` / ``_BODY_TIMEOUT`` (seconds);
+    ``keys_file`` to ``$HUBSERVE_MIRROR_KEYS_FILE`` (keys with the mirror scope are accepted besides the token).
     """
     if not logging.getLogger().handlers and not logger.handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     logger.setLevel(logging.INFO)
     trust = trust_forwarded_env() if trust_forwarded is None else trust_forwarded
-    mirror = make_mirror(store, host, port, token, trust_forwarded=trust, limits=limits or Limits.from_env(ENV_PREFIX))
+    mirror = make_mirror(store, host, port, token, trust_forwarded=trust, limits=limits or Limits.from_env(ENV_PREFIX),
+                         keys_file=keys_file or keys_file_env())
     run_workers(mirror, workers)

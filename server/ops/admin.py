@@ -1,5 +1,5 @@
-"""/admin/* (ops): reload the manifest now. Off (404) unless HUBSERVE_ADMIN_TOKEN is set; that token is a
-bearer of its own, separate from the API keys, compared in constant time."""
+"""/admin/* (ops): reload the manifest now. Taken by HUBSERVE_ADMIN_TOKEN (a bearer of its own, compared in
+constant time) or by a named key with the ``admin`` scope; off (404) while neither exists."""
 
 from __future__ import annotations
 
@@ -8,18 +8,39 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from server.errors import Family, NotFound, Unauthorized, family_dependency
-from server.ops.auth import admin_token_matches
+from server.errors import Family, KeyExpired, NotFound, ScopeNotAllowed, Unauthorized, family_dependency
+from server.ops import context
+from server.ops.auth import KeyChecker, admin_token_matches, presented_key
+from server.ops.context import ANONYMOUS
 from server.ops.routes import models_status
 
+ADMIN_HELP = ("Missing or invalid admin credentials; send 'Authorization: Bearer <HUBSERVE_ADMIN_TOKEN>' or a "
+              "key with the admin scope.")
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(family_dependency(Family.OPS))])
 
 
-def require_admin_token(request: Request) -> None:
-    if not request.app.state.settings.admin_token:
+async def require_admin_token(request: Request) -> None:
+    """The admin token, or a named key with the admin scope (401 for no or a bad key, 403 for a key without it).
+    Async: no worker thread."""
+    checker: KeyChecker = request.app.state.key_checker
+    if not request.app.state.settings.admin_token and not checker.has_scope_key("admin"):
         raise NotFound("Not Found")
-    if not admin_token_matches(request):
-        raise Unauthorized("Missing or invalid admin token; send 'Authorization: Bearer <HUBSERVE_ADMIN_TOKEN>'.")
+    if admin_token_matches(request):
+        return
+    key = presented_key(request)
+    try:
+        who = checker.principal(key) if key is not None else ANONYMOUS
+    except KeyExpired:
+        raise
+    except Unauthorized:
+        who = ANONYMOUS
+    if who is ANONYMOUS:  # no key, an unknown one, or auth is off for API keys: only the token would do
+        raise Unauthorized(ADMIN_HELP)
+    if "admin" not in who.scopes:
+        raise ScopeNotAllowed(who.name, "admin")
+    ctx = context.current()
+    if ctx is not None:
+        ctx.principal = who  # the request log names the key
 
 
 @router.post("/reload", dependencies=[Depends(require_admin_token)])

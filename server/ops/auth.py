@@ -1,27 +1,41 @@
-"""API keys: who a request is (401 when nobody), which models it may use (403), how fast (429).
+"""API keys: who a request is (401 when nobody, or expired), what it may do (scopes: 403), which models (404 as
+if unknown), how much (429: rpm/tpm, daily/monthly budgets, requests in flight; 400: input tokens).
 
 Two kinds of keys are accepted, each checked in constant time:
-- flat keys from HUBSERVE_API_KEYS / HUBSERVE_API_KEYS_FILE (sha256 digests): every model, no rate limit;
-  their log name is ``key-`` + 8 hex of the digest;
-- named keys from the keys file (``hubserve keys add``): per-key models, requests/min and tokens/min.
+- flat keys from HUBSERVE_API_KEYS / HUBSERVE_API_KEYS_FILE (sha256 digests): every model, no limits, the
+  inference and batch scopes; their log name is ``key-`` + 8 hex of the digest;
+- named keys from the keys file (``hubserve keys add``): per-key models, limits, expiry and scopes.
 
-A key comes as ``Authorization: Bearer <key>`` or ``x-api-key: <key>``. Model access is enforced in one place,
-``authorize``, which the registry calls whenever a request resolves a model name to an engine.
+A key comes as ``Authorization: Bearer <key>`` or ``x-api-key: <key>``. In-process callers (the batch runner)
+instead put the Principal at ``scope["hubserve.principal"]``; an ASGI server never sets that key. Model access
+is enforced in one place, ``authorize``, which the registry calls whenever a request resolves a model name.
+Limits are counted in the shared state (app.state.state), so gateways on one store enforce one budget;
+what admission took is settled by the gateway middleware when the request ends (``KeyChecker.settle``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
+from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 
 from server.engines.base import ModelInfo
-from server.errors import Forbidden, ModelNotFound, Unauthorized
+from server.errors import Forbidden, KeyExpired, ModelNotFound, ScopeNotAllowed, Unauthorized
 from server.ops import context
-from server.ops.context import ANONYMOUS, Principal
-from server.ops.keys import KeyRing
-from server.ops.ratelimit import DEFAULT_RESERVE, RateLimiter
+from server.ops.budgets import Budgets, Reserved, Slots
+from server.ops.context import ANONYMOUS, Principal, RequestContext
+from server.ops.input_cap import check_input_tokens
+from server.ops.keys import SCOPES, KeyRecord, KeyRing
+from server.ops.ratelimit import DEFAULT_RESERVE, RateLimiter, Taken
+from server.ops.usage import UsageRecorder
+from server.state.base import StateStore
+
+log = logging.getLogger("hubserve.auth")
+PRINCIPAL_SCOPE_KEY = "hubserve.principal"
 
 
 def presented_key(request: Request) -> str | None:
@@ -31,13 +45,35 @@ def presented_key(request: Request) -> str | None:
     return request.headers.get("x-api-key", "").strip() or None
 
 
-class KeyChecker:
-    """Accepts every request when no key is configured; else only a flat or named key, as a Principal."""
+def principal_of(record: KeyRecord) -> Principal:
+    models = frozenset(record.models) if record.models is not None else None
+    return Principal(record.name, models, record.rpm, record.tpm, record.daily_tokens, record.monthly_tokens,
+                     record.max_concurrent, record.max_input_tokens, frozenset(record.scopes))
 
-    def __init__(self, digests: frozenset[str], ring: KeyRing | None = None, reserve: int | None = None) -> None:
+
+class Admitted:
+    """What admission took for one request (on its RequestContext), given back or charged at its end."""
+
+    def __init__(self, who: Principal) -> None:
+        self.who = who
+        self.rate: Taken | None = None
+        self.budgets: list[Reserved] = []
+        self.slot = False
+        self.day: str | None = None  # the usage day its request was counted on
+
+
+class KeyChecker:
+    """Accepts every request when no key is configured; else only a flat or named key, as a Principal.
+    Holds the limiters (their counts live in the shared state, passed in)."""
+
+    def __init__(self, digests: frozenset[str], ring: KeyRing | None = None, reserve: int | None = None,
+                 lease_s: float = 15.0) -> None:
         self._digests = tuple(sorted(digests))
         self.ring = ring
         self.limiter = RateLimiter(reserve=reserve or DEFAULT_RESERVE)
+        self.budgets = Budgets(reserve=reserve or DEFAULT_RESERVE)
+        self.slots = Slots(lease_s)
+        self.usage = UsageRecorder()
 
     @property
     def enabled(self) -> bool:
@@ -52,7 +88,7 @@ class KeyChecker:
         return match
 
     def principal(self, key: str | None) -> Principal:
-        """Who ``key`` is; Unauthorized when auth is on and the key is missing or unknown."""
+        """Who ``key`` is; Unauthorized when auth is on and the key is missing, unknown or expired."""
         if self.ring is not None:
             self.ring.refresh()
         if not self.enabled:
@@ -65,25 +101,93 @@ class KeyChecker:
         record = self.ring.lookup(key) if self.ring is not None else None
         if record is None:
             raise Unauthorized()
-        models = frozenset(record.models) if record.models is not None else None
-        return Principal(record.name, models, record.rpm, record.tpm)
+        if record.expired():
+            raise KeyExpired(record.name, str(record.expires))
+        return principal_of(record)
 
     def check(self, request: Request) -> Principal:
-        who = request.scope.get("hubserve.principal")  # set only by in-process callers (a batch line's submitter)
-        if not isinstance(who, Principal):
-            who = self.principal(presented_key(request))
+        given = request.scope.get(PRINCIPAL_SCOPE_KEY)
+        who = given if isinstance(given, Principal) else self.principal(presented_key(request))
         ctx = context.current()
         if ctx is not None:
             ctx.principal = who
         return who
 
+    def has_scope_key(self, scope: str) -> bool:
+        """Whether some unexpired named key has ``scope`` (the admin routes exist only then, or with the token)."""
+        return self.ring is not None and self.ring.any_with_scope(scope)
 
-async def require_api_key(request: Request) -> None:
-    """Router dependency for every inference, info, models and admin route; list it after the family one.
-    Async: no worker thread for a few microseconds of work."""
-    checker: KeyChecker = request.app.state.key_checker
-    who = checker.check(request)
-    checker.limiter.admit(who, context.current())
+    async def admit(self, request: Request, store: StateStore, who: Principal) -> None:
+        """Count the request against its key's limits, in order: requests/tokens per minute, budgets, input
+        tokens, requests in flight; then its usage. A refusal gives back what earlier steps took."""
+        ctx = context.current()
+        if ctx is None or who is ANONYMOUS or ctx.admission is not None:
+            return  # no context: nothing could settle it; ANONYMOUS: auth is off; admitted already
+        taken = ctx.admission = Admitted(who)
+        try:  # the counters of both in one round trip; a refusal by one gives back what the other took
+            rate, budgets = await asyncio.gather(self.limiter.admit(store, who), self.budgets.admit(store, who),
+                                                 return_exceptions=True)
+            taken.rate = rate if isinstance(rate, Taken) else None
+            taken.budgets = budgets if isinstance(budgets, list) else []
+            for outcome in (rate, budgets):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            await check_input_tokens(request, who)
+            taken.slot = await self.slots.take(store, who)
+            taken.day = await self.usage.request(store, who.name)
+        except BaseException:
+            ctx.admission = None
+            await self._give_back(store, taken, 0, 0)
+            raise
+
+    async def settle(self, store: StateStore, ctx: RequestContext) -> None:
+        """At the request's end, however it ended (the middleware awaits it after the last byte): reservations
+        become the tokens used, the slot is freed, the day's usage gets the tokens."""
+        taken = ctx.admission
+        if not isinstance(taken, Admitted):
+            return
+        ctx.admission = None
+        await self._give_back(store, taken, ctx.tokens_in or 0, ctx.tokens_out or 0)
+
+    async def _give_back(self, store: StateStore, taken: Admitted, tokens_in: int, tokens_out: int) -> None:
+        who, used = taken.who, tokens_in + tokens_out
+        steps: list[Callable[[], Awaitable[None]]] = []
+        if taken.rate is not None:
+            rate, refused = taken.rate, taken.day is None  # refused: its request does not count either
+            steps.append(lambda: self.limiter.undo(store, who, rate) if refused else
+                         self.limiter.settle(store, who, rate, used))
+        if taken.budgets:
+            steps.append(lambda: self.budgets.settle(store, taken.budgets, used))
+        if taken.slot:
+            steps.append(lambda: self.slots.release(store, who.name))
+        if taken.day is not None:
+            day = taken.day
+            steps.append(lambda: self.usage.tokens(store, who.name, day, tokens_in, tokens_out))
+        outcomes = await asyncio.gather(*(step() for step in steps), return_exceptions=True)
+        for e in outcomes:  # each on its own: one failing must not keep a slot or a reservation
+            if isinstance(e, Exception):  # StateUnavailable, a closed store: logged, the other steps ran
+                log.warning("key %s: settling its request failed: %s", who.name, e)
+
+
+def require_key(scope: str) -> Callable[[Request], Awaitable[None]]:
+    """A router dependency: a valid key with ``scope`` (403 ScopeNotAllowed otherwise); for ``inference``, also
+    admission against the key's limits. List it after the family dependency. Async: no worker thread."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; one of {', '.join(SCOPES)}")
+
+    async def dependency(request: Request) -> None:
+        checker: KeyChecker = request.app.state.key_checker
+        who = checker.check(request)
+        if checker.enabled and scope not in who.scopes:
+            raise ScopeNotAllowed(who.name, scope)
+        if scope == "inference":
+            await checker.admit(request, request.app.state.state, who)
+
+    dependency.__name__ = f"require_{scope}_key"
+    return dependency
+
+
+require_api_key = require_key("inference")  # every inference, info and models route
 
 
 def admin_token_matches(request: Request) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 SCALE_UP_TIMEOUT_RE = re.compile(r"^\d{1,6}(\.\d{1,3})?$")
+FLAT_SCOPES = frozenset({"inference", "batch"})  # flat keys (HUBSERVE_API_KEYS) and no auth: never mirror or admin
 
 
 def scale_up_timeout(header: str | None) -> float | None:
@@ -36,6 +37,11 @@ class Principal:
     models: frozenset[str] | None = None  # None: every model
     rpm: int | None = None
     tpm: int | None = None
+    daily_tokens: int | None = None
+    monthly_tokens: int | None = None
+    max_concurrent: int | None = None
+    max_input_tokens: int | None = None
+    scopes: frozenset[str] = FLAT_SCOPES
 
     def may_use(self, names: tuple[str, ...]) -> bool:
         return self.models is None or any(n in self.models for n in names)
@@ -54,7 +60,7 @@ class RequestContext:
     queue_s: float = 0.0
     tokens_in: int | None = None
     tokens_out: int | None = None
-    reserved_tokens: int = 0  # reserved against the key's tokens-per-minute until the request ends (ratelimit.py)
+    admission: Any = None  # what admission took for the key (window counts, budgets, a slot): settled at the end
     # the request's time limit: the gateway's cancel scope, when it started (anyio's clock) and the limit in s
     deadline: Any = None
     started_at: float = 0.0

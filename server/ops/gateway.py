@@ -41,6 +41,7 @@ access_log = logging.getLogger("hubserve.access")
 MAX_HEADER_BYTES = 32 * 1024  # nginx's default for large headers; far above what any client sends
 QUIET_PATHS = frozenset({"/metrics", "/health", "/ready"})  # probes: no log line, no request metrics
 PROMPT_LOG_BYTES = 4000
+SETTLE_TIMEOUT_S = 30.0  # longest a request's end may wait on the shared state
 OWN_HEADERS = frozenset({b"x-request-id", b"x-hubserve-model", b"x-hubserve-commit"})  # only the gateway sets them
 
 
@@ -92,6 +93,7 @@ class GatewayMiddleware:
         finally:
             context.end(token)
             self._finish(scope, ctx, ex)
+            await self._settle(scope, ctx)
 
     def _refuse(self, headers: dict[str, str], given: str | None, header_bytes: int) -> ServerError | None:
         if header_bytes > MAX_HEADER_BYTES:
@@ -205,13 +207,23 @@ class GatewayMiddleware:
 
         return wrapped
 
+    async def _settle(self, scope: Scope, ctx: RequestContext) -> None:
+        """Give back or charge what the key's admission took (server/ops/auth.py), for every request, quiet ones
+        too: a reservation or a slot never leaks. The answer's last byte is sent already; shielded, so a
+        cancelled request still settles, and bounded, so a stuck store cannot hold the task forever."""
+        if ctx.admission is None:
+            return
+        state = getattr(scope.get("app"), "state", None)
+        checker, store = getattr(state, "key_checker", None), getattr(state, "state", None)
+        if checker is None or store is None:
+            return
+        with anyio.CancelScope(shield=True) as shield:
+            shield.deadline = anyio.current_time() + SETTLE_TIMEOUT_S
+            await checker.settle(store, ctx)
+
     def _finish(self, scope: Scope, ctx: RequestContext, ex: _Exchange) -> None:
         path = scope.get("path", "")
-        tokens = (ctx.tokens_in or 0) + (ctx.tokens_out or 0)
         who = ctx.principal
-        checker = getattr(getattr(scope.get("app"), "state", None), "key_checker", None)
-        if who is not None and checker is not None:
-            checker.limiter.settle(who, ctx, tokens)  # every request, quiet ones too: a reservation never leaks
         if path in QUIET_PATHS:
             return
         # 499 (nginx's "client closed request"): the answer never finished, e.g. the client left mid-stream

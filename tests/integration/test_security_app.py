@@ -96,7 +96,7 @@ async def test_auth_matrix_over_every_route_of_the_schema(app_client: httpx.Asyn
             continue
         if template.startswith("/admin/"):
             wrong += await _check_admin(app_client, method, template, keys)
-            checked += 4
+            checked += 5
             continue
         params, body, model = ROUTES.get((method, template), ({}, None, None))
         path = template.format(**params) if params else re.sub(
@@ -130,9 +130,11 @@ async def test_auth_matrix_over_every_route_of_the_schema(app_client: httpx.Asyn
 
 async def _check_admin(client: httpx.AsyncClient, method: str, path: str, keys: Keys) -> list[str]:
     wrong = []
-    for what, headers in (("no key", {}), ("bad key", bearer("nope")), ("an API key", bearer(keys.all))):
+    for what, headers, status in (("no key", {}, 401), ("bad key", bearer("nope"), 401),
+                                  ("an API key without the admin scope", bearer(keys.all), 403),
+                                  ("a flat key", bearer(FLAT_KEY), 403)):
         r = await client.request(method, path, headers=headers)
-        if r.status_code != 401:
+        if r.status_code != status:
             wrong.append(f"{method} {path} with {what}: {r.status_code}")
     r = await client.request(method, path, headers=bearer(ADMIN_TOKEN))
     if r.status_code in (401, 403) or r.status_code >= 500:
@@ -221,7 +223,8 @@ async def test_requests_per_minute(app_client: httpx.AsyncClient, keys: Keys) ->
         assert (await app_client.get("/v1/models", headers=bearer(keys.limited))).status_code == 200
     r = await app_client.get("/v1/models", headers=bearer(keys.limited))
     assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
-    assert 1 <= int(r.headers["retry-after"]) <= 60 and "2 requests per minute" in r.json()["error"]["message"]
+    # the sliding-window estimate (ratelimit.py) weighs the last minute's requests: up to 2 minutes to wait
+    assert 1 <= int(r.headers["retry-after"]) <= 120 and "2 requests per minute" in r.json()["error"]["message"]
     r = await app_client.post("/generate", json=GEN, headers=bearer(keys.limited))
     assert r.status_code == 429 and r.json()["error_type"] == "overloaded" and "retry-after" in r.headers
     assert (await app_client.get("/v1/models", headers=bearer(keys.all))).status_code == 200  # others unaffected

@@ -16,6 +16,7 @@ from server.ops.keys import KeyRing, new_key, read_keys, write_keys
 from server.ops.limits import cap_max_tokens
 from server.ops.logs import JsonFormatter
 from server.ops.ratelimit import RateLimiter
+from server.state import open_state
 from sync.cli import is_loopback
 from sync.errors import ConfigError
 
@@ -67,24 +68,31 @@ def test_key_ring_follows_the_file(tmp_path: Path, caplog: pytest.LogCaptureFixt
     assert ring.find(key) is None and ring.seen  # gone: nothing passes, auth stays on
 
 
-def test_rate_limiter_windows() -> None:
-    now = [100.0]
-    limiter = RateLimiter(clock=lambda: now[0])
+async def test_rate_limiter_windows(tmp_path: Path) -> None:
+    """rpm and tpm over the sliding-window estimate of two minute counters in the real SQLite state."""
+    store = open_state(None, tmp_path / "state.db")
+    now = [100.0]  # 40 s into minute 1
+    limiter = RateLimiter(clock=lambda: now[0], reserve=4)
     who = Principal("k", rpm=2, tpm=10)
-    limiter.admit(who)
-    limiter.admit(who)
-    with pytest.raises(RateLimited, match="2 requests per minute") as e:
-        limiter.admit(who)
-    assert e.value.retry_after == 60
-    now[0] += 30
-    limiter.charge(who, 10)
-    now[0] += 31  # the first two requests left the window, the tokens did not
-    with pytest.raises(RateLimited, match="10 tokens per minute") as e:
-        limiter.admit(who)
-    assert e.value.retry_after == pytest.approx(29)
-    now[0] += 30
-    limiter.admit(who)
-    limiter.admit(Principal("free"))  # no limits: never refused
+    try:
+        first = await limiter.admit(store, who)
+        await limiter.admit(store, who)
+        with pytest.raises(RateLimited, match="2 requests per minute") as e:
+            await limiter.admit(store, who)
+        assert e.value.retry_after == 50  # at 150 s the estimate is 2 * (1 - 30/60) = 1: room for one
+        assert first is not None and first.reserved == 4
+        await limiter.settle(store, who, first, 10)  # used 10 (reserved 4): minute 1 holds 10 + 4 reserved
+        now[0] += 30  # 10 s into minute 2: minute 1 weighs 5/6: requests 2 * 5/6 + 1 > 2
+        with pytest.raises(RateLimited, match="2 requests per minute"):
+            await limiter.admit(store, who)
+        now[0] += 20  # 30 s into minute 2: 2 * 1/2 + 1 <= 2 requests, but tokens 14 * 1/2 = 7 < 10: admitted
+        assert await limiter.admit(store, who) is not None
+        limiter_b = RateLimiter(clock=lambda: now[0], reserve=4)  # another gateway on the same store
+        with pytest.raises(RateLimited, match="2 requests per minute"):
+            await limiter_b.admit(store, who)
+        await limiter.admit(store, Principal("free"))  # no limits: never refused
+    finally:
+        await store.close()
 
 
 def test_cap_max_tokens() -> None:
