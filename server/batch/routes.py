@@ -15,11 +15,11 @@ from server.batch.runner import BatchRunner
 from server.engines.client import read_json
 from server.errors import Family, InvalidRequest, family_dependency
 from server.ops import context
-from server.ops.auth import require_api_key
+from server.ops.auth import require_key
 from server.ops.context import ANONYMOUS
 
 router = APIRouter(prefix="/v1", tags=["batches"],
-                   dependencies=[Depends(family_dependency(Family.OPENAI)), Depends(require_api_key)])
+                   dependencies=[Depends(family_dependency(Family.OPENAI)), Depends(require_key("batch"))])
 
 
 def _runner(request: Request) -> BatchRunner:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -33,6 +34,7 @@ from server.batch import inproc
 from server.batch.files import FileStore
 from server.batch.jobs import ACTIVE, Job, JobStore, batch_key, decode_requests, input_blob, lease_key
 from server.batch.protocol import TERMINAL, BatchError, BatchErrors, BatchRequest
+from server.ops.auth import principal_of
 from server.ops.context import ANONYMOUS, Principal
 from server.ops.keys import read_keys
 from server.settings import Settings
@@ -320,8 +322,10 @@ def _retry_after(headers: dict[str, str]) -> float:
 def current_principal(
     who: Principal, auth_on: bool, flat_digests: Any, keys_file: Any
 ) -> Principal | None:
-    """``who`` as the keys are now: its named key's current models and limits; unchanged for a flat key that is
-    still configured (or anyone while auth is off); None when no longer accepted. Reads files: run in a thread."""
+    """``who`` as the keys are now: its named key's current models, limits, budgets and scopes; unchanged for a
+    flat key that is still configured (or anyone while auth is off); None when no longer accepted (revoked,
+    expired, or no longer allowed batches). The lines of a batch run as inference requests of its key: a key
+    with the ``batch`` scope may run them without the ``inference`` scope. Reads files: run in a thread."""
     if not auth_on:
         return who
     if who.name == ANONYMOUS.name:
@@ -333,7 +337,7 @@ def current_principal(
     except Exception:  # a bad edit: the server keeps the previous keys too (KeyRing)
         return who
     record = next((r for r in records.values() if r.name == who.name), None)
-    if record is None:
+    if record is None or record.expired() or "batch" not in record.scopes:
         return None
-    return Principal(record.name, frozenset(record.models) if record.models is not None else None, record.rpm,
-                     record.tpm)
+    current = principal_of(record)
+    return dataclasses.replace(current, scopes=current.scopes | {"inference"})
