@@ -44,6 +44,7 @@ class SQLiteStore(StateStore):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubserve-state")
         self._writes = 0
         self._db: sqlite3.Connection | None = None  # opened by the first call: an app that keeps no state makes no file
+        self._pending: dict[asyncio.AbstractEventLoop, list[Any]] = {}  # calls of this loop turn, not sent yet
 
     @property
     def _conn(self) -> sqlite3.Connection:
@@ -67,11 +68,38 @@ class SQLiteStore(StateStore):
         return conn
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` on the state thread. Calls made in one turn of the event loop (a request's limit checks,
+        issued together with ``asyncio.gather``) go to the thread as one job: one hop, not one per call."""
         loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        pending = self._pending.setdefault(loop, [])
+        pending.append((fn, args, future))
+        if len(pending) == 1:
+            loop.call_soon(self._flush, loop)
         try:
-            return await loop.run_in_executor(self._executor, fn, *args)
+            return await future
         except sqlite3.Error as e:
             raise StateUnavailable(f"state database {self.path}: {e}") from None
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        calls = self._pending.pop(loop, [])
+        try:
+            self._executor.submit(self._run_calls, loop, calls)
+        except RuntimeError as e:  # closed
+            for _, _, future in calls:
+                if not future.done():
+                    future.set_exception(StateUnavailable(f"state database {self.path}: {e}"))
+
+    def _run_calls(self, loop: asyncio.AbstractEventLoop, calls: list[tuple[Callable[..., Any], tuple[Any, ...],
+                                                                                 asyncio.Future[Any]]]) -> None:
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        for fn, args, future in calls:
+            try:
+                outcomes.append((future, fn(*args), None))
+            except BaseException as e:  # handed to its caller
+                outcomes.append((future, None, e))
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+            loop.call_soon_threadsafe(_settle, outcomes)
 
     def _tx(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(conn, now, *args)`` in one immediate transaction (writers serialize on the file lock)."""
@@ -334,6 +362,16 @@ class SQLiteStore(StateStore):
         with contextlib.suppress(RuntimeError):
             await asyncio.get_running_loop().run_in_executor(self._executor, op)
         self._executor.shutdown(wait=False)
+
+
+def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, value, error in outcomes:
+        if future.done():  # its caller was cancelled
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
 
 
 def _field_bytes(row: Any) -> bytes:
