@@ -219,22 +219,33 @@ def mirror_cmd(
         bool, typer.Option(help="Build links from X-Forwarded-Host/-Proto (behind a proxy you trust only).")
     ] = False,
     insecure_public: InsecurePublicOpt = False,
+    keys_file: Annotated[
+        Path | None, typer.Option(help="Named keys (`hubserve keys add --scopes mirror`): keys with the mirror scope "
+                                       "are accepted besides the token (default $HUBSERVE_MIRROR_KEYS_FILE).")
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve the store read-only as a Hub endpoint (HF_ENDPOINT=http://HOST:PORT for clients).
 
     Example: HUBSERVE_MIRROR_TOKEN=secret hubserve mirror --store /srv/hubserve --host 0.0.0.0 --port 8090
     """
-    from sync.mirror import serve_mirror
+    from sync.mirror import keys_file_env, serve_mirror
     from sync.store import Store
 
     root = _store_path(store)
     if not root.is_dir():
         raise ConfigError(f"store {root} does not exist; run `hubserve sync` or `hubserve import` first")
     token = os.environ.get(token_env) or None
-    check_bind(host, token is not None, insecure_public, f"set ${token_env}")
-    err.print(f"mirror of {root} on http://{host}:{port} ({'token required' if token else 'no auth'})")
-    serve_mirror(Store(root), host, port, token, workers, trust_forwarded=trust_forwarded or None)
+    keys = keys_file or keys_file_env()
+    if keys is not None and not keys.is_file():
+        raise ConfigError(f"--keys-file {keys}: no such file (create keys with `hubserve keys add NAME --scopes "
+                          "mirror --keys-file ...`)")
+    check_bind(host, token is not None or keys is not None, insecure_public, f"set ${token_env} or --keys-file")
+    auth = "token required" if token else "no auth"
+    if keys is not None:
+        auth = ("token or " if token else "") + f"a mirror-scoped key of {keys} required"
+    err.print(f"mirror of {root} on http://{host}:{port} ({auth})")
+    serve_mirror(Store(root), host, port, token, workers, trust_forwarded=trust_forwarded or None, keys_file=keys)
 
 
 @cli_errors

@@ -3,6 +3,9 @@ stock huggingface_hub client; other keys get 403 naming the scope, expired ones 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,3 +60,17 @@ def test_mirror_scoped_keys_and_the_token(keyed_mirror: tuple[str, Path], tmp_pa
 
     write_keys(keys_file, {r.id: r for r in read_keys(keys_file).values() if r.name != "puller"})  # revoked
     assert httpx.get(f"{url}/api/models/{REPO}", headers={"Authorization": f"Bearer {mirror_key}"}).status_code == 401
+
+
+def test_the_mirror_command_takes_a_keys_file_and_names_a_missing_one(tmp_path: Path) -> None:
+    """`hubserve mirror --keys-file`: a public bind with keys but no token is allowed (the keys are its auth);
+    a keys file that does not exist is a one-line error, not a mirror that accepts nothing."""
+    store = Store(tmp_path / "store")
+    store.ensure()
+    missing = subprocess.run(
+        [sys.executable, "-m", "server.cli", "mirror", "--store", str(store.root), "--keys-file",
+         str(tmp_path / "nope.toml")], capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("HUBSERVE_")},
+    )
+    assert missing.returncode != 0 and "nope.toml: no such file" in missing.stderr
+    assert "Traceback" not in missing.stderr
