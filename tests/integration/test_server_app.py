@@ -61,7 +61,8 @@ def _registry(settings: Settings, tmp_path: Path) -> Registry:
                 info("minilm", "sentence-transformers/all-MiniLM-L6-v2", COMMIT_B, "feature-extraction", False),
                 settings,
             ),
-        ]
+        ],
+        settings=settings,  # the app's own settings (queue_timeout_s=0: a full engine is 429 at once, not in 30 s)
     )
 
 
