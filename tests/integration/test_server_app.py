@@ -67,7 +67,7 @@ def _registry(settings: Settings, tmp_path: Path) -> Registry:
 
 
 def _app(tmp_path: Path, **settings: object) -> FastAPI:
-    s = Settings.model_validate(settings)
+    s = Settings.model_validate({"state_url": f"sqlite://{tmp_path / 'state.db'}", **settings})  # not ./state.db
     return create_app(s, _registry(s, tmp_path), start_engines=False)
 
 
