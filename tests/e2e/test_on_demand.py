@@ -114,41 +114,36 @@ def _tgi_ids(server: Server, path: str, parameters: dict[str, object]) -> list[i
 
 
 def test_on_demand_models_load_by_request_and_evict_the_least_recently_used(server: Server) -> None:
+    """Nothing loaded; a client that will not wait for tiny-b gets 503 with the estimated time while the load it
+    started goes on, and a client that waits gets its answer; then tiny-a takes tiny-b's room (tiny-a stays loaded
+    for the adapter tests: two engine starts in all)."""
     assert httpx.get(f"{server.url}/ready", timeout=10).status_code == 200  # ready with nothing loaded
     models = _models(server)
     assert models["tiny-a"]["state"] == "unloaded" and models["tiny-b"]["state"] == "unloaded"
     assert models["tiny-poet"]["parent"] == "tiny-a"
     client = _client(server)
 
-    a = client.completions.create(model="tiny-a", prompt=PROMPT, max_tokens=MAX_NEW, temperature=0)
-    assert a.choices[0].text and _models(server)["tiny-a"]["state"] == "loaded"
-    a_pid = _pid(server, "tiny-a")
-    assert a_pid is not None and psutil.pid_exists(a_pid)
-
-    b = client.completions.create(model="tiny-b", prompt=PROMPT, max_tokens=MAX_NEW, temperature=0)
-    assert b.choices[0].text == a.choices[0].text  # the same weights under another repo
-    models = _models(server)
-    assert models["tiny-b"]["state"] == "loaded" and models["tiny-a"]["state"] == "unloaded"
-    server.wait_for("tiny-a's engine to be gone", lambda: not psutil.pid_exists(a_pid), timeout=60)
-
-    health = server.health()["models"]
-    assert health["tiny-a"]["unloads"] == 1 and health["tiny-b"]["unloads"] == 0  # type: ignore[index]
-
-
-def test_a_client_that_will_not_wait_gets_503_with_the_estimated_time(server: Server) -> None:
-    target, repo = "tiny-a", BASE_REPO  # unloaded: tiny-b took its room
-    assert _models(server)[target]["state"] == "unloaded"
     headers = server.headers | {"X-Scale-Up-Timeout": "0"}
-    r = httpx.post(f"{server.url}/models/{repo}", json={"inputs": PROMPT}, headers=headers, timeout=60)
+    r = httpx.post(f"{server.url}/models/{OTHER_REPO}", json={"inputs": PROMPT}, headers=headers, timeout=60)
     assert r.status_code == 503, r.text
     assert "is loading" in r.json()["error"] and r.json()["estimated_time"] > 0
     assert int(r.headers["Retry-After"]) >= 1
-    oa = httpx.post(f"{server.url}/v1/completions", json={"model": target, "prompt": PROMPT},
+    oa = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny-b", "prompt": PROMPT},
                     headers=headers, timeout=60)
     assert oa.status_code == 503 and oa.json()["error"]["code"] == "model_loading"
-    # The load the first request started goes on; a client that waits gets its answer.
-    ok = httpx.post(f"{server.url}/models/{repo}", json={"inputs": PROMPT}, headers=server.headers, timeout=600)
-    assert ok.status_code == 200, ok.text
+    b = client.completions.create(model="tiny-b", prompt=PROMPT, max_tokens=MAX_NEW, temperature=0)
+    assert b.choices[0].text and _models(server)["tiny-b"]["state"] == "loaded"
+    b_pid = _pid(server, "tiny-b")
+    assert b_pid is not None and psutil.pid_exists(b_pid)
+
+    a = client.completions.create(model="tiny-a", prompt=PROMPT, max_tokens=MAX_NEW, temperature=0)
+    assert a.choices[0].text == b.choices[0].text  # the same weights under another repo
+    models = _models(server)
+    assert models["tiny-a"]["state"] == "loaded" and models["tiny-b"]["state"] == "unloaded"
+    server.wait_for("tiny-b's engine to be gone", lambda: not psutil.pid_exists(b_pid), timeout=60)
+
+    health = server.health()["models"]
+    assert health["tiny-b"]["unloads"] == 1 and health["tiny-a"]["unloads"] == 0  # type: ignore[index]
 
 
 def test_adapter_answers_through_openai_tgi_and_hub_like_peft(site: Site, server: Server) -> None:

@@ -61,12 +61,13 @@ def _registry(settings: Settings, tmp_path: Path) -> Registry:
                 info("minilm", "sentence-transformers/all-MiniLM-L6-v2", COMMIT_B, "feature-extraction", False),
                 settings,
             ),
-        ]
+        ],
+        settings=settings,  # the app's own settings (queue_timeout_s=0: a full engine is 429 at once, not in 30 s)
     )
 
 
 def _app(tmp_path: Path, **settings: object) -> FastAPI:
-    s = Settings.model_validate(settings)
+    s = Settings.model_validate({"state_url": f"sqlite://{tmp_path / 'state.db'}", **settings})  # not ./state.db
     return create_app(s, _registry(s, tmp_path), start_engines=False)
 
 
