@@ -112,6 +112,7 @@ name = "minilm"
 repo = "{MINILM_REPO}"
 revision = "{commits["minilm"]}"
 task = "feature-extraction"
+cache = true  # embeddings are deterministic: repeats are answered from the response cache
 
 [[models]]
 name = "vlm"
