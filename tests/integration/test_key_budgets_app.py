@@ -90,10 +90,14 @@ def test_daily_budget_in_each_family_and_across_a_restart(tmp_path: Path) -> Non
     assert report["month"]["tokens"] == 12 and report["month"]["daily_tokens"] == 10
 
 
-def test_monthly_budget_rpm_and_tpm_hold_across_two_gateways(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_monthly_budget_rpm_and_tpm_hold_across_two_gateways(tmp_path: Path, backend: str,
+                                                             request: pytest.FixtureRequest) -> None:
+    """Two gateways on one state: the state file both open, or the session's real redis-server (a prefix of its own)."""
+    shared = {"state_url": request.getfixturevalue("redis_server").url_for("budgets")} if backend == "redis" else {}
     monthly = add_key(tmp_path, "monthly", monthly_tokens=5)
     rpm = add_key(tmp_path, "rpm", rpm=2)
-    with gateway(tmp_path) as a, gateway(tmp_path) as b:
+    with gateway(tmp_path, **shared) as a, gateway(tmp_path, **shared) as b:
         assert stream_chat(a, monthly, 6) == 6
         with pytest.raises(openai.RateLimitError, match=r"monthly budget of 5 tokens \(monthly_tokens\)") as e:
             stream_chat(b, monthly, 1)
