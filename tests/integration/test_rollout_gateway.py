@@ -139,8 +139,8 @@ def gateway(site: Site, engine_gib: float = 0.001, fail: tuple[str, ...] = (), *
                                  "engine_start_attempts": 1, "engine_stop_timeout_s": 5, **settings})
 
     def factory(info: ModelInfo, s: Settings) -> SyntheticProcessEngine:
-        return SyntheticProcessEngine(info, s, int(engine_gib * GIB), START_S,
-                                      BROKEN if info.commit in fail else None)
+        return SyntheticProcessEngine(info, s, int(engine_gib * GIB), start_delay_s=START_S,
+                                      fail_at_start=BROKEN if info.commit in fail else None)
 
     registry = Registry.from_desired(desired_models(load_config(s.config, s.store)), s, factory)
     with served(create_app(s, registry)) as url:
