@@ -26,6 +26,20 @@ os.environ.pop("HF_ENDPOINT", None)
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+@pytest.fixture(autouse=True)
+def no_state_in_the_working_directory() -> Iterator[None]:
+    """A test's gateway keeps its state (state.db) in the test's own folders, never in the directory pytest runs
+    in (an app built without a config would put it beside ./keys.toml)."""
+    before = Path("state.db").exists()
+    yield
+    if not before and Path("state.db").exists():
+        Path("state.db").unlink()
+        for extra in ("state.db-wal", "state.db-shm"):
+            Path(extra).unlink(missing_ok=True)
+        pytest.fail("this test left state.db in the working directory: give its Settings a config, keys_file or "
+                    "state_url in tmp_path")
+
+
 @pytest.fixture(scope="session")
 def tiny_llama() -> Path:
     return tiny_llama_dir()

@@ -48,7 +48,8 @@ def engine_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path
 def gateway(request: pytest.FixtureRequest, engine_proc: tuple[Path, Path]) -> Iterator[str]:
     uds, _ = engine_proc
     engines = [SocketEngine(uds, fast_path=request.param), SocketEngine(uds.with_name("gone.sock"), name="gone")]
-    app = create_app(Settings(api_keys=KEY, watch=False), Registry(engines))  # type: ignore[arg-type]
+    settings = Settings(api_keys=KEY, watch=False, state_url=f"sqlite://{uds.parent / 'state.db'}")  # type: ignore[arg-type]
+    app = create_app(settings, Registry(engines))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", log_config=None))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
