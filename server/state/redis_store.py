@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -32,7 +32,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from server.state import redact_url
-from server.state.base import StateStore
+from server.state.base import CounterOp, GetInt, HGetAll, HIncr, Incr, StateStore, ZAdd, ZRangeByScore
 from server.state.errors import StateUnavailable
 from server.state.sqlite_store import BLOB_NAME_RE
 
@@ -47,6 +47,32 @@ local created = redis.call('EXISTS', KEYS[1]) == 0
 local v = redis.call('INCRBY', KEYS[1], ARGV[1])
 if created and ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return v
+"""
+# ``counters``: op i works on KEYS[i] with ARGV[3i-2..3i] = code, a, b: 'i' incr (amount, ttl ms or ''),
+# 'g' get_int, 'h' hincr (field, amount), 'z' zadd (member, score), 'H' hgetall, 'r' zrange by score (min, max).
+# One script: the ops are atomic together and cost one round trip.
+COUNTERS = """
+local out = {}
+for i, k in ipairs(KEYS) do
+  local code, a, b = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  if code == 'i' then
+    local created = redis.call('EXISTS', k) == 0
+    out[i] = redis.call('INCRBY', k, a)
+    if created and b ~= '' then redis.call('PEXPIRE', k, b) end
+  elseif code == 'g' then
+    out[i] = redis.call('GET', k)
+  elseif code == 'h' then
+    out[i] = redis.call('HINCRBY', k, a, b)
+  elseif code == 'z' then
+    redis.call('ZADD', k, b, a)
+    out[i] = 0
+  elseif code == 'H' then
+    out[i] = redis.call('HGETALL', k)
+  else
+    out[i] = redis.call('ZRANGE', k, a, b, 'BYSCORE', 'WITHSCORES')
+  end
+end
+return out
 """
 # KEYS[1] lease; ARGV owner, ttl ms
 LEASE = """
@@ -81,6 +107,7 @@ local function sweep()
 end
 """.replace("EXPIRED_PER_PUT", str(EXPIRED_PER_PUT))
 CACHE_GET = CACHE_LIB + """
+-- no sweep here (a get stays cheap): an expired value is gone already (PX); puts sweep the indexes
 local v = redis.call('GET', p .. 'cv:' .. ARGV[2])
 if not v then return false end
 redis.call('ZADD', used, now_us, ARGV[2])
@@ -112,8 +139,8 @@ CACHE_BYTES = CACHE_LIB + """
 sweep()
 return tonumber(redis.call('GET', total) or '0')
 """
-SCRIPTS = {"incr": INCR, "lease": LEASE, "release": RELEASE, "cache_get": CACHE_GET, "cache_put": CACHE_PUT,
-           "cache_bytes": CACHE_BYTES}
+SCRIPTS = {"incr": INCR, "counters": COUNTERS, "lease": LEASE, "release": RELEASE, "cache_get": CACHE_GET,
+           "cache_put": CACHE_PUT, "cache_bytes": CACHE_BYTES}
 
 
 @dataclass
@@ -191,6 +218,39 @@ class RedisStore(StateStore):
             return int(raw) if raw is not None else 0
         except ValueError:  # a value, not a counter (the SQLite backend reads it as 0 too)
             return 0
+
+    async def counters(self, ops: Sequence[CounterOp]) -> list[Any]:
+        if not ops:
+            return []
+        keys: list[str] = []
+        args: list[str | int] = []
+        for op in ops:
+            if isinstance(op, Incr):
+                keys.append(self._k("v", op.key))
+                args += ["i", op.amount, "" if op.ttl_s is None else _ms(op.ttl_s)]
+            elif isinstance(op, GetInt):
+                keys.append(self._k("v", op.key))
+                args += ["g", "", ""]
+            elif isinstance(op, HIncr):
+                keys.append(self._k("h", op.key))
+                args += ["h", op.field, op.amount]
+            elif isinstance(op, ZAdd):
+                keys.append(self._k("z", op.key))
+                args += ["z", op.member, repr(float(op.score))]
+            elif isinstance(op, HGetAll):
+                keys.append(self._k("h", op.key))
+                args += ["H", "", ""]
+            elif isinstance(op, ZRangeByScore):
+                keys.append(self._k("z", op.key))
+                args += ["r", "-inf" if op.min_score is None else repr(float(op.min_score)),
+                         "+inf" if op.max_score is None else repr(float(op.max_score))]
+            else:
+                raise TypeError(f"not a counter op: {op!r}")
+        try:
+            raw = await self._conn().scripts["counters"](keys=keys, args=args)
+        except (RedisError, OSError) as e:
+            raise StateUnavailable(f"state backend {self.url}: {self._scrub(e)}") from None
+        return [_counter_result(op, value) for op, value in zip(ops, raw, strict=True)]
 
     # ---- values -----------------------------------------------------------------------------------------
     async def get(self, key: str) -> bytes | None:
@@ -329,6 +389,22 @@ class RedisStore(StateStore):
                 await conn.close()
             elif loop.is_running():
                 asyncio.run_coroutine_threadsafe(conn.close(), loop)
+
+
+def _counter_result(op: CounterOp, raw: Any) -> Any:
+    """One op's reply from the ``counters`` script, as its primitive returns it."""
+    if isinstance(op, Incr | HIncr):
+        return int(raw)
+    if isinstance(op, GetInt):
+        try:
+            return int(raw) if raw is not None else 0
+        except ValueError:  # a value, not a counter (as get_int)
+            return 0
+    if isinstance(op, ZAdd):
+        return None
+    if isinstance(op, HGetAll):
+        return {f.decode(): v for f, v in zip(raw[::2], raw[1::2], strict=True)}
+    return [(m.decode(), float(sc)) for m, sc in zip(raw[::2], raw[1::2], strict=True)]
 
 
 def _opt(raw: object) -> bytes | None:
