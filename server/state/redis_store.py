@@ -19,17 +19,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
 
 from server.state import redact_url
 from server.state.base import CounterOp, GetInt, HGetAll, HIncr, Incr, StateStore, ZAdd, ZRangeByScore
@@ -39,6 +42,7 @@ from server.state.sqlite_store import BLOB_NAME_RE
 DEFAULT_PREFIX = "hubserve:"
 MAX_BLOB_BYTES = 256 * 1024**2  # one Redis string; an OpenAI batch input file is at most 200 MB
 MAX_CONNECTIONS = 64  # per gateway process (and event loop)
+LANE_IDLE = 16  # connections the hot path (scripts) keeps open per gateway process (and event loop)
 EXPIRED_PER_PUT = 1000  # expired cache entries a put drops at most (the rest go on the next put)
 
 # KEYS[1] counter; ARGV amount, ttl ms ('' = none). The expiry is set only when this call creates the counter.
@@ -48,21 +52,24 @@ local v = redis.call('INCRBY', KEYS[1], ARGV[1])
 if created and ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return v
 """
-# ``counters``: op i works on KEYS[i] with ARGV[3i-2..3i] = code, a, b: 'i' incr (amount, ttl ms or ''),
-# 'g' get_int, 'h' hincr (field, amount), 'z' zadd (member, score), 'H' hgetall, 'r' zrange by score (min, max).
-# One script: the ops are atomic together and cost one round trip.
+# ``counters``: ARGV[1] the prefix, ARGV[2] the ops as JSON, each [code, kind:key, a, b]: 'i' incr (amount, ttl ms
+# or -1), 'g' get_int, 'h' hincr (field, amount), 'z' zadd (member, score), 'H' hgetall, 'r' zrange by score
+# (min, max). One script: the ops run with no other command in between, in one round trip. The ops and the
+# reply are one JSON string each, not a Redis argument and reply element per value: encoding and parsing
+# those in redis-py cost more than the round trip. Integers go back as strings ('%d': exact, where cjson
+# prints 14 digits); hash values and scores are Redis's strings as they are.
 COUNTERS = """
-local out = {}
-for i, k in ipairs(KEYS) do
-  local code, a, b = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+local p, out = ARGV[1], {}
+for i, o in ipairs(cjson.decode(ARGV[2])) do
+  local code, k, a, b = o[1], p .. o[2], o[3], o[4]
   if code == 'i' then
     local created = redis.call('EXISTS', k) == 0
-    out[i] = redis.call('INCRBY', k, a)
-    if created and b ~= '' then redis.call('PEXPIRE', k, b) end
+    out[i] = string.format('%d', redis.call('INCRBY', k, a))
+    if created and b >= 0 then redis.call('PEXPIRE', k, b) end
   elseif code == 'g' then
     out[i] = redis.call('GET', k)
   elseif code == 'h' then
-    out[i] = redis.call('HINCRBY', k, a, b)
+    out[i] = string.format('%d', redis.call('HINCRBY', k, a, b))
   elseif code == 'z' then
     redis.call('ZADD', k, b, a)
     out[i] = 0
@@ -72,7 +79,7 @@ for i, k in ipairs(KEYS) do
     out[i] = redis.call('ZRANGE', k, a, b, 'BYSCORE', 'WITHSCORES')
   end
 end
-return out
+return cjson.encode(out)
 """
 # KEYS[1] lease; ARGV owner, ttl ms
 LEASE = """
@@ -147,9 +154,13 @@ SCRIPTS = {"incr": INCR, "counters": COUNTERS, "lease": LEASE, "release": RELEAS
 class _Conn:
     client: aioredis.Redis
     scripts: dict[str, AsyncScript]
+    idle: list[AbstractConnection] = field(default_factory=list)  # the scripts' own connections, free now
 
     async def close(self) -> None:
+        idle, self.idle = self.idle, []
         with contextlib.suppress(RedisError, OSError):
+            for conn in idle:
+                await conn.disconnect()
             await self.client.aclose()
             await self.client.connection_pool.disconnect()  # a pool handed to the client is not closed with it
 
@@ -205,11 +216,40 @@ class RedisStore(StateStore):
         except (RedisError, OSError) as e:
             raise StateUnavailable(f"state backend {self.url}: {self._scrub(e)}") from None
 
+    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a script on a connection of the scripts' own (redis-py's Connection, which still does the URL's
+        auth, TLS, database and parsing) without the client's pool, retry and instrumentation layers: those
+        cost about as much CPU as the round trip itself, and scripts are the per-request path (admission,
+        settling, cache lookups). A dropped idle connection (a Redis restart) is retried once on a fresh one."""
+        conn = self._conn()
+        script = conn.scripts[name]
+        for attempt in (0, 1):
+            reused = bool(conn.idle)
+            c = conn.idle.pop() if reused else conn.client.connection_pool.make_connection()
+            try:
+                reply = await _evalsha(c, script, keys, args)
+            except RedisConnectionError as e:
+                await c.disconnect(nowait=True)
+                if reused and attempt == 0:
+                    continue
+                raise StateUnavailable(f"state backend {self.url}: {self._scrub(e)}") from None
+            except (RedisError, OSError) as e:
+                await c.disconnect(nowait=True)
+                raise StateUnavailable(f"state backend {self.url}: {self._scrub(e)}") from None
+            except BaseException:  # cancelled: a reply may be left unread on it
+                await c.disconnect(nowait=True)
+                raise
+            if len(conn.idle) < LANE_IDLE:
+                conn.idle.append(c)
+            else:
+                await c.disconnect()
+            return reply
+        raise AssertionError("unreachable")
+
     # ---- counters ---------------------------------------------------------------------------------------
     async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:
         ttl = "" if ttl_s is None else _ms(ttl_s)
-        with self._unavailable():
-            return int(await self._conn().scripts["incr"](keys=[self._k("v", key)], args=[amount, ttl]))
+        return int(await self._script("incr", [self._k("v", key)], [amount, ttl]))
 
     async def get_int(self, key: str) -> int:
         with self._unavailable():
@@ -222,35 +262,27 @@ class RedisStore(StateStore):
     async def counters(self, ops: Sequence[CounterOp]) -> list[Any]:
         if not ops:
             return []
-        keys: list[str] = []
-        args: list[str | int] = []
+        encoded: list[list[Any]] = []
         for op in ops:
             if isinstance(op, Incr):
-                keys.append(self._k("v", op.key))
-                args += ["i", op.amount, "" if op.ttl_s is None else _ms(op.ttl_s)]
+                encoded.append(["i", "v:" + op.key, op.amount, -1 if op.ttl_s is None else _ms(op.ttl_s)])
             elif isinstance(op, GetInt):
-                keys.append(self._k("v", op.key))
-                args += ["g", "", ""]
+                encoded.append(["g", "v:" + op.key])
             elif isinstance(op, HIncr):
-                keys.append(self._k("h", op.key))
-                args += ["h", op.field, op.amount]
+                encoded.append(["h", "h:" + op.key, op.field, op.amount])
             elif isinstance(op, ZAdd):
-                keys.append(self._k("z", op.key))
-                args += ["z", op.member, repr(float(op.score))]
+                encoded.append(["z", "z:" + op.key, op.member, float(op.score)])
             elif isinstance(op, HGetAll):
-                keys.append(self._k("h", op.key))
-                args += ["H", "", ""]
+                encoded.append(["H", "h:" + op.key])
             elif isinstance(op, ZRangeByScore):
-                keys.append(self._k("z", op.key))
-                args += ["r", "-inf" if op.min_score is None else repr(float(op.min_score)),
-                         "+inf" if op.max_score is None else repr(float(op.max_score))]
+                encoded.append(["r", "z:" + op.key, "-inf" if op.min_score is None else repr(float(op.min_score)),
+                                "+inf" if op.max_score is None else repr(float(op.max_score))])
             else:
                 raise TypeError(f"not a counter op: {op!r}")
-        try:
-            raw = await self._conn().scripts["counters"](keys=keys, args=args)
-        except (RedisError, OSError) as e:
-            raise StateUnavailable(f"state backend {self.url}: {self._scrub(e)}") from None
-        return [_counter_result(op, value) for op, value in zip(ops, raw, strict=True)]
+        raw = await self._script("counters", [], [self.prefix, json.dumps(encoded)])
+        # bytes that are not UTF-8 (a binary hash value) pass through the JSON as surrogates and back
+        replies = json.loads(raw.decode("utf-8", "surrogateescape"))
+        return [_counter_result(op, value) for op, value in zip(ops, replies, strict=True)]
 
     # ---- values -----------------------------------------------------------------------------------------
     async def get(self, key: str) -> bytes | None:
@@ -337,8 +369,7 @@ class RedisStore(StateStore):
 
     # ---- cache ------------------------------------------------------------------------------------------
     async def cache_get(self, key: str) -> bytes | None:
-        with self._unavailable():
-            return _opt(await self._conn().scripts["cache_get"](keys=[], args=[self.prefix, key]))
+        return _opt(await self._script("cache_get", [], [self.prefix, key]))
 
     async def cache_put(self, key: str, value: bytes, ttl_s: float, max_bytes: int) -> None:
         with self._unavailable():
@@ -391,20 +422,38 @@ class RedisStore(StateStore):
                 asyncio.run_coroutine_threadsafe(conn.close(), loop)
 
 
+async def _evalsha(conn: AbstractConnection, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+    """EVALSHA on ``conn``; EVAL (which caches it) when the server does not know the script yet."""
+    await conn.send_packed_command(conn.pack_command("EVALSHA", script.sha, len(keys), *keys, *args),
+                                   check_health=False)
+    try:
+        return await conn.read_response()
+    except NoScriptError:
+        await conn.send_packed_command(conn.pack_command("EVAL", script.script, len(keys), *keys, *args),
+                                       check_health=False)
+        return await conn.read_response()
+
+
 def _counter_result(op: CounterOp, raw: Any) -> Any:
-    """One op's reply from the ``counters`` script, as its primitive returns it."""
+    """One op's reply from the ``counters`` script (decoded JSON), as its primitive returns it."""
     if isinstance(op, Incr | HIncr):
         return int(raw)
     if isinstance(op, GetInt):
         try:
-            return int(raw) if raw is not None else 0
+            return int(raw) if isinstance(raw, str) else 0  # false: absent
         except ValueError:  # a value, not a counter (as get_int)
             return 0
     if isinstance(op, ZAdd):
         return None
+    pairs = zip(raw[::2], raw[1::2], strict=True) if raw else ()  # cjson writes an empty list as {}
     if isinstance(op, HGetAll):
-        return {f.decode(): v for f, v in zip(raw[::2], raw[1::2], strict=True)}
-    return [(m.decode(), float(sc)) for m, sc in zip(raw[::2], raw[1::2], strict=True)]
+        return {_back(f).decode(): _back(v) for f, v in pairs}
+    return [(_back(m).decode(), float(sc)) for m, sc in pairs]
+
+
+def _back(text: str) -> bytes:
+    """The bytes Redis held, from the JSON reply's text."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def _opt(raw: object) -> bytes | None:
