@@ -24,6 +24,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import time
 import uuid
@@ -54,6 +55,15 @@ def month_window(now: dt.datetime) -> tuple[str, dt.datetime]:
     return start.strftime("%Y-%m"), end
 
 
+@functools.lru_cache(maxsize=4)
+def windows_of(epoch_day: int) -> tuple[tuple[str, float], tuple[str, float]]:
+    """((label, end) of the UTC day, (label, end) of the UTC month) for a day since the epoch, ends as epoch
+    seconds. Cached: a request needs them, and they change once a day."""
+    when = dt.datetime.fromtimestamp(epoch_day * 86400, dt.UTC)
+    (day, day_end), (month, month_end) = day_window(when), month_window(when)
+    return (day, day_end.timestamp()), (month, month_end.timestamp())
+
+
 @dataclasses.dataclass
 class Reserved:
     key: str
@@ -74,14 +84,12 @@ class Budgets:
     def plan(self, who: Principal) -> tuple[list[Reserved], list[CounterOp]]:
         """The reservations a request of ``who`` makes (one per budget it has) and their ops."""
         now = self._clock()
-        when = dt.datetime.fromtimestamp(now, dt.UTC)
         taken = []
-        for what, limit, window in (("daily", who.daily_tokens, day_window),
-                                    ("monthly", who.monthly_tokens, month_window)):
-            if limit is not None:
-                label, end = window(when)
-                taken.append(Reserved(f"budget:{who.name}:{label}", min(limit, self.reserve), end.timestamp(),
-                                      what, limit))
+        if who.daily_tokens is not None or who.monthly_tokens is not None:
+            day, month = windows_of(int(now // 86400))
+            for what, limit, (label, end) in (("daily", who.daily_tokens, day), ("monthly", who.monthly_tokens, month)):
+                if limit is not None:
+                    taken.append(Reserved(f"budget:{who.name}:{label}", min(limit, self.reserve), end, what, limit))
         return taken, [Incr(r.key, r.tokens, ttl_s=r.end - now + GRACE_S) for r in taken]
 
     def refusal(self, who: Principal, taken: list[Reserved], values: Sequence[int]) -> BudgetExceeded | None:

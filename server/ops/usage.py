@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import time
 from collections.abc import Callable
 
@@ -21,7 +22,12 @@ FIELDS = ("requests", "tokens_in", "tokens_out")
 
 
 def day_of(now: float) -> str:
-    return dt.datetime.fromtimestamp(now, dt.UTC).date().isoformat()
+    return _day_label(int(now // 86400))
+
+
+@functools.lru_cache(maxsize=4)
+def _day_label(epoch_day: int) -> str:
+    return dt.date.fromordinal(dt.date(1970, 1, 1).toordinal() + epoch_day).isoformat()
 
 
 def _epoch_day(day: str) -> float:

@@ -353,14 +353,24 @@ def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]
 
 
 # ---- the primitives' statements, shared by each primitive and by ``counters`` ----------------------------
+# one statement each (an upsert that returns the new value): a request's admission runs ten of them
+INCR_SQL = """
+INSERT INTO kv (key, value, num, expires) VALUES (:key, NULL, :amount, :expires)
+ON CONFLICT (key) DO UPDATE SET value = NULL,
+  num = CASE WHEN kv.num IS NULL OR kv.expires <= :now THEN :amount ELSE kv.num + :amount END,
+  expires = CASE WHEN kv.num IS NULL OR kv.expires <= :now THEN :expires ELSE kv.expires END
+RETURNING num
+"""
+HINCR_SQL = """
+INSERT INTO hashes (key, field, value, num) VALUES (?, ?, NULL, ?)
+ON CONFLICT (key, field) DO UPDATE SET num = hashes.num + excluded.num WHERE hashes.value IS NULL
+RETURNING num
+"""
+
+
 def _incr(c: sqlite3.Connection, now: float, key: str, amount: int, ttl_s: float | None) -> int:
-    row = c.execute("SELECT num, expires FROM kv WHERE key = ?", (key,)).fetchone()
-    if row is None or (row[1] is not None and row[1] <= now) or row[0] is None:
-        value, expires = amount, (now + ttl_s if ttl_s is not None else None)
-    else:
-        value, expires = row[0] + amount, row[1]
-    c.execute("REPLACE INTO kv (key, value, num, expires) VALUES (?, NULL, ?, ?)", (key, value, expires))
-    return int(value)
+    params = {"key": key, "amount": amount, "expires": now + ttl_s if ttl_s is not None else None, "now": now}
+    return int(c.execute(INCR_SQL, params).fetchone()[0])
 
 
 def _get_int(c: sqlite3.Connection, now: float, key: str) -> int:
@@ -369,8 +379,12 @@ def _get_int(c: sqlite3.Connection, now: float, key: str) -> int:
 
 
 def _hincr(c: sqlite3.Connection, now: float, key: str, field: str, amount: int) -> int:
-    row = c.execute("SELECT value, num FROM hashes WHERE key = ? AND field = ?", (key, field)).fetchone()
-    current = int(_field_bytes(row)) if row is not None else 0
+    row = c.execute(HINCR_SQL, (key, field, amount)).fetchone()
+    if row is not None:
+        return int(row[0])
+    # the field holds bytes (written by hset): counts on from their number (not a number: ValueError, as Redis)
+    current = int(_field_bytes(c.execute("SELECT value, num FROM hashes WHERE key = ? AND field = ?",
+                                         (key, field)).fetchone()))
     c.execute("REPLACE INTO hashes (key, field, value, num) VALUES (?, ?, NULL, ?)", (key, field, current + amount))
     return current + amount
 
