@@ -2,18 +2,19 @@
 and on a real local redis-server, side by side; then a fresh answer through the real gateway vs the raw cost of
 serving one from the response cache.
 
-Per request (one API key's limits, then the cache): ``incr`` of the rpm window, ``incr`` of the tpm window,
-``incr`` of the day's budget, ``get_int`` of the month's budget, then ``cache_get`` of the request's key (a miss
-and, in a second run, a hit of a 2 KiB answer). Timed one request at a time (the latency one request sees) and with
-``--concurrency`` requests at a time (a loaded gateway), p50/p95/p99 over ``--requests``, and the CPU time a
-request costs (this process, i.e. the gateway's side, plus redis-server's): on shared cores the wall time includes
-waiting for a core, the CPU time does not.
+Per request: the real admission (server/ops/auth.py ``KeyChecker.admit``) of a key with every limit kept in the
+state (requests and tokens per minute, daily and monthly budgets, requests in flight, plus its usage count): one
+``counters`` call; then ``cache_get`` of the request's key (a miss and, in a second run, a hit of a 2 KiB answer).
+Its settling (one more call, after the answer's last byte) is timed apart. Timed one request at a time (the latency
+one request sees) and with ``--concurrency`` requests at a time (a loaded gateway), p50/p95/p99 over ``--requests``,
+and the CPU time a request costs (this process, i.e. the gateway's side, plus redis-server's): on shared cores the
+wall time includes waiting for a core, the CPU time does not.
 
 The gateway part: the real app (create_app, auth on, uvicorn on loopback) over the synthetic engine process,
 whose answer takes ``--tokens`` x ``--token-ms`` (the time a model would spend generating them); the same request
 repeated. With the response cache merged and ``cache = true`` on the model, the repeats are cache hits.
 
-    .venv/bin/python bench/bench_state.py --requests 2000 --concurrency 16
+    .venv/bin/python bench/bench_state.py --requests 1000 --concurrency 16 --skip-gateway
 """
 
 from __future__ import annotations

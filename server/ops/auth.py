@@ -15,7 +15,6 @@ what admission took is settled by the gateway middleware when the request ends (
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
@@ -32,7 +31,7 @@ from server.ops.input_cap import check_input_tokens
 from server.ops.keys import SCOPES, KeyRecord, KeyRing
 from server.ops.ratelimit import DEFAULT_RESERVE, RateLimiter, Taken
 from server.ops.usage import UsageRecorder
-from server.state.base import StateStore
+from server.state.base import CounterOp, StateStore
 
 log = logging.getLogger("hubserve.auth")
 PRINCIPAL_SCOPE_KEY = "hubserve.principal"
@@ -118,55 +117,79 @@ class KeyChecker:
         return self.ring is not None and self.ring.any_with_scope(scope)
 
     async def admit(self, request: Request, store: StateStore, who: Principal) -> None:
-        """Count the request against its key's limits, in order: requests/tokens per minute, budgets, input
-        tokens, requests in flight; then its usage. A refusal gives back what earlier steps took."""
+        """Count the request against its key's limits: every counter (requests/tokens per minute, budgets,
+        requests in flight, the day's usage) in ONE ``counters`` call, then decide in order: rates, budgets,
+        input tokens, requests in flight. A refusal gives everything back in one more call. (The request holds
+        its slot while its input tokens are counted: the safe side.)"""
         ctx = context.current()
         if ctx is None or who is ANONYMOUS or ctx.admission is not None:
             return  # no context: nothing could settle it; ANONYMOUS: auth is off; admitted already
         taken = ctx.admission = Admitted(who)
-        try:  # the counters of both in one round trip; a refusal by one gives back what the other took
-            rate, budgets = await asyncio.gather(self.limiter.admit(store, who), self.budgets.admit(store, who),
-                                                 return_exceptions=True)
-            taken.rate = rate if isinstance(rate, Taken) else None
-            taken.budgets = budgets if isinstance(budgets, list) else []
-            for outcome in (rate, budgets):
-                if isinstance(outcome, BaseException):
-                    raise outcome
-            await check_input_tokens(request, who)
-            taken.slot = await self.slots.take(store, who)
-            taken.day = await self.usage.request(store, who.name)
+        rate, rate_ops = self.limiter.plan(who)
+        budgets, budget_ops = self.budgets.plan(who)
+        slot_ops = self.slots.plan(store, who)
+        day, usage_ops = self.usage.plan(who.name)
+        try:
+            values = await store.counters([*rate_ops, *budget_ops, *slot_ops, *usage_ops])
         except BaseException:
             ctx.admission = None
-            await self._give_back(store, taken, 0, 0)
+            if slot_ops:
+                self.slots.forget(who.name)
+            raise
+        taken.rate, taken.budgets, taken.slot, taken.day = rate, budgets, bool(slot_ops), day
+        self.usage.indexed(who.name, day)
+        at_budgets, at_slots = len(rate_ops), len(rate_ops) + len(budget_ops)
+        try:
+            refusal = (self.limiter.refusal(who, rate, values[:at_budgets]) if rate is not None else None) or \
+                self.budgets.refusal(who, budgets, values[at_budgets:at_slots])
+            if refusal is not None:
+                raise refusal
+            await check_input_tokens(request, who)
+            if slot_ops and (refusal := self.slots.refusal(who, values[at_slots:at_slots + len(slot_ops)])):
+                raise refusal
+        except BaseException:
+            ctx.admission = None
+            await self._finish(store, taken, self._undo_ops(taken), "giving back its refused request")
             raise
 
     async def settle(self, store: StateStore, ctx: RequestContext) -> None:
-        """At the request's end, however it ended (the middleware awaits it after the last byte): reservations
-        become the tokens used, the slot is freed, the day's usage gets the tokens."""
+        """At the request's end, however it ended (the middleware awaits it after the last byte), in one call:
+        reservations become the tokens used, the slot is freed, the day's usage gets the tokens."""
         taken = ctx.admission
         if not isinstance(taken, Admitted):
             return
         ctx.admission = None
-        await self._give_back(store, taken, ctx.tokens_in or 0, ctx.tokens_out or 0)
-
-    async def _give_back(self, store: StateStore, taken: Admitted, tokens_in: int, tokens_out: int) -> None:
-        who, used = taken.who, tokens_in + tokens_out
-        steps: list[Callable[[], Awaitable[None]]] = []
+        who, tokens_in, tokens_out = taken.who, ctx.tokens_in or 0, ctx.tokens_out or 0
+        ops: list[CounterOp] = []
         if taken.rate is not None:
-            rate, refused = taken.rate, taken.day is None  # refused: its request does not count either
-            steps.append(lambda: self.limiter.undo(store, who, rate) if refused else
-                         self.limiter.settle(store, who, rate, used))
-        if taken.budgets:
-            steps.append(lambda: self.budgets.settle(store, taken.budgets, used))
+            ops += self.limiter.settle_ops(who, taken.rate, tokens_in + tokens_out)
+        ops += self.budgets.settle_ops(taken.budgets, tokens_in + tokens_out)
         if taken.slot:
-            steps.append(lambda: self.slots.release(store, who.name))
+            ops += self.slots.release_ops(who.name)
         if taken.day is not None:
-            day = taken.day
-            steps.append(lambda: self.usage.tokens(store, who.name, day, tokens_in, tokens_out))
-        outcomes = await asyncio.gather(*(step() for step in steps), return_exceptions=True)
-        for e in outcomes:  # each on its own: one failing must not keep a slot or a reservation
-            if isinstance(e, Exception):  # StateUnavailable, a closed store: logged, the other steps ran
-                log.warning("key %s: settling its request failed: %s", who.name, e)
+            ops += self.usage.tokens_ops(who.name, taken.day, tokens_in, tokens_out)
+        await self._finish(store, taken, ops, "settling its request")
+
+    def _undo_ops(self, taken: Admitted) -> list[CounterOp]:
+        who = taken.who
+        ops = self.limiter.undo_ops(who, taken.rate) if taken.rate is not None else []
+        ops += self.budgets.settle_ops(taken.budgets, 0)
+        if taken.slot:
+            ops += self.slots.release_ops(who.name)
+        if taken.day is not None:
+            ops += self.usage.undo_ops(who.name, taken.day)
+        return ops
+
+    async def _finish(self, store: StateStore, taken: Admitted, ops: list[CounterOp], what: str) -> None:
+        """Run the ops that settle or give back ``taken``; this gateway's slot is freed even when they fail."""
+        try:
+            await store.counters(ops)
+        except Exception as e:  # StateUnavailable, a closed store: logged (the caller's own outcome stands)
+            log.warning("key %s: %s failed: %s", taken.who.name, what, e)
+        finally:
+            if taken.slot:
+                taken.slot = False
+                self.slots.forget(taken.who.name)
 
 
 def require_key(scope: str) -> Callable[[Request], Awaitable[None]]:

@@ -14,15 +14,14 @@ requests see each other's reservations, so concurrency cannot run past the limit
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 
 from server.errors import RateLimited
 from server.ops.context import Principal
-from server.state.base import StateStore
+from server.state.base import CounterOp, GetInt, Incr, StateStore
 
 WINDOW_S = 60
 TTL_S = 2 * WINDOW_S  # a minute's counter is read as "the previous minute" during the next one
@@ -36,6 +35,7 @@ class Taken:
     minute: int
     request: bool = False
     reserved: int = 0
+    at: float = 0.0  # when it was admitted (epoch seconds)
 
 
 def estimate(prev: int, cur: int, now: float) -> float:
@@ -63,59 +63,80 @@ def wait_s(prev: int, cur: int, now: float, fits: Callable[[float], bool]) -> fl
 class RateLimiter:
     """``admit`` raises RateLimited (429 with Retry-After) for a key over its rpm, or whose tokens of the last
     minute plus those reserved in flight reached its tpm; else it counts the request and reserves
-    ``min(tpm, reserve)`` tokens. ``settle`` replaces the reservation with what the request used."""
+    ``min(tpm, reserve)`` tokens. ``settle`` replaces the reservation with what the request used.
+
+    The gateway runs these counters together with the other limits' in one ``StateStore.counters`` call
+    (server/ops/auth.py): ``plan`` gives the ops, ``refusal`` decides on their results, ``undo_ops`` and
+    ``settle_ops`` give what takes them back. ``admit``/``undo``/``settle`` do the same alone."""
 
     def __init__(self, reserve: int = DEFAULT_RESERVE, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self.reserve = reserve
 
-    async def admit(self, store: StateStore, who: Principal) -> Taken | None:
+    def plan(self, who: Principal) -> tuple[Taken | None, list[CounterOp]]:
+        """What admitting a request of ``who`` counts (nothing when it has no rpm or tpm): each window's
+        counter incremented and the previous minute's read."""
         if who.rpm is None and who.tpm is None:
-            return None
+            return None, []
         now = self._clock()
         minute = math.floor(now / WINDOW_S)
         reserve = min(who.tpm, self.reserve) if who.tpm is not None else 0
-        taken = Taken(minute, request=who.rpm is not None, reserved=reserve)
-        calls = []  # both windows counted and read in one round trip (a Redis pipeline, one SQLite queue)
+        taken = Taken(minute, request=who.rpm is not None, reserved=reserve, at=now)
+        ops: list[CounterOp] = []
         for kind, limit, amount in (("r", who.rpm, 1), ("t", who.tpm, reserve)):
             if limit is not None:
-                calls += [store.incr(f"rl:{who.name}:{kind}:{minute}", amount, ttl_s=TTL_S),
-                          store.get_int(f"rl:{who.name}:{kind}:{minute - 1}")]
-        counts = list(await asyncio.gather(*calls))
-        refusal: RateLimited | None = None
+                ops += [Incr(f"rl:{who.name}:{kind}:{minute}", amount, ttl_s=TTL_S),
+                        GetInt(f"rl:{who.name}:{kind}:{minute - 1}")]
+        return taken, ops
+
+    def refusal(self, who: Principal, taken: Taken, counts: Sequence[int]) -> RateLimited | None:
+        """The 429 for the counts ``plan``'s ops returned, or None when the request is within both limits."""
+        now, values = taken.at, list(counts)
         if who.rpm is not None:
-            rpm, cur, prev = who.rpm, counts.pop(0), counts.pop(0)
+            rpm, cur, prev = who.rpm, values.pop(0), values.pop(0)
             if estimate(prev, cur, now) > rpm:
-                refusal = RateLimited(f"Key `{who.name}` is over its limit of {rpm} requests per minute; retry later.",
-                                      retry_after=wait_s(prev, cur - 1, now, lambda v: v + 1 <= rpm))
-        if who.tpm is not None and refusal is None:
-            tpm, cur, prev = who.tpm, counts.pop(0), counts.pop(0)
+                return RateLimited(f"Key `{who.name}` is over its limit of {rpm} requests per minute; retry later.",
+                                   retry_after=wait_s(prev, cur - 1, now, lambda v: v + 1 <= rpm))
+        if who.tpm is not None:
+            tpm, reserve, cur, prev = who.tpm, taken.reserved, values.pop(0), values.pop(0)
             if estimate(prev, cur - reserve, now) >= tpm:
-                refusal = RateLimited(f"Key `{who.name}` is over its limit of {tpm} tokens per minute; retry later.",
-                                      retry_after=wait_s(prev, cur - reserve, now, lambda v: v < tpm))
-        if refusal is not None:
-            await self.undo(store, who, taken)
-            raise refusal
-        return taken
+                return RateLimited(f"Key `{who.name}` is over its limit of {tpm} tokens per minute; retry later.",
+                                   retry_after=wait_s(prev, cur - reserve, now, lambda v: v < tpm))
+        return None
 
-    async def undo(self, store: StateStore, who: Principal, taken: Taken) -> None:
-        """Take back what ``admit`` counted (a later admission step refused the request)."""
-        calls: list[Awaitable[object]] = [self.settle(store, who, taken, 0)]
+    def undo_ops(self, who: Principal, taken: Taken) -> list[CounterOp]:
+        """What takes back everything ``plan`` counted (the request was refused)."""
+        ops = self.settle_ops(who, taken, 0)
         if taken.request:
-            calls.append(store.incr(f"rl:{who.name}:r:{taken.minute}", -1))
+            ops.append(Incr(f"rl:{who.name}:r:{taken.minute}", -1))
             taken.request = False
-        await asyncio.gather(*calls)
+        return ops
 
-    async def settle(self, store: StateStore, who: Principal, taken: Taken, tokens: int) -> None:
+    def settle_ops(self, who: Principal, taken: Taken, tokens: int) -> list[CounterOp]:
         """At the request's end, however it ended: its reservation goes, the tokens it used count (in the minute
         it was admitted while that minute's counter lives, else in the current one)."""
         if who.tpm is None:
-            return
+            return []
         now = self._clock()
         if taken.reserved and now < (taken.minute + 2) * WINDOW_S:
             delta, minute = tokens - taken.reserved, taken.minute
         else:
             delta, minute = tokens, math.floor(now / WINDOW_S)
         taken.reserved = 0
-        if delta:
-            await store.incr(f"rl:{who.name}:t:{minute}", delta, ttl_s=TTL_S)
+        return [Incr(f"rl:{who.name}:t:{minute}", delta, ttl_s=TTL_S)] if delta else []
+
+    async def admit(self, store: StateStore, who: Principal) -> Taken | None:
+        taken, ops = self.plan(who)
+        if taken is None:
+            return None
+        refusal = self.refusal(who, taken, await store.counters(ops))
+        if refusal is not None:
+            await store.counters(self.undo_ops(who, taken))
+            raise refusal
+        return taken
+
+    async def undo(self, store: StateStore, who: Principal, taken: Taken) -> None:
+        await store.counters(self.undo_ops(who, taken))
+
+    async def settle(self, store: StateStore, who: Principal, taken: Taken, tokens: int) -> None:
+        await store.counters(self.settle_ops(who, taken, tokens))

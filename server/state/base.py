@@ -12,6 +12,63 @@ Expiry (``ttl_s``) is wall-clock seconds, so replicas agree on it.
 from __future__ import annotations
 
 import abc
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+
+# ---- counter operations, run together by ``StateStore.counters`` ------------------------------------------
+@dataclasses.dataclass(frozen=True, slots=True)
+class Incr:
+    """``incr``: the counter's new value (int)."""
+
+    key: str
+    amount: int = 1
+    ttl_s: float | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GetInt:
+    """``get_int``: the counter's value (int)."""
+
+    key: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HIncr:
+    """``hincr``: the field's new value (int)."""
+
+    key: str
+    field: str
+    amount: int = 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ZAdd:
+    """``zadd``: None."""
+
+    key: str
+    member: str
+    score: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HGetAll:
+    """``hgetall``: every field (dict[str, bytes])."""
+
+    key: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ZRangeByScore:
+    """``zrange`` ascending within [min_score, max_score]: list[tuple[str, float]]."""
+
+    key: str
+    min_score: float | None = None
+    max_score: float | None = None
+
+
+CounterOp = Incr | GetInt | HIncr | ZAdd | HGetAll | ZRangeByScore
 
 
 class StateStore(abc.ABC):
@@ -28,6 +85,12 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     async def get_int(self, key: str) -> int:
         """The counter's value; 0 when absent or expired."""
+
+    @abc.abstractmethod
+    async def counters(self, ops: Sequence[CounterOp]) -> list[Any]:
+        """Run ``ops`` in order in one round trip, with no other call in between (one SQLite transaction, one
+        Redis script); each op's result as its own primitive returns it. A request's admission and its
+        settling are one such call each, not one round trip per counter (server/ops/auth.py)."""
 
     # ---- values -----------------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -19,26 +19,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import weakref
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
 
 from server.state import redact_url
-from server.state.base import StateStore
+from server.state.base import CounterOp, GetInt, HGetAll, HIncr, Incr, StateStore, ZAdd, ZRangeByScore
 from server.state.errors import StateUnavailable
 from server.state.sqlite_store import BLOB_NAME_RE
 
 DEFAULT_PREFIX = "hubserve:"
 MAX_BLOB_BYTES = 256 * 1024**2  # one Redis string; an OpenAI batch input file is at most 200 MB
 MAX_CONNECTIONS = 64  # per gateway process (and event loop)
+LANE_IDLE = 16  # connections the hot path (scripts) keeps open per gateway process (and event loop)
 EXPIRED_PER_PUT = 1000  # expired cache entries a put drops at most (the rest go on the next put)
 
 # KEYS[1] counter; ARGV amount, ttl ms ('' = none). The expiry is set only when this call creates the counter.
@@ -47,6 +51,35 @@ local created = redis.call('EXISTS', KEYS[1]) == 0
 local v = redis.call('INCRBY', KEYS[1], ARGV[1])
 if created and ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return v
+"""
+# ``counters``: ARGV[1] the prefix, ARGV[2] the ops as JSON, each [code, kind:key, a, b]: 'i' incr (amount, ttl ms
+# or -1), 'g' get_int, 'h' hincr (field, amount), 'z' zadd (member, score), 'H' hgetall, 'r' zrange by score
+# (min, max). One script: the ops run with no other command in between, in one round trip. The ops and the
+# reply are one JSON string each, not a Redis argument and reply element per value: encoding and parsing
+# those in redis-py cost more than the round trip. Integers go back as strings ('%d': exact, where cjson
+# prints 14 digits); hash values and scores are Redis's strings as they are.
+COUNTERS = """
+local p, out = ARGV[1], {}
+for i, o in ipairs(cjson.decode(ARGV[2])) do
+  local code, k, a, b = o[1], p .. o[2], o[3], o[4]
+  if code == 'i' then
+    local created = redis.call('EXISTS', k) == 0
+    out[i] = string.format('%d', redis.call('INCRBY', k, a))
+    if created and b >= 0 then redis.call('PEXPIRE', k, b) end
+  elseif code == 'g' then
+    out[i] = redis.call('GET', k)
+  elseif code == 'h' then
+    out[i] = string.format('%d', redis.call('HINCRBY', k, a, b))
+  elseif code == 'z' then
+    redis.call('ZADD', k, b, a)
+    out[i] = 0
+  elseif code == 'H' then
+    out[i] = redis.call('HGETALL', k)
+  else
+    out[i] = redis.call('ZRANGE', k, a, b, 'BYSCORE', 'WITHSCORES')
+  end
+end
+return cjson.encode(out)
 """
 # KEYS[1] lease; ARGV owner, ttl ms
 LEASE = """
@@ -81,6 +114,7 @@ local function sweep()
 end
 """.replace("EXPIRED_PER_PUT", str(EXPIRED_PER_PUT))
 CACHE_GET = CACHE_LIB + """
+-- no sweep here (a get stays cheap): an expired value is gone already (PX); puts sweep the indexes
 local v = redis.call('GET', p .. 'cv:' .. ARGV[2])
 if not v then return false end
 redis.call('ZADD', used, now_us, ARGV[2])
@@ -112,17 +146,21 @@ CACHE_BYTES = CACHE_LIB + """
 sweep()
 return tonumber(redis.call('GET', total) or '0')
 """
-SCRIPTS = {"incr": INCR, "lease": LEASE, "release": RELEASE, "cache_get": CACHE_GET, "cache_put": CACHE_PUT,
-           "cache_bytes": CACHE_BYTES}
+SCRIPTS = {"incr": INCR, "counters": COUNTERS, "lease": LEASE, "release": RELEASE, "cache_get": CACHE_GET,
+           "cache_put": CACHE_PUT, "cache_bytes": CACHE_BYTES}
 
 
 @dataclass
 class _Conn:
     client: aioredis.Redis
     scripts: dict[str, AsyncScript]
+    idle: list[AbstractConnection] = field(default_factory=list)  # the scripts' own connections, free now
 
     async def close(self) -> None:
+        idle, self.idle = self.idle, []
         with contextlib.suppress(RedisError, OSError):
+            for conn in idle:
+                await conn.disconnect()
             await self.client.aclose()
             await self.client.connection_pool.disconnect()  # a pool handed to the client is not closed with it
 
@@ -178,11 +216,40 @@ class RedisStore(StateStore):
         except (RedisError, OSError) as e:
             raise StateUnavailable(f"state backend {self.url}: {self._scrub(e)}") from None
 
+    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a script on a connection of the scripts' own (redis-py's Connection, which still does the URL's
+        auth, TLS, database and parsing) without the client's pool, retry and instrumentation layers: those
+        cost about as much CPU as the round trip itself, and scripts are the per-request path (admission,
+        settling, cache lookups). A dropped idle connection (a Redis restart) is retried once on a fresh one."""
+        conn = self._conn()
+        script = conn.scripts[name]
+        for attempt in (0, 1):
+            reused = bool(conn.idle)
+            c = conn.idle.pop() if reused else conn.client.connection_pool.make_connection()
+            try:
+                reply = await _evalsha(c, script, keys, args)
+            except RedisConnectionError as e:
+                await c.disconnect(nowait=True)
+                if reused and attempt == 0:
+                    continue
+                raise StateUnavailable(f"state backend {self.url}: {self._scrub(e)}") from None
+            except (RedisError, OSError) as e:
+                await c.disconnect(nowait=True)
+                raise StateUnavailable(f"state backend {self.url}: {self._scrub(e)}") from None
+            except BaseException:  # cancelled: a reply may be left unread on it
+                await c.disconnect(nowait=True)
+                raise
+            if len(conn.idle) < LANE_IDLE:
+                conn.idle.append(c)
+            else:
+                await c.disconnect()
+            return reply
+        raise AssertionError("unreachable")
+
     # ---- counters ---------------------------------------------------------------------------------------
     async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:
         ttl = "" if ttl_s is None else _ms(ttl_s)
-        with self._unavailable():
-            return int(await self._conn().scripts["incr"](keys=[self._k("v", key)], args=[amount, ttl]))
+        return int(await self._script("incr", [self._k("v", key)], [amount, ttl]))
 
     async def get_int(self, key: str) -> int:
         with self._unavailable():
@@ -191,6 +258,31 @@ class RedisStore(StateStore):
             return int(raw) if raw is not None else 0
         except ValueError:  # a value, not a counter (the SQLite backend reads it as 0 too)
             return 0
+
+    async def counters(self, ops: Sequence[CounterOp]) -> list[Any]:
+        if not ops:
+            return []
+        encoded: list[list[Any]] = []
+        for op in ops:
+            if isinstance(op, Incr):
+                encoded.append(["i", "v:" + op.key, op.amount, -1 if op.ttl_s is None else _ms(op.ttl_s)])
+            elif isinstance(op, GetInt):
+                encoded.append(["g", "v:" + op.key])
+            elif isinstance(op, HIncr):
+                encoded.append(["h", "h:" + op.key, op.field, op.amount])
+            elif isinstance(op, ZAdd):
+                encoded.append(["z", "z:" + op.key, op.member, float(op.score)])
+            elif isinstance(op, HGetAll):
+                encoded.append(["H", "h:" + op.key])
+            elif isinstance(op, ZRangeByScore):
+                encoded.append(["r", "z:" + op.key, "-inf" if op.min_score is None else repr(float(op.min_score)),
+                                "+inf" if op.max_score is None else repr(float(op.max_score))])
+            else:
+                raise TypeError(f"not a counter op: {op!r}")
+        raw = await self._script("counters", [], [self.prefix, json.dumps(encoded)])
+        # bytes that are not UTF-8 (a binary hash value) pass through the JSON as surrogates and back
+        replies = json.loads(raw.decode("utf-8", "surrogateescape"))
+        return [_counter_result(op, value) for op, value in zip(ops, replies, strict=True)]
 
     # ---- values -----------------------------------------------------------------------------------------
     async def get(self, key: str) -> bytes | None:
@@ -277,8 +369,7 @@ class RedisStore(StateStore):
 
     # ---- cache ------------------------------------------------------------------------------------------
     async def cache_get(self, key: str) -> bytes | None:
-        with self._unavailable():
-            return _opt(await self._conn().scripts["cache_get"](keys=[], args=[self.prefix, key]))
+        return _opt(await self._script("cache_get", [], [self.prefix, key]))
 
     async def cache_put(self, key: str, value: bytes, ttl_s: float, max_bytes: int) -> None:
         with self._unavailable():
@@ -329,6 +420,40 @@ class RedisStore(StateStore):
                 await conn.close()
             elif loop.is_running():
                 asyncio.run_coroutine_threadsafe(conn.close(), loop)
+
+
+async def _evalsha(conn: AbstractConnection, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+    """EVALSHA on ``conn``; EVAL (which caches it) when the server does not know the script yet."""
+    await conn.send_packed_command(conn.pack_command("EVALSHA", script.sha, len(keys), *keys, *args),
+                                   check_health=False)
+    try:
+        return await conn.read_response()
+    except NoScriptError:
+        await conn.send_packed_command(conn.pack_command("EVAL", script.script, len(keys), *keys, *args),
+                                       check_health=False)
+        return await conn.read_response()
+
+
+def _counter_result(op: CounterOp, raw: Any) -> Any:
+    """One op's reply from the ``counters`` script (decoded JSON), as its primitive returns it."""
+    if isinstance(op, Incr | HIncr):
+        return int(raw)
+    if isinstance(op, GetInt):
+        try:
+            return int(raw) if isinstance(raw, str) else 0  # false: absent
+        except ValueError:  # a value, not a counter (as get_int)
+            return 0
+    if isinstance(op, ZAdd):
+        return None
+    pairs = zip(raw[::2], raw[1::2], strict=True) if raw else ()  # cjson writes an empty list as {}
+    if isinstance(op, HGetAll):
+        return {_back(f).decode(): _back(v) for f, v in pairs}
+    return [(_back(m).decode(), float(sc)) for m, sc in pairs]
+
+
+def _back(text: str) -> bytes:
+    """The bytes Redis held, from the JSON reply's text."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def _opt(raw: object) -> bytes | None:

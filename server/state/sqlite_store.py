@@ -13,12 +13,12 @@ import contextlib
 import re
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from server.state.base import StateStore
+from server.state.base import CounterOp, GetInt, HGetAll, HIncr, Incr, StateStore, ZAdd, ZRangeByScore
 from server.state.errors import StateUnavailable
 from sync.diskio import atomic_write
 
@@ -127,24 +127,16 @@ class SQLiteStore(StateStore):
 
     # ---- counters ---------------------------------------------------------------------------------------
     async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:
-        def op(c: sqlite3.Connection, now: float) -> int:
-            row = c.execute("SELECT num, expires FROM kv WHERE key = ?", (key,)).fetchone()
-            if row is None or (row[1] is not None and row[1] <= now) or row[0] is None:
-                value, expires = amount, (now + ttl_s if ttl_s is not None else None)
-            else:
-                value, expires = row[0] + amount, row[1]
-            c.execute("REPLACE INTO kv (key, value, num, expires) VALUES (?, NULL, ?, ?)", (key, value, expires))
-            return int(value)
-
-        return await self._run(self._tx, op)
+        return await self._run(self._tx, _incr, key, amount, ttl_s)
 
     async def get_int(self, key: str) -> int:
-        def op(c: sqlite3.Connection, now: float) -> int:
-            row = c.execute("SELECT num FROM kv WHERE key = ? AND (expires IS NULL OR expires > ?)",
-                            (key, now)).fetchone()
-            return int(row[0]) if row is not None and row[0] is not None else 0
+        return await self._run(self._read, _get_int, key)
 
-        return await self._run(self._read, op)
+    async def counters(self, ops: Sequence[CounterOp]) -> list[Any]:
+        def op(c: sqlite3.Connection, now: float) -> list[Any]:
+            return [_COUNTER_OPS[type(o)](c, now, o) for o in ops]
+
+        return await self._run(self._tx, op) if ops else []
 
     # ---- values -----------------------------------------------------------------------------------------
     async def get(self, key: str) -> bytes | None:
@@ -223,21 +215,10 @@ class SQLiteStore(StateStore):
         return await self._run(self._read, op)
 
     async def hgetall(self, key: str) -> dict[str, bytes]:
-        def op(c: sqlite3.Connection, now: float) -> dict[str, bytes]:
-            rows = c.execute("SELECT field, value, num FROM hashes WHERE key = ?", (key,)).fetchall()
-            return {r[0]: _field_bytes(r[1:]) for r in rows}
-
-        return await self._run(self._read, op)
+        return await self._run(self._read, _hgetall, key)
 
     async def hincr(self, key: str, field: str, amount: int = 1) -> int:
-        def op(c: sqlite3.Connection, now: float) -> int:
-            row = c.execute("SELECT value, num FROM hashes WHERE key = ? AND field = ?", (key, field)).fetchone()
-            current = int(_field_bytes(row)) if row is not None else 0
-            c.execute("REPLACE INTO hashes (key, field, value, num) VALUES (?, ?, NULL, ?)",
-                      (key, field, current + amount))
-            return current + amount
-
-        return await self._run(self._tx, op)
+        return await self._run(self._tx, _hincr, key, field, amount)
 
     async def hlen(self, key: str) -> int:
         def op(c: sqlite3.Connection, now: float) -> int:
@@ -253,10 +234,7 @@ class SQLiteStore(StateStore):
 
     # ---- sorted sets ------------------------------------------------------------------------------------
     async def zadd(self, key: str, member: str, score: float) -> None:
-        def op(c: sqlite3.Connection, now: float) -> None:
-            c.execute("REPLACE INTO zsets (key, member, score) VALUES (?, ?, ?)", (key, member, score))
-
-        await self._run(self._tx, op)
+        await self._run(self._tx, _zadd, key, member, score)
 
     async def zrem(self, key: str, member: str) -> None:
         def op(c: sqlite3.Connection, now: float) -> None:
@@ -372,6 +350,70 @@ def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]
             future.set_exception(error)
         else:
             future.set_result(value)
+
+
+# ---- the primitives' statements, shared by each primitive and by ``counters`` ----------------------------
+# one statement each (an upsert that returns the new value): a request's admission runs ten of them
+INCR_SQL = """
+INSERT INTO kv (key, value, num, expires) VALUES (:key, NULL, :amount, :expires)
+ON CONFLICT (key) DO UPDATE SET value = NULL,
+  num = CASE WHEN kv.num IS NULL OR kv.expires <= :now THEN :amount ELSE kv.num + :amount END,
+  expires = CASE WHEN kv.num IS NULL OR kv.expires <= :now THEN :expires ELSE kv.expires END
+RETURNING num
+"""
+HINCR_SQL = """
+INSERT INTO hashes (key, field, value, num) VALUES (?, ?, NULL, ?)
+ON CONFLICT (key, field) DO UPDATE SET num = hashes.num + excluded.num WHERE hashes.value IS NULL
+RETURNING num
+"""
+
+
+def _incr(c: sqlite3.Connection, now: float, key: str, amount: int, ttl_s: float | None) -> int:
+    params = {"key": key, "amount": amount, "expires": now + ttl_s if ttl_s is not None else None, "now": now}
+    return int(c.execute(INCR_SQL, params).fetchone()[0])
+
+
+def _get_int(c: sqlite3.Connection, now: float, key: str) -> int:
+    row = c.execute("SELECT num FROM kv WHERE key = ? AND (expires IS NULL OR expires > ?)", (key, now)).fetchone()
+    return int(row[0]) if row is not None and row[0] is not None else 0
+
+
+def _hincr(c: sqlite3.Connection, now: float, key: str, field: str, amount: int) -> int:
+    row = c.execute(HINCR_SQL, (key, field, amount)).fetchone()
+    if row is not None:
+        return int(row[0])
+    # the field holds bytes (written by hset): counts on from their number (not a number: ValueError, as Redis)
+    current = int(_field_bytes(c.execute("SELECT value, num FROM hashes WHERE key = ? AND field = ?",
+                                         (key, field)).fetchone()))
+    c.execute("REPLACE INTO hashes (key, field, value, num) VALUES (?, ?, NULL, ?)", (key, field, current + amount))
+    return current + amount
+
+
+def _hgetall(c: sqlite3.Connection, now: float, key: str) -> dict[str, bytes]:
+    rows = c.execute("SELECT field, value, num FROM hashes WHERE key = ?", (key,)).fetchall()
+    return {r[0]: _field_bytes(r[1:]) for r in rows}
+
+
+def _zadd(c: sqlite3.Connection, now: float, key: str, member: str, score: float) -> None:
+    c.execute("REPLACE INTO zsets (key, member, score) VALUES (?, ?, ?)", (key, member, score))
+
+
+def _zrange_by_score(c: sqlite3.Connection, now: float, op: ZRangeByScore) -> list[tuple[str, float]]:
+    low = op.min_score if op.min_score is not None else float("-inf")
+    high = op.max_score if op.max_score is not None else float("inf")
+    rows = c.execute("SELECT member, score FROM zsets WHERE key = ? AND score >= ? AND score <= ? "
+                     "ORDER BY score, member", (op.key, low, high)).fetchall()
+    return [(str(m), float(s)) for m, s in rows]
+
+
+_COUNTER_OPS: dict[type, Callable[[sqlite3.Connection, float, Any], Any]] = {
+    Incr: lambda c, now, o: _incr(c, now, o.key, o.amount, o.ttl_s),
+    GetInt: lambda c, now, o: _get_int(c, now, o.key),
+    HIncr: lambda c, now, o: _hincr(c, now, o.key, o.field, o.amount),
+    ZAdd: lambda c, now, o: _zadd(c, now, o.key, o.member, o.score),
+    HGetAll: lambda c, now, o: _hgetall(c, now, o.key),
+    ZRangeByScore: _zrange_by_score,
+}
 
 
 def _field_bytes(row: Any) -> bytes:

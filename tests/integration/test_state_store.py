@@ -11,6 +11,7 @@ import pytest
 import pytest_asyncio
 
 from server.state import StateStore, open_state, redact_url
+from server.state.base import GetInt, HGetAll, HIncr, Incr, ZAdd, ZRangeByScore
 from tests.fixtures.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -124,6 +125,32 @@ async def test_blobs(state: StateStore) -> None:
 async def test_concurrent_increments_lose_none(state: StateStore) -> None:
     await asyncio.gather(*(state.incr("many") for _ in range(200)))
     assert await state.get_int("many") == 200
+
+
+async def test_counters_run_a_list_of_ops_in_one_call(state: StateStore) -> None:
+    """``counters``: each op as its own primitive, in order (a later op sees an earlier one's write)."""
+    await state.hset("h", {"other": b"7"})
+    assert await state.counters([]) == []
+    assert await state.counters([
+        Incr("c", 5, ttl_s=0.3), Incr("c", 2, ttl_s=100), GetInt("c"), GetInt("absent"),
+        HIncr("h", "g1", 3), HIncr("h", "g1", -1), HGetAll("h"), HGetAll("no-hash"),
+        ZAdd("z", "a", 1.0), ZAdd("z", "b", 2.5), ZAdd("z", "c", 4.0), ZRangeByScore("z", min_score=2.0),
+        ZRangeByScore("z", max_score=2.5), ZRangeByScore("no-zset"),
+    ]) == [5, 7, 7, 0, 3, 2, {"other": b"7", "g1": b"2"}, {}, None, None, None, [("b", 2.5), ("c", 4.0)],
+           [("a", 1.0), ("b", 2.5)], []]
+    assert await state.get_int("c") == 7 and await state.hget("h", "g1") == b"2"
+    assert await state.zrange("z", min_score=4) == [("c", 4.0)]
+    await state.set("text", b"not a number")
+    assert await state.counters([GetInt("text"), Incr("c", -10)]) == [0, -3]
+    await asyncio.sleep(0.45)  # the counter's expiry was set by its first incr, not moved by the second
+    assert await state.counters([GetInt("c"), Incr("c", 1, ttl_s=100)]) == [0, 1]
+
+
+async def test_concurrent_counter_lists_lose_none(state: StateStore) -> None:
+    ops = [Incr("a"), HIncr("h", "f", 2), GetInt("a")]
+    results = await asyncio.gather(*(state.counters(ops) for _ in range(100)))
+    assert await state.get_int("a") == 100 and await state.hget("h", "f") == b"200"
+    assert sorted(r[2] for r in results) == list(range(1, 101))  # each list ran whole: none saw another's half
 
 
 def test_sqlite_state_survives_a_reopen_and_blob_names_are_checked(tmp_path: Path) -> None:

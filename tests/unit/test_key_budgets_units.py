@@ -108,3 +108,56 @@ def test_input_queries_per_family() -> None:
         "messages": [{"role": "system", "content": "i"}, {"role": "user", "content": "r"}],
         "add_generation_prompt": True}
     assert tokenize_query({"model": "m"}) == (None, 0)
+
+
+async def test_admission_and_settling_are_one_state_call_each(tmp_path: Path) -> None:
+    """Every limit of a key (rpm, tpm, both budgets, max_concurrent, usage) in one ``counters`` call at admission,
+    one more only when refused, one at the end: counted on the real SQLite store."""
+    from starlette.requests import Request
+
+    from server.errors import RateLimited
+    from server.ops import context
+    from server.ops.auth import KeyChecker
+    from server.ops.context import RequestContext
+    from server.ops.usage import usage_of
+    from server.state.sqlite_store import SQLiteStore
+
+    class Counting(SQLiteStore):
+        calls: list[str] = []
+
+        def __getattribute__(self, name: str) -> object:
+            if name in ("counters", "incr", "get_int", "hincr", "hgetall", "zadd", "zrange", "get", "set"):
+                type(self).calls.append(name)
+            return super().__getattribute__(name)
+
+    store = Counting(tmp_path / "state.db")
+    checker = KeyChecker(frozenset({"0" * 64}))
+    who = Principal("k", rpm=2, tpm=10**6, daily_tokens=10**6, monthly_tokens=10**6, max_concurrent=5)
+    request = Request({"type": "http", "method": "POST", "path": "/v1/completions", "headers": []})
+    try:
+        contexts = []
+        for n in range(3):
+            ctx = RequestContext(f"r{n}", f"r{n}")
+            token = context.begin(ctx)
+            try:
+                Counting.calls.clear()
+                if n < 2:
+                    await checker.admit(request, store, who)
+                    assert Counting.calls == ["counters"]
+                    contexts.append(ctx)
+                else:
+                    with pytest.raises(RateLimited):
+                        await checker.admit(request, store, who)
+                    assert Counting.calls == ["counters", "counters"]  # counted, then all given back
+            finally:
+                context.end(token)
+        for ctx in contexts:
+            ctx.tokens_in, ctx.tokens_out = 3, 4
+            Counting.calls.clear()
+            await checker.settle(store, ctx)
+            assert Counting.calls == ["counters"]
+        assert await checker.slots.in_flight(store, "k") == 0
+        [day] = await usage_of(store, "k")
+        assert (day.requests, day.tokens_in, day.tokens_out) == (2, 6, 8)  # the refusal is not usage
+    finally:
+        await store.close()
