@@ -15,9 +15,8 @@ from typing import Any
 
 from server.batch.protocol import FILE_ID_RE, FileObject, Page
 from server.errors import BatchFileNotFound, InvalidRequest, RequestTooLarge
+from server.multipart import parse_multipart, the_file
 from server.state import StateStore
-
-MAX_FORM_FIELDS = 16
 
 
 def file_key(file_id: str) -> str:
@@ -121,38 +120,10 @@ async def page_index(
 def parse_upload(body: bytes, content_type: str, limit: int) -> tuple[str, bytes, dict[str, str]]:
     """(file name, bytes, text fields) of ``client.files.create``'s multipart form; run in a worker thread.
     InvalidRequest when it is not that form; RequestTooLarge past ``limit`` bytes."""
-    import python_multipart
-    from python_multipart.exceptions import FormParserError
-
-    fields: dict[str, str] = {}
-    files: list[tuple[str, str, bytes]] = []
-
-    def on_field(field: Any) -> None:
-        if len(fields) >= MAX_FORM_FIELDS:
-            raise InvalidRequest(f"The form has more than {MAX_FORM_FIELDS} fields.")
-        try:
-            fields[field.field_name.decode()] = (field.value or b"").decode()
-        except UnicodeDecodeError as e:
-            raise InvalidRequest("Form fields must be UTF-8 text.") from e
-
-    def on_file(file: Any) -> None:
-        file.file_object.seek(0)
-        name = (file.file_name or b"upload.jsonl").decode(errors="replace")
-        files.append((file.field_name.decode(errors="replace"), name, file.file_object.read(limit + 1)))
-
-    headers = {"Content-Type": content_type.encode("latin-1"), "Content-Length": str(len(body)).encode()}
-    try:
-        parser = python_multipart.create_form_parser(headers, on_field, on_file,
-                                                     config={"MAX_MEMORY_FILE_SIZE": limit + 1})
-        parser.write(body)
-        parser.finalize()
-    except (FormParserError, ValueError) as e:
-        raise InvalidRequest(f"The body is not the multipart form of a file upload: {e}.") from e
-    uploads = [f for f in files if f[0] == "file"]
-    if len(files) != 1 or not uploads:
-        raise InvalidRequest("The form needs exactly one file part, named `file`.", param="file")
-    _, name, data = uploads[0]
-    if len(data) > limit:
+    fields, files = parse_multipart(body, content_type, limit)
+    upload = the_file(files, "the JSONL")
+    if len(upload.data) > limit:
         raise RequestTooLarge(f"file: over the limit of {limit} bytes (HUBSERVE_BATCH_MAX_FILE_BYTES).", param="file")
+    name = upload.filename or "upload.jsonl"
     safe_name = "".join(c for c in name if c.isprintable() and c not in "/\\")[:255] or "upload.jsonl"
-    return safe_name, data, fields
+    return safe_name, upload.data, dict(fields)

@@ -6,7 +6,6 @@ puts speech recognition on vLLM)."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import httpx
 from fastapi import Request, Response
@@ -14,49 +13,21 @@ from fastapi import Request, Response
 from server.engines.capabilities import input_modalities
 from server.errors import Family, InvalidRequest, RequestTooLarge
 from server.media import MediaLimits, check_audio
+from server.multipart import parse_multipart, the_file
 from server.openai.serving import routed_engine
 from server.proxy import forward
 from server.registry import Registry
-
-MAX_FIELDS = 32
 
 
 def parse_form(body: bytes, content_type: str, limit: int) -> tuple[bytes, list[tuple[str, str]]]:
     """The uploaded ``file`` and the text fields of a multipart body (run in a worker thread: a 25 MB upload is
     parsed off the event loop). InvalidRequest when it is not the form the SDK sends; 413 past ``limit``."""
-    import python_multipart
-    from python_multipart.exceptions import FormParserError
-
-    fields: list[tuple[str, str]] = []
-    files: list[tuple[str, bytes]] = []
-
-    def on_field(field: Any) -> None:
-        if len(fields) >= MAX_FIELDS:
-            raise InvalidRequest(f"The form has more than {MAX_FIELDS} fields.")
-        try:
-            fields.append((field.field_name.decode(), (field.value or b"").decode()))
-        except UnicodeDecodeError as e:
-            raise InvalidRequest("Form fields must be UTF-8 text.") from e
-
-    def on_file(file: Any) -> None:
-        file.file_object.seek(0)
-        files.append((file.field_name.decode(errors="replace"), file.file_object.read(limit + 1)))
-
-    headers = {"Content-Type": content_type.encode("latin-1"), "Content-Length": str(len(body)).encode()}
-    try:
-        parser = python_multipart.create_form_parser(headers, on_field, on_file,
-                                                     config={"MAX_MEMORY_FILE_SIZE": limit + 1})
-        parser.write(body)
-        parser.finalize()
-    except (FormParserError, ValueError) as e:
-        raise InvalidRequest(f"The body is not a multipart form this route reads: {e}.") from e
-    uploads = [data for name, data in files if name == "file"]
-    if len(files) != 1 or not uploads:
-        raise InvalidRequest("The form needs exactly one file part, named `file`, holding the audio.", param="file")
-    if len(uploads[0]) > limit:
+    fields, files = parse_multipart(body, content_type, limit)
+    upload = the_file(files, "the audio")
+    if len(upload.data) > limit:
         raise RequestTooLarge(f"file: the audio is over the limit of {limit} bytes (HUBSERVE_MAX_AUDIO_BYTES).",
                               param="file")
-    return uploads[0], fields
+    return upload.data, fields
 
 
 async def _read_form(request: Request, limit: int) -> tuple[bytes, list[tuple[str, str]]]:
