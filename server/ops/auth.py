@@ -104,9 +104,22 @@ class KeyChecker:
             raise KeyExpired(record.name, str(record.expires))
         return principal_of(record)
 
+    def still_accepted(self, who: Principal) -> Principal:
+        """An in-process caller's principal (a batch line's submitter), checked against the keys file as it is
+        now: a named key revoked or expired since is refused at once, like its bearer would be."""
+        if not self.enabled or who is ANONYMOUS or who.name.startswith("key-") or self.ring is None:
+            return who  # auth off, or a flat key (its list changes only with a restart)
+        self.ring.refresh()
+        record = next((r for r in self.ring.records.values() if r.name == who.name), None)
+        if record is None:
+            raise Unauthorized(f"Key `{who.name}` was revoked.")
+        if record.expired():
+            raise KeyExpired(who.name, str(record.expires))
+        return who
+
     def check(self, request: Request) -> Principal:
         given = request.scope.get(PRINCIPAL_SCOPE_KEY)
-        who = given if isinstance(given, Principal) else self.principal(presented_key(request))
+        who = self.still_accepted(given) if isinstance(given, Principal) else self.principal(presented_key(request))
         ctx = context.current()
         if ctx is not None:
             ctx.principal = who
