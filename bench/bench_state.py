@@ -154,15 +154,17 @@ async def _discard(value: Awaitable[object]) -> None:
     await value
 
 
-def bench_gateway(folder: Path, state_url: str | None, tokens: int, token_ms: float, repeats: int) -> None:
-    """A fresh answer through the real gateway, then the same request ``repeats`` times."""
+def bench_gateway(folder: Path, state_url: str | None, tokens: int, token_ms: float, repeats: int,
+                  cache: bool) -> None:
+    """A fresh answer through the real gateway, then the same request ``repeats`` times (with ``cache``: the
+    model has ``cache = true``, so the repeats are response-cache hits)."""
     from server.app import create_app
     from server.settings import Settings
 
     (folder / "models.toml").touch()
     settings = Settings.model_validate({"api_keys": KEY, "config": folder / "models.toml", "watch": False,
                                         "state_url": state_url, "engine_start_attempts": 1})
-    app = create_app(settings, synthetic_registry(folder, settings, ("a",)))
+    app = create_app(settings, synthetic_registry(folder, settings, ("a",), cache=cache))
     body = {"model": "a", "prompt": "The capital of France is", "max_tokens": tokens, "temperature": 0,
             "delay": tokens * token_ms / 1000}  # the synthetic engine's stand-in for generating the tokens
     with serve_with_loop(app) as (url, _), httpx.Client(headers={"Authorization": f"Bearer {KEY}"}) as http:
@@ -173,9 +175,11 @@ def bench_gateway(folder: Path, state_url: str | None, tokens: int, token_ms: fl
             http.post(f"{url}/v1/completions", json=body, timeout=60).raise_for_status()
             times.append(time.perf_counter() - started)
         bare = [_timed_get(http, f"{url}/health") for _ in range(50)]
-    label = "sqlite" if state_url is None else "redis"
+    label = ("sqlite" if state_url is None else "redis") + (", cache = true" if cache else ", no cache")
     print(f"| {label} | fresh answer ({tokens} tokens x {token_ms:g} ms) | {times[0] * 1e3:.1f} ms |")
-    print(f"| {label} | same request again, median of {repeats} | {statistics.median(times[1:]) * 1e3:.1f} ms |")
+    again = "cache hits" if cache else "fresh answers again"
+    print(f"| {label} | same request again ({again}), median of {repeats} | "
+          f"{statistics.median(times[1:]) * 1e3:.1f} ms |")
     print(f"| {label} | GET /health round trip (the HTTP floor), median | {statistics.median(bare) * 1e3:.2f} ms |")
 
 
@@ -205,17 +209,20 @@ def main() -> None:
     parser.add_argument("--token-ms", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-gateway", action="store_true")
+    parser.add_argument("--skip-lookups", action="store_true", help="Only the through-the-gateway part.")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-state-"))
     redis = RedisServer.start(folder / "redis")
     try:
-        asyncio.run(run_lookups(folder, redis, args.requests, args.concurrency))
+        if not args.skip_lookups:
+            asyncio.run(run_lookups(folder, redis, args.requests, args.concurrency))
         if not args.skip_gateway:
             print("\n| backend | request | latency |\n|---|---|---|")
             for url in (None, redis.url_for("bench-gw")):
-                sub = folder / ("gw-sqlite" if url is None else "gw-redis")
-                sub.mkdir()
-                bench_gateway(sub, url, args.tokens, args.token_ms, args.repeats)
+                for cache in (False, True):
+                    sub = folder / f"gw-{'sqlite' if url is None else 'redis'}-{'cache' if cache else 'plain'}"
+                    sub.mkdir()
+                    bench_gateway(sub, url, args.tokens, args.token_ms, args.repeats, cache)
     finally:
         redis.stop()
 
