@@ -184,7 +184,7 @@ def _served_app(tmp_path: Path, commit: str) -> tuple[str, Callable[[], None]]:
     from server.registry import Registry
     from server.settings import Settings
 
-    settings = Settings.model_validate({})
+    settings = Settings.model_validate({"state_url": f"sqlite://{tmp_path / 'state.db'}"})
     info = ModelInfo(name="tiny", repo=TINY_REPO, commit=commit, task="text-generation", snapshot=str(tmp_path))
     app = create_app(settings, Registry([VLLMEngine(info, settings)]), start_engines=False)
     sock = socket.socket()

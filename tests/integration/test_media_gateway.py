@@ -95,7 +95,8 @@ def build(tmp_path: Path, worker: Worker, **settings: Any) -> tuple[Any, Registr
         engine = ScriptedEngine(info, worker.handle)  # type: ignore[arg-type]
         engine.backend = "vllm" if name == "whisper" else "transformers"
         engines.append(engine)
-    config = Settings.model_validate({"api_keys": FLAT_KEY, **settings})
+    config = Settings.model_validate({"api_keys": FLAT_KEY, "state_url": f"sqlite://{tmp_path / 'state.db'}",
+                                      **settings})
     for engine in engines:
         engine.max_in_flight = 4
     registry = Registry(engines, settings=config)
