@@ -133,7 +133,7 @@ def test_schemathesis_fuzz_finds_no_5xx_and_no_schema_violation(
             "--max-examples",
             "5",
             "--max-time",
-            "90",
+            "60",
             "--seed",
             "8",
             "--warnings",
