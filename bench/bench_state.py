@@ -37,8 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from server.state import StateStore, open_state  # noqa: E402
+from tests.fixtures.gateway_app import serve_with_loop  # noqa: E402
 from tests.fixtures.redis_server import RedisServer  # noqa: E402
-from tests.fixtures.two_gateways import KEY, serve_with_loop, synthetic_registry, wait_ready  # noqa: E402
+from tests.fixtures.two_gateways import KEY, synthetic_registry, wait_ready  # noqa: E402
 
 REQUEST: Any = None  # a Starlette Request (admission reads it only for an input-token cap, not set here)
 ANSWER = json.dumps({"id": "cmpl-1", "object": "text_completion", "choices": [
