@@ -198,10 +198,9 @@ class _Exchange:
         else:
             digest, payload = digest_body(body, content_type)
         info = engine.info
-        if self.key is not None and self.idem is None:  # an alias's next model (ops/fallback.py): claimed already
+        if self.key is not None:
             await self._claim(fingerprint(info.name, digest))
         route = getattr(self.scope.get("route"), "path_format", "")
-        self.cache = None  # each model an alias tries has its own key
         if info.cache and cacheable(route, info.task, payload):
             await self._lookup_cache(engine, digest)
         if self.idem is not None or self.cache is not None:
