@@ -186,6 +186,13 @@ class Lifecycle:
 
     async def _load(self, served: ServedModel) -> None:
         await self._make_room(served)
+        served.room_reserved = True  # no await since _make_room's last check: no other load took this room
+        try:
+            await self._load_in_room(served)
+        finally:
+            served.room_reserved = False  # from here the engine's own state says whether it holds room
+
+    async def _load_in_room(self, served: ServedModel) -> None:
         log.info("model %s: loading on demand (%s@%s)", served.info.name, served.info.repo, served.info.commit[:12])
         served.engine.shares_cores = len(self._served) > 1
         await self._start(served)
@@ -193,7 +200,7 @@ class Lifecycle:
 
     def _over(self, served: ServedModel) -> str | None:
         """Why ``served`` cannot load beside the loaded models now (None: it can)."""
-        loaded = [s for s in self._served.values() if s is not served and s.loaded]
+        loaded = [s for s in self._served.values() if s is not served and s.holds_room]
         if not loaded:
             return None  # a lone engine always starts
         limit = self.settings.max_loaded_models

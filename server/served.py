@@ -28,6 +28,7 @@ class ServedModel:
         self.unloads = 0
         self.load_waiters = 0  # requests waiting for a load to finish
         self.unloading = False  # its engine is being stopped (or put to sleep): new requests wait
+        self.room_reserved = False  # its load made room and is starting it: it counts against the limits
         self._waiters: deque[asyncio.Future[None]] = deque()
         self.attach(engine)
 
@@ -39,6 +40,13 @@ class ServedModel:
     def loaded(self) -> bool:
         """Its engine runs (or is starting): it takes memory and counts against HUBSERVE_MAX_LOADED_MODELS."""
         return self.engine.state not in UNLOADED or self.loading is not None
+
+    @property
+    def holds_room(self) -> bool:
+        """Whether it takes a place under HUBSERVE_MAX_LOADED_MODELS and the memory budget now: its engine runs, or
+        its load has made room. A load still waiting for room holds none, so two loads that start together each
+        wait for a model that is really there, never for each other."""
+        return self.engine.state not in UNLOADED or self.room_reserved
 
     @property
     def unloadable(self) -> bool:

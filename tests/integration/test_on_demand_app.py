@@ -149,6 +149,29 @@ def test_requests_for_both_models_at_once_all_succeed(two_on_demand: tuple[str, 
     assert statuses == [200] * 16
 
 
+async def test_two_loads_started_together_do_not_wait_for_each_other(tmp_path: Path) -> None:
+    """Room for one, both unloaded, a request for each in the same loop turn: one loads and answers, then the other
+    evicts it. (Each load once counted the other's pending load as loaded, and both waited for it to go idle until
+    the load timeout.)"""
+    (tmp_path / "models.toml").write_text("")
+    settings = Settings(config=tmp_path / "models.toml", watch=False, engine_start_attempts=1, max_loaded_models=1,
+                        load_timeout_s=20)  # type: ignore[arg-type]
+    registry = _registry(tmp_path, settings, a={"on_demand": True}, b={"on_demand": True})
+
+    async def answer(name: str) -> str:
+        slot = await registry.admit(name)
+        slot.release()
+        return slot.engine.info.name
+
+    try:
+        started = time.monotonic()
+        answered = await asyncio.wait_for(asyncio.gather(answer("a"), answer("b")), 15)
+        assert sorted(answered) == ["a", "b"] and time.monotonic() - started < 15
+        assert sum(s.loaded for s in registry.served.values()) == 1
+    finally:
+        await registry.stop_all()
+
+
 async def test_a_pin_moved_on_an_unloaded_model_loads_the_new_commit_next_time(tmp_path: Path) -> None:
     import dataclasses
 
