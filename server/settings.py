@@ -107,6 +107,11 @@ class Settings(BaseSettings):
         default=200 * 1024**2, ge=1, description="Largest file `POST /v1/files` takes (HUBSERVE_MAX_BODY_BYTES "
         "bounds the request too); more: 413.",
     )
+    batch_file_ttl_s: float = Field(
+        default=30 * 24 * 3600, ge=0, description="How long an uploaded batch file, or a batch's output or error "
+        "file, is kept when its request sets no expiration policy (OpenAI's default: 30 days); then it is deleted, "
+        "bytes and all. 0: kept until deleted.",
+    )
     batch_max_lines: int = Field(default=50_000, ge=1, description="Most requests in one batch's input file.")
     batch_max_per_key: int = Field(
         default=100, ge=1, description="Batches not finished yet one key may have; more: 429 at create.",

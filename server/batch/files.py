@@ -4,6 +4,10 @@ id, the File object as a value, and one index per key (a sorted set by creation 
 A file belongs to the key that uploaded it (or whose batch produced it): another key gets the same 404 as for a
 file that does not exist. Writes go bytes first, record second, index last, so a crash leaves at worst an
 unreferenced blob, never a record without its bytes.
+
+A file with an ``expires_at`` (OpenAI's ``expires_after``; by default HUBSERVE_BATCH_FILE_TTL_S, 30 days) is
+gone at that time: a 404 from then on, left out of lists, and deleted, bytes and all, by the first gateway whose
+runner sweeps the expiring index (``files:expiring``, by expiry time) or that reads it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import secrets
 import time
 from typing import Any
 
-from server.batch.protocol import FILE_ID_RE, FileObject, Page
+from pydantic import ValidationError
+
+from server.batch.protocol import FILE_ID_RE, ExpiresAfter, FileObject, Page
 from server.errors import BatchFileNotFound, InvalidRequest, RequestTooLarge
 from server.multipart import parse_multipart, the_file
 from server.state import StateStore
@@ -27,6 +33,10 @@ def files_index(owner: str) -> str:
     return f"files:{owner}"
 
 
+EXPIRING = "files:expiring"  # every file with an expiry, scored by it
+SWEEP_CHUNK = 100
+
+
 def new_file_id() -> str:
     return f"file-{secrets.token_hex(12)}"
 
@@ -36,21 +46,29 @@ class FileStore:
         self.state = state
 
     async def create(
-        self, owner: str, filename: str, purpose: str, data: bytes, file_id: str | None = None
+        self, owner: str, filename: str, purpose: str, data: bytes, file_id: str | None = None,
+        ttl_s: float | None = None,
     ) -> FileObject:
-        """Store ``data``; ``file_id`` given: (re)write that file (a batch's output, written again after a crash)."""
+        """Store ``data``; ``file_id`` given: (re)write that file (a batch's output, written again after a crash).
+        ``ttl_s``: it expires that long after now (None or 0: kept until deleted)."""
         now = time.time()
+        expires_at = int(now + ttl_s) if ttl_s else None
         obj = FileObject.model_validate({"id": file_id or new_file_id(), "bytes": len(data), "created_at": int(now),
-                                         "filename": filename, "purpose": purpose})
+                                         "filename": filename, "purpose": purpose, "expires_at": expires_at})
         await self.state.put_blob(obj.id, data)
         record = {"object": obj.model_dump(), "owner": owner, "score": now}
         await self.state.set(file_key(obj.id), json.dumps(record).encode())
         await self.state.zadd(files_index(owner), obj.id, now)
+        if expires_at is not None:
+            await self.state.zadd(EXPIRING, obj.id, expires_at)
         return obj
 
     async def _record(self, owner: str, file_id: str) -> dict[str, Any]:
         raw = await self.state.get(file_key(file_id)) if FILE_ID_RE.match(file_id) else None
         record = json.loads(raw) if raw is not None else None
+        if record is not None and _expired(record["object"], time.time()):
+            await self._purge(file_id, record)
+            record = None
         if record is None or record.get("owner") != owner:
             raise BatchFileNotFound(f"No such File object: {file_id if FILE_ID_RE.match(file_id) else '(bad id)'}",
                                     param="file_id")
@@ -67,22 +85,63 @@ class FileStore:
         return data
 
     async def delete(self, owner: str, file_id: str) -> None:
-        await self._record(owner, file_id)
-        await self.state.zrem(files_index(owner), file_id)
+        await self._purge(file_id, await self._record(owner, file_id))
+
+    async def _purge(self, file_id: str, record: dict[str, Any]) -> None:
+        """Index, record, bytes, then the expiring entry: a crash midway leaves it to the next sweep."""
+        await self.state.zrem(files_index(str(record.get("owner"))), file_id)
         await self.state.delete(file_key(file_id))
         await self.state.delete_blob(file_id)
+        await self.state.zrem(EXPIRING, file_id)
+
+    async def sweep_expired(self) -> int:
+        """Delete the files whose expiry has passed (up to a chunk per call); how many."""
+        now = time.time()
+        swept = 0
+        for file_id, _ in await self.state.zrange(EXPIRING, max_score=now, limit=SWEEP_CHUNK):
+            raw = await self.state.get(file_key(file_id))
+            record = json.loads(raw) if raw is not None else None
+            if record is not None and not _expired(record["object"], now):  # rewritten since with a later expiry
+                continue
+            await self._purge(file_id, record or {})
+            swept += 1
+        return swept
 
     async def list(self, owner: str, after: str | None, limit: int, order: str, purpose: str | None) -> Page:
         async def score_of(file_id: str) -> float | None:
             raw = await self.state.get(file_key(file_id)) if FILE_ID_RE.match(file_id) else None
             return float(json.loads(raw)["score"]) if raw is not None else None
 
+        now = time.time()
+
         async def load(file_id: str) -> FileObject | None:
             raw = await self.state.get(file_key(file_id))
             obj = FileObject.model_validate(json.loads(raw)["object"]) if raw is not None else None
-            return obj if obj is not None and (purpose is None or obj.purpose == purpose) else None
+            if obj is None or _expired(obj.model_dump(), now):
+                return None
+            return obj if purpose is None or obj.purpose == purpose else None
 
         return await page_index(self.state, files_index(owner), after, limit, order == "desc", score_of, load)
+
+
+def _expired(obj: dict[str, Any], now: float) -> bool:
+    expires_at = obj.get("expires_at")
+    return expires_at is not None and now >= expires_at
+
+
+def upload_ttl_s(fields: dict[str, str], default_s: float) -> float:
+    """The lifetime an upload asks for: ``client.files.create(..., expires_after={"anchor": "created_at",
+    "seconds": N})`` arrives as the form fields ``expires_after[anchor]`` and ``expires_after[seconds]``; none:
+    ``default_s``. InvalidRequest naming the field when it is not a valid policy. Pure."""
+    given = {k.removeprefix("expires_after[").removesuffix("]"): v for k, v in fields.items()
+             if k.startswith("expires_after[")}
+    if not given:
+        return default_s
+    try:
+        return float(ExpiresAfter.model_validate(given).seconds)
+    except ValidationError as e:
+        raise InvalidRequest("`expires_after`: give `anchor` \"created_at\" and `seconds` from 3600 (1 hour) to "
+                             "2592000 (30 days).", param="expires_after") from e
 
 
 async def page_index(

@@ -235,6 +235,7 @@ class JobStore:
         models = {r.model for r in requests}
         doc = {"id": batch_id, "endpoint": body.endpoint, "input_file_id": file.id, "completion_window": "24h",
                "created_at": int(now), "expires_at": int(now) + COMPLETION_WINDOW_S, "metadata": body.metadata,
+               "output_ttl_s": body.output_expires_after.seconds if body.output_expires_after else None,
                "model": models.pop() if len(models) == 1 else None, "owner": owner, "score": now,
                "total": 0 if errors else len(requests),
                "principal": {"name": who.name, "models": sorted(who.models) if who.models is not None else None,

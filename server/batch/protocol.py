@@ -18,6 +18,7 @@ HUB_ENDPOINT_RE = re.compile(r"^/models/[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z
 FILE_ID_RE = re.compile(r"^file-[A-Za-z0-9_-]{1,80}$")
 BATCH_ID_RE = re.compile(r"^batch_[A-Za-z0-9_-]{1,80}$")
 COMPLETION_WINDOW_S = 24 * 3600
+EXPIRES_AFTER_MIN_S, EXPIRES_AFTER_MAX_S = 3600, 30 * 24 * 3600  # OpenAI's bounds on a file's expiration policy
 
 
 def allowed_endpoint(url: str) -> bool:
@@ -36,6 +37,16 @@ class FileObject(BaseModel):
     status: Literal["uploaded", "processed", "error"] = "processed"
     expires_at: int | None = None
     status_details: str | None = None
+
+
+class ExpiresAfter(BaseModel):
+    """A file's expiration policy (``expires_after`` of an upload, ``output_expires_after`` of a batch): it
+    expires ``seconds`` after its creation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=EXPIRES_AFTER_MIN_S, le=EXPIRES_AFTER_MAX_S)
 
 
 class FileDeleted(BaseModel):
@@ -108,7 +119,7 @@ class BatchCreate(BaseModel):
     endpoint: str
     completion_window: Literal["24h"]
     metadata: dict[str, str] | None = None
-    output_expires_after: dict[str, Any] | None = None
+    output_expires_after: ExpiresAfter | None = None
 
     @field_validator("endpoint")
     @classmethod

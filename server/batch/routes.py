@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from server.batch.files import parse_upload
+from server.batch.files import parse_upload, upload_ttl_s
 from server.batch.jobs import check_create
 from server.batch.protocol import Batch, FileDeleted, FileObject, Page
 from server.batch.runner import BatchRunner
@@ -35,7 +35,8 @@ def _owner() -> str:
 
 @router.post("/files")
 async def create_file(request: Request) -> FileObject:
-    """Multipart ``file`` + ``purpose=batch`` (``client.files.create(file=..., purpose="batch")``)."""
+    """Multipart ``file`` + ``purpose=batch`` (``client.files.create(file=..., purpose="batch")``), and
+    ``expires_after`` optionally (else it expires after HUBSERVE_BATCH_FILE_TTL_S, 30 days)."""
     runner = _runner(request)
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
@@ -45,7 +46,8 @@ async def create_file(request: Request) -> FileObject:
     if fields.get("purpose") != "batch":
         raise InvalidRequest("`purpose`: this server takes files for the Batch API only: use purpose `batch`.",
                              param="purpose")
-    return await runner.files.create(_owner(), name, "batch", data)
+    ttl_s = upload_ttl_s(fields, runner.settings.batch_file_ttl_s)
+    return await runner.files.create(_owner(), name, "batch", data, ttl_s=ttl_s)
 
 
 @router.get("/files")

@@ -14,6 +14,7 @@ runs their lines through the gateway itself (inproc.py), behind interactive traf
   ``failed`` with ``api_key_revoked`` in its errors; a key's changed model list or limits apply to the next line.
 - Each line records the model and the commit that answered it (``model`` / ``commit`` on its output line): a
   batch that spans a revision swap shows both commits, line by line.
+- Each poll also deletes the files whose expiry has passed (files.py: ``FileStore.sweep_expired``).
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ class BatchRunner:
         while True:
             try:
                 await self._claim()
+                swept = await self.files.sweep_expired()
+                if swept:
+                    log.info("batch runner: deleted %d expired files", swept)
             except Exception as e:  # the state may be briefly unreachable: try again at the next poll
                 log.warning("batch runner: cannot look for work: %s", e)
             self._wake.clear()
@@ -268,8 +272,10 @@ class _BatchRun:
         out, err = await asyncio.to_thread(assemble, requests, done, final == "expired")
         for kind, data in (("output", out), ("error", err)):
             if data:
+                ttl_s = job.doc.get("output_ttl_s") or self.runner.settings.batch_file_ttl_s
                 file = await self.runner.files.create(job.owner, f"{job.id}_{kind}.jsonl", "batch_output", data,
-                                                      file_id=f"file-{job.id.removeprefix('batch_')}-{kind}")
+                                                      file_id=f"file-{job.id.removeprefix('batch_')}-{kind}",
+                                                      ttl_s=ttl_s)
                 extra[f"{kind}_file_id"] = file.id
         await jobs.recount(job.id, done)
         await jobs.set_status(job, final, **extra)

@@ -131,6 +131,45 @@ def test_files_and_a_batch_with_the_openai_sdk(tmp_path: Path, script: EngineScr
             client.files.retrieve(file.id)
 
 
+def test_files_expire_by_their_policy_or_after_30_days(tmp_path: Path, script: EngineScript) -> None:
+    with sdk(tmp_path, script) as client:
+        default = client.files.create(file=("a.jsonl", io.BytesIO(jsonl(chat_lines(1)))), purpose="batch")
+        assert default.expires_at == default.created_at + 30 * 24 * 3600  # OpenAI's default for batch files
+        hour = client.files.create(file=("b.jsonl", io.BytesIO(jsonl(chat_lines(1)))), purpose="batch",
+                                   expires_after={"anchor": "created_at", "seconds": 3600})
+        assert hour.expires_at == hour.created_at + 3600
+        assert client.files.retrieve(hour.id).expires_at == hour.expires_at
+        for policy in ({"anchor": "created_at", "seconds": 60}, {"anchor": "last_active_at", "seconds": 3600}):
+            with pytest.raises(openai.BadRequestError) as bad:
+                client.files.create(file=("c.jsonl", io.BytesIO(b"{}")), purpose="batch",
+                                    expires_after=policy)  # type: ignore[arg-type]
+            assert bad.value.body["param"] == "expires_after" and "3600" in bad.value.body["message"]  # type: ignore[index]
+        batch = client.batches.create(input_file_id=hour.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                      output_expires_after={"anchor": "created_at", "seconds": 7200})
+        batch = wait_for(client, batch.id, done)
+        out = client.files.retrieve(batch.output_file_id)
+        assert out.expires_at == out.created_at + 7200
+
+
+def test_an_expired_file_is_gone_bytes_and_all(tmp_path: Path, script: EngineScript) -> None:
+    blobs = tmp_path / "state.db.files"
+    with sdk(tmp_path, script, batch_file_ttl_s=1.0) as client:
+        first, second = (upload(client, chat_lines(1)) for _ in range(2))
+        batch = client.batches.create(input_file_id=first, endpoint="/v1/chat/completions", completion_window="24h")
+        assert {first, second} <= {p.name for p in blobs.rglob("*")}
+        deadline = time.monotonic() + 15
+        while {first, second} & {p.name for p in blobs.rglob("*")}:  # the runner's sweep deletes them unasked
+            assert time.monotonic() < deadline, "expired files were not deleted"
+            time.sleep(0.1)
+        for gone in (first, second):
+            with pytest.raises(openai.NotFoundError):
+                client.files.retrieve(gone)
+            with pytest.raises(openai.NotFoundError):
+                client.files.content(gone)
+        assert not {first, second} & {f.id for f in client.files.list()}
+        assert wait_for(client, batch.id, done).status == "completed"  # its input was copied when it was created
+
+
 def test_a_bad_input_file_fails_the_batch_and_bad_requests_are_400(tmp_path: Path, script: EngineScript) -> None:
     with sdk(tmp_path, script, batch_max_lines=5, batch_max_file_bytes=4096) as client:
         with pytest.raises(openai.APIStatusError, match="HUBSERVE_BATCH_MAX_FILE_BYTES") as too_big:
