@@ -15,6 +15,7 @@ what admission took is settled by the gateway middleware when the request ends (
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -73,6 +74,7 @@ class KeyChecker:
         self.budgets = Budgets(reserve=reserve or DEFAULT_RESERVE)
         self.slots = Slots(lease_s)
         self.usage = UsageRecorder()
+        self._giving_back: set[asyncio.Task[None]] = set()  # give-backs of admissions cancelled mid-count
 
     @property
     def enabled(self) -> bool:
@@ -142,12 +144,18 @@ class KeyChecker:
         budgets, budget_ops = self.budgets.plan(who)
         slot_ops = self.slots.plan(store, who)
         day, usage_ops = self.usage.plan(who.name)
+        counting = asyncio.ensure_future(store.counters([*rate_ops, *budget_ops, *slot_ops, *usage_ops]))
         try:
-            values = await store.counters([*rate_ops, *budget_ops, *slot_ops, *usage_ops])
+            values = await asyncio.shield(counting)  # a cancelled request's counts land anyway: see below
         except BaseException:
-            ctx.admission = None
-            if slot_ops:
-                self.slots.forget(who.name)
+            ctx.admission = None  # the counts failed, or the request was cancelled (client gone, time limit)
+
+            def give_back(done: asyncio.Future[list[object]]) -> None:  # while counting: once they land
+                self._give_back_late(store, taken, done, rate, budgets, bool(slot_ops), day)
+            if counting.done():
+                give_back(counting)
+            else:
+                counting.add_done_callback(give_back)
             raise
         taken.rate, taken.budgets, taken.slot, taken.day = rate, budgets, bool(slot_ops), day
         self.usage.indexed(who.name, day)
@@ -162,8 +170,22 @@ class KeyChecker:
                 raise refusal
         except BaseException:
             ctx.admission = None
-            await self._finish(store, taken, self._undo_ops(taken), "giving back its refused request")
+            await asyncio.shield(self._finish(store, taken, self._undo_ops(taken), "giving back its refused request"))
             raise
+
+    def _give_back_late(self, store: StateStore, taken: Admitted, counting: asyncio.Future[list[object]],
+                        rate: Taken | None, budgets: list[Reserved], slot: bool, day: str) -> None:
+        """The counts of an admission that failed or was cancelled while they ran are done: undo what landed, in
+        the background, so that a request that never ran holds no budget, slot or usage."""
+        if counting.cancelled() or counting.exception() is not None:
+            if slot:
+                self.slots.forget(taken.who.name)
+            return
+        taken.rate, taken.budgets, taken.slot, taken.day = rate, budgets, slot, day
+        task = asyncio.ensure_future(self._finish(store, taken, self._undo_ops(taken), "giving back its cancelled "
+                                                  "request"))
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
 
     async def settle(self, store: StateStore, ctx: RequestContext) -> None:
         """At the request's end, however it ended (the middleware awaits it after the last byte), in one call:

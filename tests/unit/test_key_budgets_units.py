@@ -161,3 +161,50 @@ async def test_admission_and_settling_are_one_state_call_each(tmp_path: Path) ->
         assert (day.requests, day.tokens_in, day.tokens_out) == (2, 6, 8)  # the refusal is not usage
     finally:
         await store.close()
+
+
+async def test_a_request_cancelled_while_its_counts_run_holds_nothing_after(tmp_path: Path) -> None:
+    """A client gone (or a time limit) while admission's counts are on their way to the state: they land anyway,
+    and are given back once they do, so the key keeps no slot, budget or usage for a request that never ran."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from server.ops import context
+    from server.ops.auth import KeyChecker
+    from server.ops.context import RequestContext
+    from server.ops.usage import usage_of
+
+    store = open_state(None, tmp_path / "state.db")
+    checker = KeyChecker(frozenset({"0" * 64}))
+    who = Principal("k", daily_tokens=5_000, max_concurrent=1)
+    request = Request({"type": "http", "method": "POST", "path": "/v1/completions", "headers": []})
+
+    async def admitted() -> RequestContext:
+        ctx = RequestContext("r", "r")
+        token = context.begin(ctx)
+        try:
+            await checker.admit(request, store, who)
+        finally:
+            context.end(token)
+        return ctx
+
+    try:
+        for _ in range(3):
+            task = asyncio.ensure_future(admitted())
+            await asyncio.sleep(0)  # it sent its counts and waits for them
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        deadline = asyncio.get_running_loop().time() + 10
+        while await checker.slots.in_flight(store, "k"):
+            assert asyncio.get_running_loop().time() < deadline, "the cancelled admissions were not given back"
+            await asyncio.sleep(0.01)
+        assert await usage_of(store, "k") == []  # no request counted
+        ctx = await admitted()  # max_concurrent 1: no slot is left taken; the daily budget has its whole room
+        assert ctx.admission is not None
+        await checker.settle(store, ctx)
+        [day] = await usage_of(store, "k")
+        assert day.requests == 1
+    finally:
+        await store.close()
