@@ -6,6 +6,10 @@ stops engines. Reloads are triggered by a file event on models.toml or models.lo
 by ``POST /admin/reload``, and every ``reload_poll_s`` seconds as a fallback (a store on a network volume
 may send no events). Triggers coalesce: one reload runs at a time and a burst of events makes one more.
 An invalid models.toml is logged once, and the last good configuration stays in force.
+
+A models.toml is read only once it has been unchanged for a moment, and an empty one is not applied while models
+are served (sync/manifest.py: ``unsettled_s``, ``emptied``): one truncated and then written in place is never
+read half-way as a manifest with fewer models, or none.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from server.desired import desired_models
 from server.registry import Registry
 from server.settings import Settings
 from sync.errors import HubserveError
-from sync.manifest import find_config, load_config
+from sync.manifest import SETTLE_MAX_S, emptied, find_config, load_config, unsettled_s
 
 log = logging.getLogger("hubserve.watch")
 
@@ -50,7 +54,10 @@ class ManifestWatcher:
         """Re-read the manifest, lock and store and apply them; the outcome in a few words."""
         if retry_failed:
             self.registry.forget_failures()
+        await settled(self.config_path)
         try:
+            if (half_written := emptied(self.config_path, bool(self.registry.names()))) is not None:
+                raise half_written
             config = load_config(self.config_path, self.settings.store)
         except HubserveError as e:
             message = str(e)
@@ -116,3 +123,11 @@ class ManifestWatcher:
         async for _changes in awatch(directory, watch_filter=relevant, recursive=False, debounce=200, step=50):
             log.debug("%s changed", ", ".join(sorted(names)))
             self._trigger.set()
+
+
+
+async def settled(path: Path) -> None:
+    """Return once ``path`` has been unchanged for a moment (at most SETTLE_MAX_S from now)."""
+    deadline = asyncio.get_running_loop().time() + SETTLE_MAX_S
+    while (wait := unsettled_s(path)) > 0 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(wait)

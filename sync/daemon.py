@@ -33,7 +33,7 @@ from sync.daemon_http import DaemonMetrics, DaemonServer, parse_listen, served_c
 from sync.errors import ConfigError, HubserveError
 from sync.inspect import prune_plan
 from sync.lock import read_lock
-from sync.manifest import Config, load_config
+from sync.manifest import SETTLE_MAX_S, Config, emptied, load_config, unsettled_s
 from sync.progress import human_bytes
 from sync.scrub import Scrubber, ScrubCollector
 from sync.store import Store
@@ -250,6 +250,15 @@ class Daemon:
     def _reload(self) -> bool:
         """Take a changed models.toml if it is valid; log an invalid one once and keep the last good one."""
         path = self.config.path
+        deadline = time.monotonic() + SETTLE_MAX_S
+        while (wait := unsettled_s(path)) > 0 and time.monotonic() < deadline:
+            time.sleep(wait)  # just written: maybe half-way (truncated, then written in place)
+        if (half_written := emptied(path, bool(self.config.manifest.models))) is not None:
+            if self._config_error != str(half_written):
+                self._config_error = str(half_written)
+                log.error("models.toml not applied, the last good configuration stays in force: %s", half_written)
+            self._config_text = None  # read again next time
+            return False
         try:
             text: str | None = path.read_text(encoding="utf-8")
         except OSError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 import tomllib
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -411,6 +412,33 @@ def parse_manifest(text: str, source: str = "models.toml") -> Manifest:
                 where, msg, bad = msg.split(": ", 1)[0], msg.split(": ", 1)[1], ""
             lines.append(f"{source}: {where or 'top level'}: {msg}{bad}")
         raise ConfigError("; ".join(lines)) from e
+
+
+SETTLE_S = 0.25  # a models.toml changed more recently than this may be half-written: read it once it is this old
+SETTLE_MAX_S = 2.0  # ... but never wait longer (an mtime from a skewed clock on a network volume)
+
+
+def unsettled_s(path: Path, now: float | None = None) -> float:
+    """How long to wait before reading a changed ``path`` (0: now). An editor or script that truncates a
+    models.toml and then writes it leaves it empty, or a prefix that parses with fewer models, for a moment:
+    reloads (server and daemon) read it only once it has been unchanged for SETTLE_S."""
+    try:
+        age = (time.time() if now is None else now) - path.stat().st_mtime
+    except OSError:
+        return 0.0  # missing: the reader says so
+    return SETTLE_S - age if 0 <= age < SETTLE_S else 0.0
+
+
+def emptied(path: Path, serving: bool) -> ConfigError | None:
+    """A models.toml of 0 bytes while models are configured is being written, not meant: the error that keeps the
+    last good configuration (to serve no models, leave a comment in it)."""
+    try:
+        empty = path.stat().st_size == 0
+    except OSError:
+        return None
+    if not (empty and serving):
+        return None
+    return ConfigError(f"{path.name} is empty (being written?). To serve no models, leave a comment in it.")
 
 
 def find_config(config: Path | None) -> Path:

@@ -327,6 +327,25 @@ def test_model_added_then_removed_without_restart(site: Site) -> None:
         assert gw.commits() == {NAME: site.v1}
 
 
+def test_a_models_toml_rewritten_in_place_never_stops_a_model(site: Site) -> None:
+    """An editor or script that truncates models.toml and then writes it: while it is empty (0 bytes) or just
+    written (a prefix that parses with fewer models), reloads (every 0.2 s here) keep the last good configuration,
+    so tiny serves on in the same process."""
+    base = site.config.read_text(encoding="utf-8")
+    prefix = base[:base.index("[[models]]")]  # valid TOML, and no models
+    with gateway(site, rollout="blue-green") as gw:
+        pid = gw.health()["pid"]
+        with site.config.open("w", encoding="utf-8") as f:  # truncated: 0 bytes for several reloads
+            time.sleep(1.0)
+            f.write(prefix)
+            f.flush()
+            time.sleep(0.1)  # a half-written file, for a moment
+            f.write(base[len(prefix):])
+        time.sleep(1.0)
+        assert gw.health()["pid"] == pid and gw.complete().status_code == 200
+        assert gw.registry.served[NAME].engine.restarts == 0 and gw.commits() == {NAME: site.v1}
+
+
 def test_engine_crash_is_503_then_supervision_restarts_it(site: Site) -> None:
     """SIGKILL an engine: its model answers 503 engine_unavailable with Retry-After (never a hang or a 500) while
     another model keeps answering and /ready says 503; the supervisor restarts it and it serves again."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,25 @@ def test_parse_listen() -> None:
     for bad in ("8091", "host:", ":80", "host:port"):
         with pytest.raises(ConfigError):
             parse_listen(bad)
+
+
+def test_a_models_toml_just_written_or_emptied_is_not_read_yet(tmp_path: Path) -> None:
+    """What the server's and the daemon's reloads wait for: a file changed under SETTLE_S ago may be half-written;
+    a 0-byte one while models are configured is being written."""
+    import os
+
+    from sync.manifest import SETTLE_S, emptied, unsettled_s
+
+    path = tmp_path / "models.toml"
+    path.write_text("")
+    mtime = path.stat().st_mtime
+    assert 0 < unsettled_s(path, now=mtime + 0.05) <= SETTLE_S
+    assert unsettled_s(path, now=mtime + SETTLE_S) == 0.0
+    assert unsettled_s(path, now=mtime - 5) == 0.0  # an mtime in the future (a skewed clock): not waited for
+    assert unsettled_s(tmp_path / "missing.toml") == 0.0
+    error = emptied(path, serving=True)
+    assert error is not None and "leave a comment" in str(error)
+    assert emptied(path, serving=False) is None  # nothing served: an empty manifest is just that
+    path.write_text("# no models for now\n")
+    os.utime(path, (mtime - 10, mtime - 10))
+    assert emptied(path, serving=True) is None and unsettled_s(path) == 0.0
