@@ -187,15 +187,12 @@ class Lifecycle:
     async def _load(self, served: ServedModel) -> None:
         await self._make_room(served)
         served.room_reserved = True  # no await since _make_room's last check: no other load took this room
-        try:
-            await self._load_in_room(served)
-        finally:
-            served.room_reserved = False  # from here the engine's own state says whether it holds room
-
-    async def _load_in_room(self, served: ServedModel) -> None:
         log.info("model %s: loading on demand (%s@%s)", served.info.name, served.info.repo, served.info.commit[:12])
         served.engine.shares_cores = len(self._served) > 1
-        await self._start(served)
+        try:
+            await self._start(served)
+        finally:
+            served.room_reserved = False  # from here the engine's own state says whether it holds room
         log.info("model %s: loaded in %.1f s", served.info.name, served.load_s or 0.0)
 
     def _over(self, served: ServedModel) -> str | None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from server.batch.protocol import FILE_ID_RE, ExpiresAfter, FileObject, Page
+from server.batch.protocol import EXPIRES_AFTER_MAX_S, EXPIRES_AFTER_MIN_S, FILE_ID_RE, ExpiresAfter, FileObject, Page
 from server.errors import BatchFileNotFound, InvalidRequest, RequestTooLarge
 from server.multipart import parse_multipart, the_file
 from server.state import StateStore
@@ -63,16 +63,20 @@ class FileStore:
             await self.state.zadd(EXPIRING, obj.id, expires_at)
         return obj
 
-    async def _record(self, owner: str, file_id: str) -> dict[str, Any]:
+    async def _read(self, file_id: str) -> dict[str, Any] | None:
+        """A file's stored record (None: no such file, or not a file id)."""
         raw = await self.state.get(file_key(file_id)) if FILE_ID_RE.match(file_id) else None
-        record = json.loads(raw) if raw is not None else None
-        if record is not None and _expired(record["object"], time.time()):
+        return dict(json.loads(raw)) if raw is not None else None
+
+    async def _record(self, owner: str, file_id: str) -> dict[str, Any]:
+        record = await self._read(file_id)
+        if record is not None and _expired(record, time.time()):
             await self._purge(file_id, record)
             record = None
         if record is None or record.get("owner") != owner:
             raise BatchFileNotFound(f"No such File object: {file_id if FILE_ID_RE.match(file_id) else '(bad id)'}",
                                     param="file_id")
-        return dict(record)
+        return record
 
     async def get(self, owner: str, file_id: str) -> FileObject:
         return FileObject.model_validate((await self._record(owner, file_id))["object"])
@@ -99,9 +103,8 @@ class FileStore:
         now = time.time()
         swept = 0
         for file_id, _ in await self.state.zrange(EXPIRING, max_score=now, limit=SWEEP_CHUNK):
-            raw = await self.state.get(file_key(file_id))
-            record = json.loads(raw) if raw is not None else None
-            if record is not None and not _expired(record["object"], now):  # rewritten since with a later expiry
+            record = await self._read(file_id)
+            if record is not None and not _expired(record, now):  # rewritten since with a later expiry
                 continue
             await self._purge(file_id, record or {})
             swept += 1
@@ -109,23 +112,23 @@ class FileStore:
 
     async def list(self, owner: str, after: str | None, limit: int, order: str, purpose: str | None) -> Page:
         async def score_of(file_id: str) -> float | None:
-            raw = await self.state.get(file_key(file_id)) if FILE_ID_RE.match(file_id) else None
-            return float(json.loads(raw)["score"]) if raw is not None else None
+            record = await self._read(file_id)
+            return float(record["score"]) if record is not None else None
 
         now = time.time()
 
         async def load(file_id: str) -> FileObject | None:
-            raw = await self.state.get(file_key(file_id))
-            obj = FileObject.model_validate(json.loads(raw)["object"]) if raw is not None else None
-            if obj is None or _expired(obj.model_dump(), now):
+            record = await self._read(file_id)
+            if record is None or _expired(record, now):
                 return None
+            obj = FileObject.model_validate(record["object"])
             return obj if purpose is None or obj.purpose == purpose else None
 
         return await page_index(self.state, files_index(owner), after, limit, order == "desc", score_of, load)
 
 
-def _expired(obj: dict[str, Any], now: float) -> bool:
-    expires_at = obj.get("expires_at")
+def _expired(record: dict[str, Any], now: float) -> bool:
+    expires_at = record["object"].get("expires_at")
     return expires_at is not None and now >= expires_at
 
 
@@ -140,8 +143,8 @@ def upload_ttl_s(fields: dict[str, str], default_s: float) -> float:
     try:
         return float(ExpiresAfter.model_validate(given).seconds)
     except ValidationError as e:
-        raise InvalidRequest("`expires_after`: give `anchor` \"created_at\" and `seconds` from 3600 (1 hour) to "
-                             "2592000 (30 days).", param="expires_after") from e
+        raise InvalidRequest(f"`expires_after`: give `anchor` \"created_at\" and `seconds` from {EXPIRES_AFTER_MIN_S} "
+                             f"(1 hour) to {EXPIRES_AFTER_MAX_S} (30 days).", param="expires_after") from e
 
 
 async def page_index(

@@ -144,20 +144,14 @@ class KeyChecker:
         budgets, budget_ops = self.budgets.plan(who)
         slot_ops = self.slots.plan(store, who)
         day, usage_ops = self.usage.plan(who.name)
+        taken.rate, taken.budgets, taken.slot, taken.day = rate, budgets, bool(slot_ops), day
         counting = asyncio.ensure_future(store.counters([*rate_ops, *budget_ops, *slot_ops, *usage_ops]))
         try:
             values = await asyncio.shield(counting)  # a cancelled request's counts land anyway: see below
-        except BaseException:
-            ctx.admission = None  # the counts failed, or the request was cancelled (client gone, time limit)
-
-            def give_back(done: asyncio.Future[list[object]]) -> None:  # while counting: once they land
-                self._give_back_late(store, taken, done, rate, budgets, bool(slot_ops), day)
-            if counting.done():
-                give_back(counting)
-            else:
-                counting.add_done_callback(give_back)
+        except BaseException:  # the counts failed, or the request was cancelled (client gone, time limit)
+            ctx.admission = None
+            counting.add_done_callback(lambda done: self._give_back_late(store, taken, done))  # once they land
             raise
-        taken.rate, taken.budgets, taken.slot, taken.day = rate, budgets, bool(slot_ops), day
         self.usage.indexed(who.name, day)
         at_budgets, at_slots = len(rate_ops), len(rate_ops) + len(budget_ops)
         try:
@@ -173,15 +167,14 @@ class KeyChecker:
             await asyncio.shield(self._finish(store, taken, self._undo_ops(taken), "giving back its refused request"))
             raise
 
-    def _give_back_late(self, store: StateStore, taken: Admitted, counting: asyncio.Future[list[object]],
-                        rate: Taken | None, budgets: list[Reserved], slot: bool, day: str) -> None:
+    def _give_back_late(self, store: StateStore, taken: Admitted, counting: asyncio.Future[list[object]]) -> None:
         """The counts of an admission that failed or was cancelled while they ran are done: undo what landed, in
         the background, so that a request that never ran holds no budget, slot or usage."""
         if counting.cancelled() or counting.exception() is not None:
-            if slot:
+            if taken.slot:
+                taken.slot = False
                 self.slots.forget(taken.who.name)
             return
-        taken.rate, taken.budgets, taken.slot, taken.day = rate, budgets, slot, day
         task = asyncio.ensure_future(self._finish(store, taken, self._undo_ops(taken), "giving back its cancelled "
                                                   "request"))
         self._giving_back.add(task)
