@@ -153,7 +153,7 @@ def test_files_expire_by_their_policy_or_after_30_days(tmp_path: Path, script: E
 
 def test_an_expired_file_is_gone_bytes_and_all(tmp_path: Path, script: EngineScript) -> None:
     blobs = tmp_path / "state.db.files"
-    with sdk(tmp_path, script, batch_file_ttl_s=1.0) as client:
+    with sdk(tmp_path, script, batch_file_ttl_s=3.0) as client:  # time to upload and submit first
         first, second = (upload(client, chat_lines(1)) for _ in range(2))
         batch = client.batches.create(input_file_id=first, endpoint="/v1/chat/completions", completion_window="24h")
         assert {first, second} <= {p.name for p in blobs.rglob("*")}
